@@ -1,0 +1,185 @@
+//! Binding the node's UDP port and the QUIC endpoint on it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use p2pos_proto::network::NetworkKey;
+use p2pos_proto::{Keypair, PeerId};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::sync::mpsc;
+
+use crate::overlay::Overlay;
+use crate::socket::{OverlaySocket, SocketCounters, OVERLAY_QUEUE};
+use crate::tls::{TlsIdentity, TlsSetupError};
+
+/// Settings of the endpoint.
+#[derive(Debug, Clone)]
+pub struct EndpointOptions {
+    /// Address to bind. `[::]:port` gives one dual-stack socket for IPv4 and
+    /// IPv6.
+    pub listen: SocketAddr,
+    /// The private network, or `None` for the public one.
+    pub network: Option<NetworkKey>,
+    /// How long a silent session lives.
+    pub idle_timeout: Duration,
+    /// Interval of QUIC keepalives on idle sessions.
+    pub keepalive: Duration,
+    /// Concurrent streams a peer may open in one session.
+    pub max_streams: u32,
+}
+
+impl Default for EndpointOptions {
+    fn default() -> Self {
+        EndpointOptions {
+            listen: "[::]:0".parse().expect("valid literal"),
+            network: None,
+            idle_timeout: Duration::from_secs(30),
+            keepalive: Duration::from_secs(10),
+            max_streams: 1024,
+        }
+    }
+}
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The UDP port could not be bound.
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+}
+
+/// A running endpoint: QUIC plus the overlay on one socket.
+#[derive(Debug, Clone)]
+pub struct BoundEndpoint {
+    /// The QUIC endpoint.
+    pub quic: quinn::Endpoint,
+    /// The overlay.
+    pub overlay: Overlay,
+    /// What the socket dropped.
+    pub counters: Arc<SocketCounters>,
+    /// The address actually bound.
+    pub local_addr: SocketAddr,
+    tls: TlsIdentity,
+    transport: Arc<quinn::TransportConfig>,
+}
+
+impl BoundEndpoint {
+    /// Binds the socket and starts QUIC and the overlay on it. Must run in a
+    /// tokio runtime.
+    pub fn bind(keypair: &Keypair, options: &EndpointOptions) -> Result<Self, BindError> {
+        let std_socket = bind_udp(options.listen).map_err(|source| BindError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+        let runtime = quinn::default_runtime().ok_or_else(|| BindError::Bind {
+            addr: options.listen,
+            source: std::io::Error::other("no async runtime"),
+        })?;
+        let inner = runtime.wrap_udp_socket(std_socket).map_err(|source| BindError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+        let local_addr = inner.local_addr().map_err(|source| BindError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+        let counters = Arc::new(SocketCounters::default());
+        let (overlay_tx, overlay_rx) = mpsc::channel(OVERLAY_QUEUE);
+        let socket = Arc::new(OverlaySocket::new(
+            inner,
+            options.network.clone(),
+            overlay_tx,
+            counters.clone(),
+        ));
+
+        let tls = TlsIdentity::new(keypair)?;
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(
+                options
+                    .idle_timeout
+                    .try_into()
+                    .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))),
+            ))
+            .keep_alive_interval(Some(options.keepalive))
+            .max_concurrent_bidi_streams(options.max_streams.into())
+            .max_concurrent_uni_streams(16u32.into());
+        let transport = Arc::new(transport);
+
+        let quic_server = QuicServerConfig::try_from(tls.server_config()?)
+            .map_err(|e| TlsSetupError::from_display(&e))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_server));
+        server.transport_config(transport.clone());
+
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        // Keep the QUIC fixed bit set: the first-byte demultiplexing relies on it.
+        endpoint_config.grease_quic_bit(false);
+        let quic = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            Some(server),
+            socket.clone(),
+            runtime,
+        )
+        .map_err(|source| BindError::Bind {
+            addr: options.listen,
+            source,
+        })?;
+        let mut seed = [0u8; 8];
+        seed.copy_from_slice(&keypair.peer_id().as_bytes()[..8]);
+        let overlay = Overlay::spawn(socket, overlay_rx, u64::from_le_bytes(seed));
+        Ok(BoundEndpoint {
+            quic,
+            overlay,
+            counters,
+            local_addr,
+            tls,
+            transport,
+        })
+    }
+
+    /// Starts a QUIC handshake with `addr`, accepting only `peer` there.
+    pub fn connect(&self, peer: PeerId, addr: SocketAddr) -> Result<quinn::Connecting, quinn::ConnectError> {
+        let tls = self
+            .tls
+            .client_config(peer)
+            .map_err(|_| quinn::ConnectError::EndpointStopping)?;
+        let crypto = QuicClientConfig::try_from(tls).map_err(|_| quinn::ConnectError::EndpointStopping)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(self.transport.clone());
+        let addr = match (self.local_addr, addr) {
+            // A dual-stack socket reaches IPv4 peers by mapped addresses.
+            (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            _ => addr,
+        };
+        self.quic
+            .connect_with(config, addr, crate::tls::SERVER_NAME)
+    }
+}
+
+impl TlsSetupError {
+    fn from_display(e: &dyn std::fmt::Display) -> Self {
+        TlsSetupError::new(e.to_string())
+    }
+}
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    match std::net::UdpSocket::bind(addr) {
+        // No IPv6 on this host: fall back to IPv4 on the same port.
+        Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() => {
+            let v4 = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port());
+            std::net::UdpSocket::bind(v4).map_err(|_| e)
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,188 @@
+//! The daemon's configuration (`config.toml` in the data dir, or `--config`).
+//!
+//! Every field has a default; `p2pos config` prints the effective values.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Default UDP port of a node.
+pub const DEFAULT_PORT: u16 = 7447;
+
+/// The configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// UDP address the node binds (QUIC and overlay on one port).
+    pub listen: SocketAddr,
+    /// File holding the private network's secret; absent: public network.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_secret_file: Option<PathBuf>,
+    /// The local API.
+    pub api: ApiConfig,
+    /// Session settings.
+    pub session: SessionConfig,
+    /// TCP services offered to peers from the start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub expose: Vec<ExposeConfig>,
+}
+
+/// Local API settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Also serve the API on this TCP address (loopback only), with the
+    /// bearer token in `api.token`. The Unix socket is always served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<SocketAddr>,
+}
+
+/// Session settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Seconds of silence after which a session is closed.
+    pub idle_timeout_s: u64,
+    /// Seconds between keepalives on an idle session.
+    pub keepalive_s: u64,
+}
+
+/// A TCP service to expose.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExposeConfig {
+    /// Service name peers ask for.
+    pub service: String,
+    /// The local TCP address behind it.
+    pub target: SocketAddr,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), DEFAULT_PORT),
+            network_secret_file: None,
+            api: ApiConfig::default(),
+            session: SessionConfig::default(),
+            expose: Vec::new(),
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { tcp: None }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            idle_timeout_s: 30,
+            keepalive_s: 10,
+        }
+    }
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with line and column.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads `path`; a missing file gives the defaults when `optional`.
+    pub fn load(path: &std::path::Path, optional: bool) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if optional && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Config::default())
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges and relations between fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(tcp) = self.api.tcp {
+            if !tcp.ip().is_loopback() {
+                return Err(ConfigError::Invalid(format!(
+                    "api.tcp = {tcp}: the API serves loopback only (use 127.0.0.1)"
+                )));
+            }
+        }
+        if self.session.keepalive_s == 0 || self.session.keepalive_s >= self.session.idle_timeout_s {
+            return Err(ConfigError::Invalid(
+                "session.keepalive_s must be at least 1 and less than session.idle_timeout_s".into(),
+            ));
+        }
+        for e in &self.expose {
+            p2pos_proto::stream::validate_service_name(&e.service)
+                .map_err(|err| ConfigError::Invalid(format!("expose {:?}: {err}", e.service)))?;
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip() {
+        let text = Config::default().to_toml();
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listn = \"0.0.0.0:1\"\n").unwrap();
+        let err = Config::load(&path, false).unwrap_err().to_string();
+        assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn api_must_be_loopback() {
+        let mut c = Config::default();
+        c.api.tcp = Some("0.0.0.0:7448".parse().unwrap());
+        assert!(c.validate().is_err());
+    }
+}

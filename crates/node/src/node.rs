@@ -1,0 +1,1038 @@
+//! The node: sessions by peer ID, services, streams and datagrams.
+//!
+//! Message flow of a stream:
+//!
+//! 1. [`Node::open_stream`] finds or makes the session with the peer
+//!    ([`Node::connect`]): a QUIC handshake in which both ends prove their
+//!    keys (see `p2pos_net::tls`).
+//! 2. It opens a QUIC bidirectional stream and writes a `StreamOpen` header
+//!    naming the service (`p2pos_proto::stream`).
+//! 3. The peer's session task reads the header and hands the stream to the
+//!    service's [`ServiceListener`]; the service accepts (or rejects) it, and
+//!    the reply travels back. From then on the stream carries the
+//!    application's bytes.
+//!
+//! Simultaneous dials are resolved by `p2pos_proto::session::new_session_wins`:
+//! both ends keep the same session and close the other with
+//! [`CLOSE_DUPLICATE`]; a stream that was opened on the closed one is
+//! retried on the survivor.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use p2pos_net::{BoundEndpoint, EndpointOptions};
+use p2pos_proto::network::NetworkKey;
+use p2pos_proto::session::{new_session_wins, PathKind};
+use p2pos_proto::stream::{
+    decode_datagram, encode_datagram, validate_service_name, HeaderError, ServiceNameError,
+    StreamOpen, StreamReply, StreamStatus, MAX_SERVICE_NAME,
+};
+use p2pos_proto::{Keypair, PeerId};
+use quinn::{RecvStream, SendStream, VarInt};
+
+use tokio::sync::mpsc;
+
+use crate::data_dir::{DataDir, IdentityError};
+use crate::status::{CountersStatus, NodeStatus, ServiceStatus, SessionStatus};
+use crate::store::PeerStore;
+use crate::tunnel::TunnelRegistry;
+
+/// QUIC close code: a duplicate session lost to its twin.
+pub const CLOSE_DUPLICATE: u32 = 1;
+/// QUIC close code: the node is shutting down.
+pub const CLOSE_SHUTDOWN: u32 = 2;
+/// Stream error code: the service or tunnel target failed.
+pub const STREAM_FAILED: u32 = 1;
+
+/// Streams waiting in a service's queue before new ones are refused as busy.
+pub const SERVICE_BACKLOG: usize = 64;
+/// Datagrams waiting in a service's queue before new ones are dropped.
+pub const DATAGRAM_BACKLOG: usize = 256;
+/// How long an opener waits for the dial to complete.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an opener waits for the service to accept a stream.
+pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a stream may take to send its header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; further incoming ones are refused.
+const MAX_PENDING_HANDSHAKES: usize = 256;
+
+/// The built-in echo service used by [`Node::ping`].
+pub const PING_SERVICE: &str = "p2pos/ping";
+
+/// Why a session could not be made.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    /// No address is known for the peer.
+    #[error("no address known for peer {0}: pass its address (--addr IP:PORT)")]
+    NoAddress(PeerId),
+    /// The node at the address holds another key.
+    #[error("the node at {addr} is not {expected}: it presented another peer ID (wrong ID or wrong address?)")]
+    WrongPeer {
+        /// The ID that was dialed.
+        expected: PeerId,
+        /// The address dialed.
+        addr: SocketAddr,
+    },
+    /// No answer in time.
+    #[error("no answer from {addr} within {}s: the peer is offline, unreachable, or in a different network", .after.as_secs())]
+    Timeout {
+        /// The address dialed.
+        addr: SocketAddr,
+        /// How long the dial waited.
+        after: Duration,
+    },
+    /// The handshake failed for another reason.
+    #[error("handshake with {addr} failed: {reason}")]
+    Handshake {
+        /// The address dialed.
+        addr: SocketAddr,
+        /// What failed.
+        reason: String,
+    },
+    /// A node cannot open a session to itself.
+    #[error("that is this node's own peer ID")]
+    SelfDial,
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    Shutdown,
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OpenStreamError {
+    /// No session.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The service name is invalid.
+    #[error("invalid service name: {0}")]
+    ServiceName(#[from] ServiceNameError),
+    /// The peer refused the stream.
+    #[error("peer {peer} refused the stream for service {service:?}: {reason}")]
+    Refused {
+        /// The peer.
+        peer: PeerId,
+        /// The service.
+        service: String,
+        /// What the peer said.
+        reason: String,
+        /// The status it answered.
+        status: RefusalKind,
+    },
+    /// The session broke while opening.
+    #[error("session with {peer} failed while opening the stream: {reason}")]
+    Session {
+        /// The peer.
+        peer: PeerId,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Why a peer refused a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// No such service on the peer.
+    NoSuchService,
+    /// The service had too many streams waiting or did not accept in time.
+    Busy,
+    /// The service failed (e.g. a tunnel's target refused).
+    Failed,
+    /// Not offered to this peer.
+    Forbidden,
+}
+
+/// Why a service could not be registered.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ListenError {
+    /// The name is invalid.
+    #[error("invalid service name: {0}")]
+    Name(#[from] ServiceNameError),
+    /// The name is taken.
+    #[error("service {0:?} is already registered on this node")]
+    Taken(String),
+    /// The name is reserved for the node.
+    #[error("service names starting with p2pos/ are reserved")]
+    Reserved,
+}
+
+/// Why a datagram could not be sent.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DatagramError {
+    /// No session.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The service name is invalid.
+    #[error("invalid service name: {0}")]
+    ServiceName(#[from] ServiceNameError),
+    /// Larger than the path allows.
+    #[error("datagram of {size} bytes is larger than the session allows ({max})")]
+    TooLarge {
+        /// The size.
+        size: usize,
+        /// The maximum.
+        max: usize,
+    },
+    /// The session refused it.
+    #[error("datagram not sent: {0}")]
+    Send(String),
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Identity problem.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// Socket or TLS problem.
+    #[error(transparent)]
+    Bind(#[from] p2pos_net::BindError),
+    /// Store problem.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// A stream between two nodes: the halves of a QUIC bidirectional stream.
+#[derive(Debug)]
+pub struct BiStream {
+    /// The peer at the other end.
+    pub peer: PeerId,
+    /// Bytes to the peer. `finish()` is a half-close.
+    pub send: SendStream,
+    /// Bytes from the peer.
+    pub recv: RecvStream,
+}
+
+/// A stream a peer opened for a service, not yet accepted or rejected.
+#[derive(Debug)]
+pub struct IncomingStream {
+    /// Who opened it.
+    pub peer: PeerId,
+    /// The service it asked for.
+    pub service: String,
+    /// When it arrived.
+    pub arrived: Instant,
+    send: Option<SendStream>,
+    recv: Option<RecvStream>,
+}
+
+impl IncomingStream {
+    /// Accepts the stream: tells the opener, and returns the stream.
+    pub async fn accept(mut self) -> std::io::Result<BiStream> {
+        let (Some(mut send), Some(recv)) = (self.send.take(), self.recv.take()) else {
+            return Err(std::io::Error::other("stream already taken"));
+        };
+        send.write_all(&StreamReply::accepted().encode()).await?;
+        Ok(BiStream {
+            peer: self.peer,
+            send,
+            recv,
+        })
+    }
+
+    /// Rejects the stream with a reason the opener sees.
+    pub async fn reject(mut self, status: StreamStatus, message: &str) {
+        if let Some(mut send) = self.send.take() {
+            let reply = StreamReply {
+                status,
+                message: message.to_owned(),
+            };
+            let _ = send.write_all(&reply.encode()).await;
+            let _ = send.finish();
+        }
+    }
+}
+
+impl Drop for IncomingStream {
+    fn drop(&mut self) {
+        if let Some(mut send) = self.send.take() {
+            let _ = send.reset(VarInt::from_u32(STREAM_FAILED));
+        }
+        if let Some(mut recv) = self.recv.take() {
+            let _ = recv.stop(VarInt::from_u32(STREAM_FAILED));
+        }
+    }
+}
+
+/// A registered service: streams and datagrams peers send to it.
+#[derive(Debug)]
+pub struct ServiceListener {
+    name: String,
+    generation: u64,
+    streams: mpsc::Receiver<IncomingStream>,
+    datagrams: mpsc::Receiver<(PeerId, Bytes)>,
+    node: Weak<Inner>,
+}
+
+impl ServiceListener {
+    /// The service's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The next stream a peer opened; `None` once the node stops.
+    pub async fn accept(&mut self) -> Option<IncomingStream> {
+        self.streams.recv().await
+    }
+
+    /// The next datagram a peer sent; `None` once the node stops.
+    pub async fn recv_datagram(&mut self) -> Option<(PeerId, Bytes)> {
+        self.datagrams.recv().await
+    }
+
+    /// A datagram if one is waiting.
+    pub fn try_recv_datagram(&mut self) -> Option<(PeerId, Bytes)> {
+        self.datagrams.try_recv().ok()
+    }
+}
+
+impl Drop for ServiceListener {
+    fn drop(&mut self) {
+        if let Some(inner) = self.node.upgrade() {
+            let mut services = lock(&inner.services);
+            if services.get(&self.name).map(|s| s.generation) == Some(self.generation) {
+                services.remove(&self.name);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ServiceEntry {
+    generation: u64,
+    description: String,
+    streams: mpsc::Sender<IncomingStream>,
+    datagrams: mpsc::Sender<(PeerId, Bytes)>,
+}
+
+#[derive(Debug, Clone)]
+struct Session {
+    conn: quinn::Connection,
+    dialer: PeerId,
+    established: Instant,
+}
+
+#[derive(Debug, Default)]
+struct NodeCounters {
+    sessions_opened: AtomicU64,
+    duplicate_sessions_closed: AtomicU64,
+    streams_in: AtomicU64,
+    streams_out: AtomicU64,
+    streams_refused: AtomicU64,
+    bad_stream_headers: AtomicU64,
+    datagrams_dropped: AtomicU64,
+    handshakes_refused: AtomicU64,
+}
+
+pub(crate) struct Inner {
+    keypair: Keypair,
+    endpoint: BoundEndpoint,
+    network: Option<NetworkKey>,
+    sessions: Mutex<HashMap<PeerId, Session>>,
+    dialing: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>,
+    services: Mutex<HashMap<String, ServiceEntry>>,
+    service_generation: AtomicU64,
+    pending_handshakes: AtomicU64,
+    store: Option<PeerStore>,
+    data_dir: Option<DataDir>,
+    counters: NodeCounters,
+    started: Instant,
+    pub(crate) tunnels: TunnelRegistry,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("peer_id", &self.keypair.peer_id())
+            .field("local_addr", &self.endpoint.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (every
+    // critical section is a single map operation), so poisoning is ignored.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Builds a [`Node`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use p2pos_node::Node;
+/// let node = Node::builder()
+///     .data_dir("/tmp/p2pos-a")
+///     .listen("127.0.0.1:0".parse()?)
+///     .spawn()
+///     .await?;
+/// println!("I am {}", node.peer_id());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Default)]
+pub struct NodeBuilder {
+    data_dir: Option<PathBuf>,
+    keypair: Option<Keypair>,
+    listen: Option<SocketAddr>,
+    network: Option<NetworkKey>,
+    idle_timeout: Option<Duration>,
+    keepalive: Option<Duration>,
+}
+
+impl NodeBuilder {
+    /// Keep identity and peer store in this directory (created if needed).
+    /// Without it the node has a fresh identity and remembers nothing.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Use this identity instead of the data dir's.
+    pub fn keypair(mut self, keypair: Keypair) -> Self {
+        self.keypair = Some(keypair);
+        self
+    }
+
+    /// The UDP address to bind (default `[::]:0`, any free port).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
+        self
+    }
+
+    /// Join a private network instead of the public one.
+    pub fn network(mut self, key: NetworkKey) -> Self {
+        self.network = Some(key);
+        self
+    }
+
+    /// Session idle timeout and keepalive interval.
+    pub fn session_timers(mut self, idle_timeout: Duration, keepalive: Duration) -> Self {
+        self.idle_timeout = Some(idle_timeout);
+        self.keepalive = Some(keepalive);
+        self
+    }
+
+    /// Binds the socket and starts the node. Must run inside a tokio
+    /// runtime.
+    pub async fn spawn(self) -> Result<Node, NodeError> {
+        let data_dir = self.data_dir.map(DataDir::open).transpose()?;
+        let keypair = match (self.keypair, &data_dir) {
+            (Some(k), _) => k,
+            (None, Some(dir)) => dir.load_or_create_identity()?,
+            (None, None) => {
+                let mut seed = [0u8; 32];
+                getrandom::fill(&mut seed)
+                    .map_err(|e| IdentityError::Random(e.to_string()))?;
+                Keypair::from_seed(seed)
+            }
+        };
+        let store = match &data_dir {
+            Some(dir) => Some(PeerStore::open(&dir.file("peers.redb"))?),
+            None => None,
+        };
+        let mut options = EndpointOptions {
+            network: self.network.clone(),
+            ..EndpointOptions::default()
+        };
+        if let Some(listen) = self.listen {
+            options.listen = listen;
+        }
+        if let Some(t) = self.idle_timeout {
+            options.idle_timeout = t;
+        }
+        if let Some(k) = self.keepalive {
+            options.keepalive = k;
+        }
+        let endpoint = BoundEndpoint::bind(&keypair, &options)?;
+        let inner = Arc::new(Inner {
+            keypair,
+            endpoint,
+            network: self.network,
+            sessions: Mutex::default(),
+            dialing: Mutex::default(),
+            services: Mutex::default(),
+            service_generation: AtomicU64::new(0),
+            pending_handshakes: AtomicU64::new(0),
+            store,
+            data_dir,
+            counters: NodeCounters::default(),
+            started: Instant::now(),
+            tunnels: TunnelRegistry::default(),
+        });
+        let node = Node { inner };
+        node.spawn_accept_loop();
+        tracing::info!(peer_id = %node.peer_id(), addr = %node.local_addr(), "node started");
+        Ok(node)
+    }
+}
+
+/// A running p2pos node. Cheap to clone; all clones are the same node.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Node {
+    /// Starts building a node.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// This node's peer ID.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.keypair.peer_id()
+    }
+
+    /// The UDP address the node is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.endpoint.local_addr
+    }
+
+    /// The data directory, if the node has one.
+    pub fn data_dir(&self) -> Option<&DataDir> {
+        self.inner.data_dir.as_ref()
+    }
+
+    /// Addresses peers can dial: the bound address, or with a wildcard
+    /// bind, the address of every interface on the bound port.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        let local = self.local_addr();
+        if !local.ip().is_unspecified() {
+            return vec![local];
+        }
+        let v6_bound = local.is_ipv6();
+        let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.ip())
+            .filter(|ip| v6_bound || ip.is_ipv4())
+            .filter(|ip| !matches!(ip, std::net::IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
+            .map(|ip| SocketAddr::new(ip, local.port()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn spawn_accept_loop(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let endpoint = self.inner.endpoint.quic.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let Some(inner) = weak.upgrade() else { break };
+                if inner.pending_handshakes.load(Ordering::Relaxed) >= MAX_PENDING_HANDSHAKES as u64 {
+                    inner.counters.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                    incoming.refuse();
+                    continue;
+                }
+                inner.pending_handshakes.fetch_add(1, Ordering::Relaxed);
+                let node = Node { inner };
+                tokio::spawn(async move {
+                    let result = tokio::time::timeout(DIAL_TIMEOUT, async { incoming.await }).await;
+                    node.inner.pending_handshakes.fetch_sub(1, Ordering::Relaxed);
+                    match result {
+                        Ok(Ok(conn)) => match p2pos_net::tls::peer_id_of(&conn) {
+                            Some(peer) => {
+                                node.install(conn, peer, peer);
+                            }
+                            None => conn.close(VarInt::from_u32(0), b"no peer key"),
+                        },
+                        Ok(Err(e)) => tracing::debug!("incoming handshake failed: {e}"),
+                        Err(_) => tracing::debug!("incoming handshake timed out"),
+                    }
+                });
+            }
+        });
+    }
+
+    /// Records a new session; returns the session that survives (the new one
+    /// or its twin, see the module docs).
+    fn install(&self, conn: quinn::Connection, peer: PeerId, dialer: PeerId) -> Session {
+        let new = Session {
+            conn: conn.clone(),
+            dialer,
+            established: Instant::now(),
+        };
+        {
+            let mut sessions = lock(&self.inner.sessions);
+            if let Some(existing) = sessions.get(&peer) {
+                if existing.conn.close_reason().is_none()
+                    && existing.conn.stable_id() != conn.stable_id()
+                {
+                    self.inner
+                        .counters
+                        .duplicate_sessions_closed
+                        .fetch_add(1, Ordering::Relaxed);
+                    if !new_session_wins(existing.dialer, dialer) {
+                        tracing::debug!(peer = %peer.short(), "closing duplicate session (twin kept)");
+                        conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate session");
+                        return existing.clone();
+                    }
+                    tracing::debug!(peer = %peer.short(), "closing older duplicate session");
+                    existing
+                        .conn
+                        .close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate session");
+                }
+            }
+            sessions.insert(peer, new.clone());
+        }
+        self.inner.counters.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        let remote = canonical(conn.remote_address());
+        tracing::info!(peer = %peer, %remote, direction = if dialer == self.peer_id() { "outbound" } else { "inbound" }, "session established");
+        if let Some(store) = &self.inner.data_dir.as_ref().and(self.inner.store.as_ref()) {
+            if let Err(e) = store.record(peer, remote) {
+                tracing::warn!("{e}");
+            }
+        }
+        self.spawn_session_tasks(peer, conn);
+        new
+    }
+
+    fn spawn_session_tasks(&self, peer: PeerId, conn: quinn::Connection) {
+        let weak = Arc::downgrade(&self.inner);
+        let streams_conn = conn.clone();
+        let streams_weak = weak.clone();
+        tokio::spawn(async move {
+            while let Ok((send, recv)) = streams_conn.accept_bi().await {
+                let Some(inner) = streams_weak.upgrade() else { break };
+                let node = Node { inner };
+                tokio::spawn(async move { node.handle_incoming_stream(peer, send, recv).await });
+            }
+        });
+        let datagram_conn = conn.clone();
+        let datagram_weak = weak.clone();
+        tokio::spawn(async move {
+            while let Ok(datagram) = datagram_conn.read_datagram().await {
+                let Some(inner) = datagram_weak.upgrade() else { break };
+                Node { inner }.handle_datagram(peer, datagram);
+            }
+        });
+        tokio::spawn(async move {
+            let reason = conn.closed().await;
+            if let Some(inner) = weak.upgrade() {
+                let mut sessions = lock(&inner.sessions);
+                if sessions.get(&peer).map(|s| s.conn.stable_id()) == Some(conn.stable_id()) {
+                    sessions.remove(&peer);
+                    tracing::info!(peer = %peer, "session closed: {reason}");
+                }
+            }
+        });
+    }
+
+    async fn handle_incoming_stream(&self, peer: PeerId, mut send: SendStream, mut recv: RecvStream) {
+        self.inner.counters.streams_in.fetch_add(1, Ordering::Relaxed);
+        let header = tokio::time::timeout(HEADER_TIMEOUT, read_open_header(&mut recv)).await;
+        let open = match header {
+            Ok(Ok(open)) => open,
+            Ok(Err(e)) => {
+                self.inner.counters.bad_stream_headers.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %peer.short(), "bad stream header: {e}");
+                let _ = send.reset(VarInt::from_u32(STREAM_FAILED));
+                return;
+            }
+            Err(_) => {
+                let _ = send.reset(VarInt::from_u32(STREAM_FAILED));
+                return;
+            }
+        };
+        if open.service == PING_SERVICE {
+            if send.write_all(&StreamReply::accepted().encode()).await.is_ok() {
+                let _ = tokio::io::copy(&mut recv, &mut send).await;
+                let _ = send.finish();
+            }
+            return;
+        }
+        let incoming = IncomingStream {
+            peer,
+            service: open.service.clone(),
+            arrived: Instant::now(),
+            send: Some(send),
+            recv: Some(recv),
+        };
+        let sender = lock(&self.inner.services)
+            .get(&open.service)
+            .map(|s| s.streams.clone());
+        let refusal = match sender {
+            None => Some((StreamStatus::NoSuchService, "no such service on this node".to_owned())),
+            Some(tx) => match tx.try_send(incoming) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(back)) | Err(mpsc::error::TrySendError::Closed(back)) => {
+                    self.inner.counters.streams_refused.fetch_add(1, Ordering::Relaxed);
+                    back.reject(StreamStatus::Busy, "service busy: too many streams waiting").await;
+                    return;
+                }
+            },
+        };
+        if let Some((status, message)) = refusal {
+            self.inner.counters.streams_refused.fetch_add(1, Ordering::Relaxed);
+            incoming.reject(status, &message).await;
+        }
+    }
+
+    fn handle_datagram(&self, peer: PeerId, datagram: Bytes) {
+        let Ok((service, payload)) = decode_datagram(&datagram) else {
+            self.inner.counters.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let offset = datagram.len() - payload.len();
+        let sender = lock(&self.inner.services)
+            .get(service)
+            .map(|s| s.datagrams.clone());
+        let delivered = sender.is_some_and(|tx| tx.try_send((peer, datagram.slice(offset..))).is_ok());
+        if !delivered {
+            self.inner.counters.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn live_session(&self, peer: &PeerId) -> Option<Session> {
+        lock(&self.inner.sessions)
+            .get(peer)
+            .filter(|s| s.conn.close_reason().is_none())
+            .cloned()
+    }
+
+    /// Makes sure a session with `peer` exists, dialing `addr` (or the
+    /// address the peer store remembers) if there is none.
+    pub async fn connect(&self, peer: PeerId, addr: Option<SocketAddr>) -> Result<(), ConnectError> {
+        self.session(peer, addr).await.map(|_| ())
+    }
+
+    async fn session(&self, peer: PeerId, addr: Option<SocketAddr>) -> Result<Session, ConnectError> {
+        if peer == self.peer_id() {
+            return Err(ConnectError::SelfDial);
+        }
+        if let Some(s) = self.live_session(&peer) {
+            return Ok(s);
+        }
+        let dial_lock = lock(&self.inner.dialing).entry(peer).or_default().clone();
+        let result = {
+            let _guard = dial_lock.lock().await;
+            match self.live_session(&peer) {
+                Some(s) => Ok(s),
+                None => self.dial(peer, addr).await,
+            }
+        };
+        let mut dialing = lock(&self.inner.dialing);
+        if dialing.get(&peer).is_some_and(|l| Arc::strong_count(l) <= 2) {
+            dialing.remove(&peer);
+        }
+        result
+    }
+
+    async fn dial(&self, peer: PeerId, addr: Option<SocketAddr>) -> Result<Session, ConnectError> {
+        let addr = match addr {
+            Some(a) => a,
+            None => self
+                .inner
+                .store
+                .as_ref()
+                .and_then(|s| s.get(&peer).ok().flatten())
+                .map(|e| e.last_addr)
+                .ok_or(ConnectError::NoAddress(peer))?,
+        };
+        let connecting = self
+            .inner
+            .endpoint
+            .connect(peer, addr)
+            .map_err(|e| match e {
+                quinn::ConnectError::EndpointStopping => ConnectError::Shutdown,
+                other => ConnectError::Handshake {
+                    addr,
+                    reason: other.to_string(),
+                },
+            })?;
+        let conn = match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+            Err(_) => {
+                return Err(ConnectError::Timeout {
+                    addr,
+                    after: DIAL_TIMEOUT,
+                })
+            }
+            Ok(Err(e)) => {
+                let reason = e.to_string();
+                if reason.contains(p2pos_net::tls::PEER_ID_MISMATCH) {
+                    return Err(ConnectError::WrongPeer {
+                        expected: peer,
+                        addr,
+                    });
+                }
+                if matches!(e, quinn::ConnectionError::TimedOut) {
+                    return Err(ConnectError::Timeout {
+                        addr,
+                        after: DIAL_TIMEOUT,
+                    });
+                }
+                return Err(ConnectError::Handshake { addr, reason });
+            }
+            Ok(Ok(conn)) => conn,
+        };
+        Ok(self.install(conn, peer, self.peer_id()))
+    }
+
+    /// Opens a stream to `service` on `peer`. `addr` is a hint used when no
+    /// session exists yet.
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        service: &str,
+        addr: Option<SocketAddr>,
+    ) -> Result<BiStream, OpenStreamError> {
+        validate_service_name(service)?;
+        let mut last = None;
+        for _ in 0..3 {
+            let session = self.session(peer, addr).await?;
+            match self.open_on(&session, peer, service).await {
+                Ok(stream) => {
+                    self.inner.counters.streams_out.fetch_add(1, Ordering::Relaxed);
+                    return Ok(stream);
+                }
+                // The session lost to a twin (or died) under us: retry.
+                Err(e @ OpenStreamError::Session { .. }) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or(OpenStreamError::Connect(ConnectError::Shutdown)))
+    }
+
+    async fn open_on(&self, session: &Session, peer: PeerId, service: &str) -> Result<BiStream, OpenStreamError> {
+        let lost = |reason: String| OpenStreamError::Session { peer, reason };
+        let (mut send, mut recv) = session.conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+        let open = StreamOpen {
+            service: service.to_owned(),
+        };
+        send.write_all(&open.encode()).await.map_err(|e| lost(e.to_string()))?;
+        let reply = tokio::time::timeout(ACCEPT_TIMEOUT, read_reply(&mut recv))
+            .await
+            .map_err(|_| OpenStreamError::Refused {
+                peer,
+                service: service.to_owned(),
+                reason: format!("the service did not accept within {}s", ACCEPT_TIMEOUT.as_secs()),
+                status: RefusalKind::Busy,
+            })?
+            .map_err(lost)?;
+        let status = match reply.status {
+            StreamStatus::Accepted => return Ok(BiStream { peer, send, recv }),
+            StreamStatus::NoSuchService => RefusalKind::NoSuchService,
+            StreamStatus::Busy => RefusalKind::Busy,
+            StreamStatus::Failed => RefusalKind::Failed,
+            StreamStatus::Forbidden => RefusalKind::Forbidden,
+        };
+        Err(OpenStreamError::Refused {
+            peer,
+            service: service.to_owned(),
+            reason: reply.message,
+            status,
+        })
+    }
+
+    /// Registers a service; peers' streams and datagrams for it arrive at
+    /// the returned listener until it is dropped.
+    pub fn listen(&self, service: &str, description: &str) -> Result<ServiceListener, ListenError> {
+        validate_service_name(service)?;
+        if service.starts_with("p2pos/") {
+            return Err(ListenError::Reserved);
+        }
+        let mut services = lock(&self.inner.services);
+        if services.contains_key(service) {
+            return Err(ListenError::Taken(service.to_owned()));
+        }
+        let generation = self.inner.service_generation.fetch_add(1, Ordering::Relaxed);
+        let (streams_tx, streams) = mpsc::channel(SERVICE_BACKLOG);
+        let (datagrams_tx, datagrams) = mpsc::channel(DATAGRAM_BACKLOG);
+        services.insert(
+            service.to_owned(),
+            ServiceEntry {
+                generation,
+                description: description.to_owned(),
+                streams: streams_tx,
+                datagrams: datagrams_tx,
+            },
+        );
+        Ok(ServiceListener {
+            name: service.to_owned(),
+            generation,
+            streams,
+            datagrams,
+            node: Arc::downgrade(&self.inner),
+        })
+    }
+
+    /// Sends a datagram to `service` on `peer` (unreliable, unordered).
+    pub async fn send_datagram(
+        &self,
+        peer: PeerId,
+        service: &str,
+        payload: &[u8],
+        addr: Option<SocketAddr>,
+    ) -> Result<(), DatagramError> {
+        validate_service_name(service)?;
+        let session = self.session(peer, addr).await?;
+        let datagram = encode_datagram(service, payload);
+        let max = session.conn.max_datagram_size().unwrap_or(0);
+        if datagram.len() > max {
+            return Err(DatagramError::TooLarge {
+                size: payload.len(),
+                max: max.saturating_sub(1 + service.len()),
+            });
+        }
+        session
+            .conn
+            .send_datagram(Bytes::from(datagram))
+            .map_err(|e| DatagramError::Send(e.to_string()))
+    }
+
+    /// Measures the round trip to `peer` over an authenticated session:
+    /// an 8-byte echo on the built-in ping service. Returns one RTT per
+    /// echo.
+    pub async fn ping(&self, peer: PeerId, addr: Option<SocketAddr>, count: u32) -> Result<Vec<Duration>, OpenStreamError> {
+        let mut stream = self.open_stream(peer, PING_SERVICE, addr).await?;
+        let mut rtts = Vec::new();
+        for i in 0..count.max(1) {
+            let start = Instant::now();
+            let io = async {
+                stream.send.write_all(&u64::from(i).to_be_bytes()).await?;
+                let mut buf = [0u8; 8];
+                stream.recv.read_exact(&mut buf).await.map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>(())
+            };
+            io.await.map_err(|e| OpenStreamError::Session {
+                peer,
+                reason: e.to_string(),
+            })?;
+            rtts.push(start.elapsed());
+        }
+        let _ = stream.send.finish();
+        Ok(rtts)
+    }
+
+    /// A snapshot of the node for `p2pos status` and the API.
+    pub fn status(&self) -> NodeStatus {
+        let me = self.peer_id();
+        let mut sessions: Vec<SessionStatus> = lock(&self.inner.sessions)
+            .iter()
+            .filter(|(_, s)| s.conn.close_reason().is_none())
+            .map(|(peer, s)| {
+                let stats = s.conn.stats();
+                let remote = canonical(s.conn.remote_address());
+                SessionStatus {
+                    peer: peer.to_string(),
+                    path: PathKind::for_remote(remote).as_str().to_owned(),
+                    rtt_ms: s.conn.rtt().as_secs_f64() * 1000.0,
+                    remote_addr: remote.to_string(),
+                    direction: if s.dialer == me { "outbound" } else { "inbound" }.to_owned(),
+                    age_s: s.established.elapsed().as_secs(),
+                    bytes_sent: stats.udp_tx.bytes,
+                    bytes_received: stats.udp_rx.bytes,
+                }
+            })
+            .collect();
+        sessions.sort_by(|a, b| a.peer.cmp(&b.peer));
+        let mut services: Vec<ServiceStatus> = lock(&self.inner.services)
+            .iter()
+            .map(|(name, s)| ServiceStatus {
+                name: name.clone(),
+                description: s.description.clone(),
+            })
+            .collect();
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        let socket = &self.inner.endpoint.counters;
+        let overlay = &self.inner.endpoint.overlay.counters;
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NodeStatus {
+            peer_id: me.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            network: match &self.inner.network {
+                None => "public".to_owned(),
+                Some(k) => format!("private:{}", k.id()),
+            },
+            listen_addrs: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
+            uptime_s: self.inner.started.elapsed().as_secs(),
+            sessions,
+            services,
+            tunnels: self.inner.tunnels.status(),
+            counters: CountersStatus {
+                sessions_opened: get(&c.sessions_opened),
+                duplicate_sessions_closed: get(&c.duplicate_sessions_closed),
+                handshakes_refused: get(&c.handshakes_refused),
+                streams_in: get(&c.streams_in),
+                streams_out: get(&c.streams_out),
+                streams_refused: get(&c.streams_refused),
+                bad_stream_headers: get(&c.bad_stream_headers),
+                datagrams_dropped: get(&c.datagrams_dropped),
+                overlay_received: get(&socket.overlay_received),
+                overlay_queue_full: get(&socket.overlay_queue_full),
+                overlay_malformed: get(&overlay.malformed),
+                probes_answered: get(&overlay.probes_answered),
+                probes_rate_limited: get(&overlay.probes_rate_limited),
+                unknown_datagrams_dropped: get(&socket.unknown_dropped),
+                foreign_network_dropped: get(&socket.foreign_network_dropped),
+                bad_frame_dropped: get(&socket.bad_frame_dropped),
+            },
+        }
+    }
+
+    /// Peers in the peer store.
+    pub fn known_peers(&self) -> Vec<(PeerId, crate::store::PeerEntry)> {
+        self.inner
+            .store
+            .as_ref()
+            .and_then(|s| s.all().ok())
+            .unwrap_or_default()
+    }
+
+    /// Asks the node at `addr` which address it sees this node at (an
+    /// overlay probe; no session needed).
+    pub async fn probe(&self, addr: SocketAddr, timeout: Duration) -> Result<SocketAddr, p2pos_net::overlay::ProbeError> {
+        let addr = match (self.local_addr(), addr) {
+            (SocketAddr::V6(_), SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+            _ => addr,
+        };
+        self.inner.endpoint.overlay.probe(addr, timeout).await.map(canonical)
+    }
+
+    /// Closes every session and the socket; waits briefly for peers to be
+    /// told.
+    pub async fn shutdown(&self) {
+        self.inner.tunnels.stop_all();
+        self.inner
+            .endpoint
+            .quic
+            .close(VarInt::from_u32(CLOSE_SHUTDOWN), b"node shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.endpoint.quic.wait_idle()).await;
+    }
+}
+
+/// Maps an IPv4-mapped IPv6 address back to IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+async fn read_open_header(recv: &mut RecvStream) -> Result<StreamOpen, String> {
+    let mut head = [0u8; 2];
+    recv.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    let len = usize::from(head[1]).min(MAX_SERVICE_NAME + 1);
+    let mut buf = vec![0u8; 2 + len];
+    buf[..2].copy_from_slice(&head);
+    if len > MAX_SERVICE_NAME {
+        return Err(HeaderError::Name(ServiceNameError::Length).to_string());
+    }
+    recv.read_exact(&mut buf[2..]).await.map_err(|e| e.to_string())?;
+    StreamOpen::decode(&buf).map(|(open, _)| open).map_err(|e| e.to_string())
+}
+
+async fn read_reply(recv: &mut RecvStream) -> Result<StreamReply, String> {
+    let mut head = [0u8; 2];
+    recv.read_exact(&mut head).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => "the peer closed the stream".to_owned(),
+        quinn::ReadExactError::ReadError(r) => r.to_string(),
+    })?;
+    let mut buf = vec![0u8; 2 + usize::from(head[1])];
+    buf[..2].copy_from_slice(&head);
+    recv.read_exact(&mut buf[2..]).await.map_err(|e| e.to_string())?;
+    StreamReply::decode(&buf).map(|(r, _)| r).map_err(|e| e.to_string())
+}

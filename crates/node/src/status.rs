@@ -1,0 +1,136 @@
+//! What `p2pos status` and `GET /v1/status` show. Field names are stable:
+//! later versions add fields and never rename these.
+
+use serde::{Deserialize, Serialize};
+
+/// A snapshot of the node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// This node's peer ID.
+    pub peer_id: String,
+    /// p2pos version.
+    pub version: String,
+    /// `public` or `private:<network id>`.
+    pub network: String,
+    /// Addresses peers can dial.
+    pub listen_addrs: Vec<String>,
+    /// Seconds since the node started.
+    pub uptime_s: u64,
+    /// Live sessions.
+    pub sessions: Vec<SessionStatus>,
+    /// Services registered on this node.
+    pub services: Vec<ServiceStatus>,
+    /// Exposed services and forwarded ports.
+    pub tunnels: TunnelsStatus,
+    /// Counters, including every kind of dropped input.
+    pub counters: CountersStatus,
+}
+
+/// One session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionStatus {
+    /// The peer's ID.
+    pub peer: String,
+    /// How the session reaches the peer: `lan` or `direct` (later also
+    /// `punched` and `relayed:<relay-peer-id>`).
+    pub path: String,
+    /// Smoothed round-trip time.
+    pub rtt_ms: f64,
+    /// The peer's address.
+    pub remote_addr: String,
+    /// `outbound` (this node dialed) or `inbound`.
+    pub direction: String,
+    /// Seconds since the session was established.
+    pub age_s: u64,
+    /// UDP bytes sent on this session.
+    pub bytes_sent: u64,
+    /// UDP bytes received on this session.
+    pub bytes_received: u64,
+}
+
+/// A registered service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Its name.
+    pub name: String,
+    /// What it offers.
+    pub description: String,
+}
+
+/// Tunnels.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TunnelsStatus {
+    /// Local TCP services offered to peers.
+    pub exposes: Vec<ExposeStatus>,
+    /// Local ports forwarded to peers' services.
+    pub forwards: Vec<ForwardStatus>,
+}
+
+/// One exposed service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExposeStatus {
+    /// Id for `DELETE /v1/exposes/{id}`.
+    pub id: u64,
+    /// The service name.
+    pub service: String,
+    /// The local TCP target.
+    pub target: String,
+    /// Connections carried so far.
+    pub connections: u64,
+    /// Connections open now.
+    pub active: u64,
+}
+
+/// One forwarded port.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardStatus {
+    /// Id for `DELETE /v1/forwards/{id}`.
+    pub id: u64,
+    /// The local TCP address listened on.
+    pub listen: String,
+    /// The peer.
+    pub peer: String,
+    /// The peer's service.
+    pub service: String,
+    /// Connections carried so far.
+    pub connections: u64,
+    /// Connections open now.
+    pub active: u64,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CountersStatus {
+    /// Sessions established.
+    pub sessions_opened: u64,
+    /// Sessions closed because a twin session won.
+    pub duplicate_sessions_closed: u64,
+    /// Incoming handshakes refused for load.
+    pub handshakes_refused: u64,
+    /// Streams peers opened.
+    pub streams_in: u64,
+    /// Streams this node opened.
+    pub streams_out: u64,
+    /// Incoming streams refused (no service, busy).
+    pub streams_refused: u64,
+    /// Incoming streams with an invalid header.
+    pub bad_stream_headers: u64,
+    /// Datagrams for no service or a full queue.
+    pub datagrams_dropped: u64,
+    /// Overlay datagrams received.
+    pub overlay_received: u64,
+    /// Overlay datagrams dropped: queue full.
+    pub overlay_queue_full: u64,
+    /// Overlay datagrams that did not decode.
+    pub overlay_malformed: u64,
+    /// Probes answered.
+    pub probes_answered: u64,
+    /// Probes dropped by the rate limit.
+    pub probes_rate_limited: u64,
+    /// Datagrams with an unknown first byte.
+    pub unknown_datagrams_dropped: u64,
+    /// Datagrams from nodes of another network.
+    pub foreign_network_dropped: u64,
+    /// Private frames with a bad tag.
+    pub bad_frame_dropped: u64,
+}

@@ -1,0 +1,28 @@
+//! p2pos protocol core.
+//!
+//! Everything here is deterministic and free of I/O: no sockets, no tokio, no
+//! clock and no global randomness. Callers hand in bytes, keys and time; the
+//! functions and state machines hand back bytes, decisions and events. The
+//! same code runs in the daemon (`p2pos-net`, `p2pos-node`) and, later, in the
+//! simulator.
+//!
+//! Modules:
+//! - [`identity`]: ed25519 keys, the [`PeerId`] and its text form.
+//! - [`packet`]: the first-byte demultiplexing of the node's one UDP port.
+//! - [`overlay`]: the overlay's own datagrams (probes today; DHT and punching
+//!   messages later).
+//! - [`network`]: the framing that keeps a private network apart from every
+//!   other network.
+//! - [`stream`]: the header that opens an application stream or datagram for
+//!   a named service inside a QUIC session.
+//! - [`session`]: rules shared by both ends of a session (which of two
+//!   simultaneous sessions survives, how a path is named).
+
+pub mod identity;
+pub mod network;
+pub mod overlay;
+pub mod packet;
+pub mod session;
+pub mod stream;
+
+pub use identity::{Keypair, PeerId, PeerIdParseError};
