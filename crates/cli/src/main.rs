@@ -1,1 +1,542 @@
-fn main() {}
+//! `p2pos`: the daemon, the command-line client of its local API, and the
+//! demo.
+
+mod client;
+mod demo;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use hyper::Method;
+use p2pos_node::config::Config;
+use p2pos_node::data_dir::DataDir;
+use p2pos_node::PeerId;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::client::{query_value, ApiClient, RawStream};
+
+#[derive(Parser)]
+#[command(
+    name = "p2pos",
+    version,
+    about = "p2pos: a peer-to-peer overlay. Nodes reach each other by key."
+)]
+struct Cli {
+    /// The node's data directory (identity, peers, API socket).
+    #[arg(long, global = true, env = "P2POS_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print this node's peer ID (creating the identity on first use).
+    Id,
+    /// Run the node in the foreground until Ctrl-C.
+    Up(UpArgs),
+    /// Print the effective configuration (config file plus defaults).
+    Config(UpArgs),
+    /// Show identity, addresses, sessions and their paths.
+    Status {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List peers this node has met.
+    Peers {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure the round-trip time to a peer over an authenticated session.
+    Ping {
+        /// The peer's ID.
+        peer: PeerId,
+        /// The peer's address (IP:PORT), if this node does not know it.
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        /// Number of pings.
+        #[arg(short, long, default_value_t = 3)]
+        count: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accept a stream for a service: the stream goes to stdout, stdin to the stream.
+    Listen {
+        /// The service name, e.g. chat.
+        service: String,
+        /// Keep accepting streams one after another (stdin is not sent).
+        #[arg(short, long)]
+        keep_open: bool,
+    },
+    /// Open a stream to a peer's service: stdin to the stream, the stream to stdout.
+    Connect {
+        /// The peer's ID.
+        peer: PeerId,
+        /// The service name.
+        service: String,
+        /// The peer's address (IP:PORT), if this node does not know it.
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+    },
+    /// Let peers reach a local TCP port as a service.
+    Expose {
+        /// The service name peers will use.
+        service: String,
+        /// Local TCP port, or IP:PORT.
+        target: String,
+        /// Leave it in the daemon and return (remove with the API).
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Carry a local TCP port to a peer's service.
+    Forward {
+        /// Local port (on 127.0.0.1), or IP:PORT to listen on.
+        local: String,
+        /// The peer's ID.
+        peer: PeerId,
+        /// The peer's service.
+        service: String,
+        /// The peer's address (IP:PORT), if this node does not know it.
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        /// Leave it in the daemon and return (remove with the API).
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Ask the node at an address which address it sees this node at.
+    Probe {
+        /// The other node's UDP address.
+        addr: SocketAddr,
+    },
+    /// Private networks.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Start a small network of real nodes on loopback and show it working.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum NetworkCommand {
+    /// Write a new random network secret to FILE (mode 0600). Give the same
+    /// file to every node of the private network with --network-secret.
+    New {
+        /// Where to write the secret.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct UpArgs {
+    /// Configuration file (default: config.toml in the data dir, if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// UDP address to bind (default [::]:7447).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Join the private network whose secret is in FILE.
+    #[arg(long, value_name = "FILE")]
+    network_secret: Option<PathBuf>,
+    /// Also serve the local API on this loopback TCP address (token in api.token).
+    #[arg(long, value_name = "ADDR")]
+    api_tcp: Option<SocketAddr>,
+}
+
+fn data_dir(cli: &Cli) -> PathBuf {
+    cli.data_dir.clone().unwrap_or_else(DataDir::default_path)
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info,quinn=warn,quinn_proto=warn",
+        1 => "debug,quinn=info,quinn_proto=info,hyper=info",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn effective_config(dir: &Path, args: &UpArgs) -> Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path, false)?,
+        None => Config::load(&dir.join("config.toml"), true)?,
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(secret) = &args.network_secret {
+        config.network_secret_file = Some(std::path::absolute(secret)?);
+    }
+    if let Some(tcp) = args.api_tcp {
+        config.api.tcp = Some(tcp);
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("p2pos: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("p2pos: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let dir = data_dir(&cli);
+    let api = ApiClient::new(&dir);
+    match cli.command {
+        Command::Id => {
+            let keypair = DataDir::open(&dir)?.load_or_create_identity()?;
+            println!("{}", keypair.peer_id());
+        }
+        Command::Config(args) => print!("{}", effective_config(&dir, &args)?.to_toml()),
+        Command::Up(args) => {
+            init_logging(cli.verbose);
+            let config = effective_config(&dir, &args)?;
+            up(&dir, &config).await?;
+        }
+        Command::Status { json } => {
+            let status = api.call(Method::GET, "/v1/status", None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print_status(&status);
+            }
+        }
+        Command::Peers { json } => {
+            let peers = api.call(Method::GET, "/v1/peers", None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&peers)?);
+            } else {
+                for p in peers.as_array().into_iter().flatten() {
+                    println!(
+                        "{}  {:<24} {}",
+                        p["peer"].as_str().unwrap_or("?"),
+                        p["last_addr"].as_str().unwrap_or("?"),
+                        if p["connected"].as_bool() == Some(true) {
+                            "connected"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+            }
+        }
+        Command::Ping {
+            peer,
+            addr,
+            count,
+            json,
+        } => {
+            let body = json!({ "peer": peer.to_string(), "addr": addr.map(|a| a.to_string()), "count": count });
+            let result = api.call(Method::POST, "/v1/ping", Some(&body)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                let path = result["path"].as_str().unwrap_or("?");
+                for (i, rtt) in result["rtt_ms"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
+                    println!(
+                        "reply from {} via {path}: seq={} time={:.2} ms",
+                        peer.short(),
+                        i + 1,
+                        rtt.as_f64().unwrap_or(0.0)
+                    );
+                }
+            }
+        }
+        Command::Listen { service, keep_open } => listen(&api, &service, keep_open).await?,
+        Command::Connect {
+            peer,
+            service,
+            addr,
+        } => {
+            let mut path = format!("/v1/streams?peer={peer}&service={}", query_value(&service));
+            if let Some(a) = addr {
+                path.push_str(&format!("&addr={}", query_value(&a.to_string())));
+            }
+            let (stream, _) = api.upgrade(Method::POST, &path).await?;
+            pipe_stdio(stream, true).await?;
+        }
+        Command::Expose {
+            service,
+            target,
+            detach,
+        } => {
+            let target = parse_local(&target)?;
+            let body = json!({ "service": service, "target": target.to_string() });
+            let created = api.call(Method::POST, "/v1/exposes", Some(&body)).await?;
+            let id = created["id"].as_u64().unwrap_or(0);
+            eprintln!(
+                "peers can now reach {target} as service {service:?} on this node (tunnel {id})"
+            );
+            if !detach {
+                hold_until_signal(&api, &format!("/v1/exposes/{id}")).await?;
+            }
+        }
+        Command::Forward {
+            local,
+            peer,
+            service,
+            addr,
+            detach,
+        } => {
+            let listen = parse_local(&local)?;
+            let body = json!({ "listen": listen.to_string(), "peer": peer.to_string(), "service": service, "addr": addr.map(|a| a.to_string()) });
+            let created = api.call(Method::POST, "/v1/forwards", Some(&body)).await?;
+            let id = created["id"].as_u64().unwrap_or(0);
+            eprintln!(
+                "forwarding {} -> {}/{service} (tunnel {id})",
+                created["listen"].as_str().unwrap_or("?"),
+                peer.short()
+            );
+            if !detach {
+                hold_until_signal(&api, &format!("/v1/forwards/{id}")).await?;
+            }
+        }
+        Command::Probe { addr } => {
+            let result = api
+                .call(
+                    Method::POST,
+                    "/v1/probe",
+                    Some(&json!({ "addr": addr.to_string() })),
+                )
+                .await?;
+            println!(
+                "{} sees this node at {}",
+                addr,
+                result["observed"].as_str().unwrap_or("?")
+            );
+        }
+        Command::Network(NetworkCommand::New { file }) => {
+            let mut raw = [0u8; 32];
+            getrandom_fill(&mut raw)?;
+            let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            p2pos_node::data_dir::write_private(&file, format!("{hex}\n").as_bytes())
+                .with_context(|| {
+                    format!("cannot create {} (it must not exist yet)", file.display())
+                })?;
+            eprintln!("wrote a new network secret to {}; give this file to every node of the network with --network-secret", file.display());
+        }
+        Command::Demo(args) => demo::run(args).await?,
+    }
+    Ok(())
+}
+
+fn getrandom_fill(buf: &mut [u8]) -> Result<()> {
+    getrandom::fill(buf)
+        .map_err(|e| anyhow::anyhow!("no randomness from the operating system: {e}"))
+}
+
+fn parse_local(s: &str) -> Result<SocketAddr> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse()
+        .with_context(|| format!("{s:?} is neither a port nor an IP:PORT address"))
+}
+
+async fn up(dir: &Path, config: &Config) -> Result<()> {
+    let daemon = p2pos_node::daemon::Daemon::start(dir, config).await?;
+    let status = daemon.node.status();
+    eprintln!("p2pos node {}", status.peer_id);
+    eprintln!("  network:  {}", status.network);
+    eprintln!("  udp:      {}", daemon.node.local_addr());
+    eprintln!("  api:      {}", dir.join("api.sock").display());
+    if let Some(tcp) = daemon.api_tcp {
+        eprintln!(
+            "  api tcp:  http://{tcp} (token in {})",
+            dir.join("api.token").display()
+        );
+    }
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    daemon.stop().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn hold_until_signal(api: &ApiClient, delete_path: &str) -> Result<()> {
+    eprintln!("press Ctrl-C to stop (or use --detach)");
+    wait_for_signal().await;
+    api.call(Method::DELETE, delete_path, None).await?;
+    Ok(())
+}
+
+async fn listen(api: &ApiClient, service: &str, keep_open: bool) -> Result<()> {
+    let path = format!("/v1/services/{}", query_value(service));
+    api.call(Method::PUT, &path, None).await?;
+    let accept_path = format!("{path}/accept");
+    let result = async {
+        loop {
+            let (stream, peer) = api.upgrade(Method::POST, &accept_path).await?;
+            eprintln!("stream from {}", peer.as_deref().unwrap_or("?"));
+            pipe_stdio(stream, !keep_open).await?;
+            if !keep_open {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+    };
+    let outcome = tokio::select! {
+        r = result => r,
+        _ = wait_for_signal() => Ok(()),
+    };
+    let _ = api.call(Method::DELETE, &path, None).await;
+    outcome
+}
+
+/// Copies stdin to the stream (if `send_stdin`) and the stream to stdout
+/// until both directions end.
+async fn pipe_stdio(stream: RawStream, send_stdin: bool) -> Result<()> {
+    let (mut read, mut write) = tokio::io::split(stream);
+    let up = async {
+        if send_stdin {
+            let mut stdin = tokio::io::stdin();
+            tokio::io::copy(&mut stdin, &mut write)
+                .await
+                .context("sending stdin")?;
+        }
+        write.shutdown().await.context("closing the stream")?;
+        Ok::<_, anyhow::Error>(())
+    };
+    let down = async {
+        let mut stdout = tokio::io::stdout();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = read.read(&mut buf).await.context("the stream failed")?;
+            if n == 0 {
+                break;
+            }
+            stdout.write_all(&buf[..n]).await?;
+        }
+        stdout.flush().await?;
+        Ok::<_, anyhow::Error>(())
+    };
+    let (a, b) = tokio::join!(up, down);
+    b?;
+    a?;
+    Ok(())
+}
+
+fn print_status(s: &Value) {
+    let str_of = |v: &Value| v.as_str().unwrap_or("?").to_owned();
+    println!("peer id:   {}", str_of(&s["peer_id"]));
+    println!("network:   {}", str_of(&s["network"]));
+    println!("uptime:    {} s", s["uptime_s"].as_u64().unwrap_or(0));
+    println!(
+        "listening: {}",
+        s["listen_addrs"]
+            .as_array()
+            .map(|a| a.iter().map(str_of).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()
+    );
+    let sessions = s["sessions"].as_array().cloned().unwrap_or_default();
+    println!("sessions:  {}", sessions.len());
+    if !sessions.is_empty() {
+        println!(
+            "  {:<12} {:<7} {:>9} {:<24} {:>10} {:>10}",
+            "PEER", "PATH", "RTT", "ADDRESS", "SENT", "RECEIVED"
+        );
+        for x in sessions {
+            println!(
+                "  {:<12} {:<7} {:>6.2} ms {:<24} {:>10} {:>10}",
+                &str_of(&x["peer"])[..10.min(str_of(&x["peer"]).len())],
+                str_of(&x["path"]),
+                x["rtt_ms"].as_f64().unwrap_or(0.0),
+                str_of(&x["remote_addr"]),
+                human_bytes(x["bytes_sent"].as_u64().unwrap_or(0)),
+                human_bytes(x["bytes_received"].as_u64().unwrap_or(0)),
+            );
+        }
+    }
+    let services = s["services"].as_array().cloned().unwrap_or_default();
+    if !services.is_empty() {
+        println!(
+            "services:  {}",
+            services
+                .iter()
+                .map(|x| str_of(&x["name"]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for e in s["tunnels"]["exposes"].as_array().into_iter().flatten() {
+        println!(
+            "expose:    {} -> {} ({} active)",
+            str_of(&e["service"]),
+            str_of(&e["target"]),
+            e["active"]
+        );
+    }
+    for f in s["tunnels"]["forwards"].as_array().into_iter().flatten() {
+        println!(
+            "forward:   {} -> {}/{} ({} active)",
+            str_of(&f["listen"]),
+            &str_of(&f["peer"])[..10],
+            str_of(&f["service"]),
+            f["active"]
+        );
+    }
+}
+
+/// Formats a byte count for people.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -84,10 +84,12 @@ impl BoundEndpoint {
             addr: options.listen,
             source: std::io::Error::other("no async runtime"),
         })?;
-        let inner = runtime.wrap_udp_socket(std_socket).map_err(|source| BindError::Bind {
-            addr: options.listen,
-            source,
-        })?;
+        let inner = runtime
+            .wrap_udp_socket(std_socket)
+            .map_err(|source| BindError::Bind {
+                addr: options.listen,
+                source,
+            })?;
         let local_addr = inner.local_addr().map_err(|source| BindError::Bind {
             addr: options.listen,
             source,
@@ -147,12 +149,17 @@ impl BoundEndpoint {
     }
 
     /// Starts a QUIC handshake with `addr`, accepting only `peer` there.
-    pub fn connect(&self, peer: PeerId, addr: SocketAddr) -> Result<quinn::Connecting, quinn::ConnectError> {
+    pub fn connect(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connecting, quinn::ConnectError> {
         let tls = self
             .tls
             .client_config(peer)
             .map_err(|_| quinn::ConnectError::EndpointStopping)?;
-        let crypto = QuicClientConfig::try_from(tls).map_err(|_| quinn::ConnectError::EndpointStopping)?;
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|_| quinn::ConnectError::EndpointStopping)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(self.transport.clone());
         let addr = match (self.local_addr, addr) {

@@ -58,7 +58,11 @@ pub struct Overlay {
 
 impl Overlay {
     /// Starts the overlay task on `rx`, the socket's overlay queue.
-    pub fn spawn(socket: Arc<OverlaySocket>, mut rx: mpsc::Receiver<OverlayDatagram>, id_seed: u64) -> Self {
+    pub fn spawn(
+        socket: Arc<OverlaySocket>,
+        mut rx: mpsc::Receiver<OverlayDatagram>,
+        id_seed: u64,
+    ) -> Self {
         let overlay = Overlay {
             socket,
             pending: Arc::default(),
@@ -78,17 +82,25 @@ impl Overlay {
                             replies_in_window = 0;
                         }
                         if replies_in_window >= PROBE_REPLIES_PER_SECOND {
-                            task.counters.probes_rate_limited.fetch_add(1, Ordering::Relaxed);
+                            task.counters
+                                .probes_rate_limited
+                                .fetch_add(1, Ordering::Relaxed);
                             continue;
                         }
                         replies_in_window += 1;
                         let reply = Message::ProbeReply { id, observed: src }.encode();
                         if task.socket.send_overlay(src, &reply).await.is_ok() {
-                            task.counters.probes_answered.fetch_add(1, Ordering::Relaxed);
+                            task.counters
+                                .probes_answered
+                                .fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     Ok(Message::ProbeReply { id, observed }) => {
-                        let waiter = task.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        let waiter = task
+                            .pending
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&id);
                         if let Some(waiter) = waiter {
                             let _ = waiter.send(observed);
                         }
@@ -103,7 +115,11 @@ impl Overlay {
     }
 
     /// Sends a probe to `dest`; returns the address `dest` saw us at.
-    pub async fn probe(&self, dest: SocketAddr, timeout: Duration) -> Result<SocketAddr, ProbeError> {
+    pub async fn probe(
+        &self,
+        dest: SocketAddr,
+        timeout: Duration,
+    ) -> Result<SocketAddr, ProbeError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -114,14 +130,19 @@ impl Overlay {
             pending.insert(id, tx);
         }
         let result = async {
-            self.socket.send_overlay(dest, &Message::Probe { id }.encode()).await?;
+            self.socket
+                .send_overlay(dest, &Message::Probe { id }.encode())
+                .await?;
             tokio::time::timeout(timeout, rx)
                 .await
                 .map_err(|_| ProbeError::Timeout(timeout))?
                 .map_err(|_| ProbeError::Timeout(timeout))
         }
         .await;
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         result
     }
 }

@@ -94,7 +94,11 @@ impl OverlaySocket {
 
     /// Sends an overlay datagram (framed in a private network). Waits while
     /// the socket's send buffer is full.
-    pub async fn send_overlay(self: &Arc<Self>, dest: SocketAddr, datagram: &[u8]) -> io::Result<()> {
+    pub async fn send_overlay(
+        self: &Arc<Self>,
+        dest: SocketAddr,
+        datagram: &[u8],
+    ) -> io::Result<()> {
         let mut poller = self.clone().create_io_poller();
         loop {
             let transmit = Transmit {

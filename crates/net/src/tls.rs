@@ -15,8 +15,13 @@ use std::sync::Arc;
 
 use p2pos_proto::{Keypair, PeerId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls13_signature_with_raw_key, CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer, UnixTime};
+use rustls::crypto::{
+    verify_tls13_signature_with_raw_key, CryptoProvider, WebPkiSupportedAlgorithms,
+};
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer,
+    UnixTime,
+};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
@@ -24,8 +29,9 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 /// ALPN of p2pos sessions.
 pub const ALPN: &[u8] = b"p2pos/1";
 
-/// Text in a handshake error when the peer presented another key.
-pub const PEER_ID_MISMATCH: &str = "peer presented a different peer ID";
+/// Marker in a handshake error when the peer presented another key (the
+/// name of the error type, which rustls reports in its debug form).
+pub const PEER_ID_MISMATCH: &str = "PeerIdMismatch";
 
 /// Server name sent in the ClientHello. Identity comes from the key, not the
 /// name, so it is a constant.
@@ -107,9 +113,8 @@ pub fn peer_id_of(conn: &quinn::Connection) -> Option<PeerId> {
 }
 
 fn check_key(cert: &CertificateDer<'_>) -> Result<PeerId, rustls::Error> {
-    PeerId::from_spki_der(cert.as_ref()).map_err(|_| {
-        rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
-    })
+    PeerId::from_spki_der(cert.as_ref())
+        .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))
 }
 
 fn verify_signature(
@@ -142,9 +147,9 @@ impl ServerCertVerifier for PinnedServerKey {
         let presented = check_key(end_entity)?;
         if presented != self.expected {
             return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::Other(rustls::OtherError(Arc::new(
-                    MismatchError { presented },
-                ))),
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(PeerIdMismatch {
+                    presented,
+                }))),
             ));
         }
         Ok(ServerCertVerified::assertion())
@@ -180,17 +185,17 @@ impl ServerCertVerifier for PinnedServerKey {
 }
 
 #[derive(Debug)]
-struct MismatchError {
+struct PeerIdMismatch {
     presented: PeerId,
 }
 
-impl std::fmt::Display for MismatchError {
+impl std::fmt::Display for PeerIdMismatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{PEER_ID_MISMATCH}: {}", self.presented)
+        write!(f, "peer presented another peer ID: {}", self.presented)
     }
 }
 
-impl std::error::Error for MismatchError {}
+impl std::error::Error for PeerIdMismatch {}
 
 #[derive(Debug)]
 struct AnyClientKey;

@@ -30,7 +30,9 @@ use p2pos_proto::PeerId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::node::{ConnectError, DatagramError, ListenError, Node, OpenStreamError, RefusalKind, ServiceListener};
+use crate::node::{
+    ConnectError, DatagramError, ListenError, Node, OpenStreamError, RefusalKind, ServiceListener,
+};
 use crate::tunnel::splice;
 
 /// The `Upgrade` protocol token of API streams.
@@ -71,7 +73,9 @@ impl From<ConnectError> for ApiError {
             ConnectError::NoAddress(_) | ConnectError::SelfDial => StatusCode::BAD_REQUEST,
             ConnectError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ConnectError::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
-            ConnectError::WrongPeer { .. } | ConnectError::Handshake { .. } => StatusCode::BAD_GATEWAY,
+            ConnectError::WrongPeer { .. } | ConnectError::Handshake { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
         };
         ApiError(status, e.to_string())
     }
@@ -122,8 +126,9 @@ fn parse_peer(s: &str) -> Result<PeerId, ApiError> {
 fn parse_addr(s: Option<&str>) -> Result<Option<SocketAddr>, ApiError> {
     s.filter(|s| !s.is_empty())
         .map(|s| {
-            s.parse()
-                .map_err(|_| ApiError::bad_request(format!("invalid address {s:?}: expected IP:PORT")))
+            s.parse().map_err(|_| {
+                ApiError::bad_request(format!("invalid address {s:?}: expected IP:PORT"))
+            })
         })
         .transpose()
 }
@@ -140,14 +145,26 @@ pub struct ApiState {
 /// Builds the API router for `node`. `token`: require this bearer token
 /// (for the TCP listener); `None` for the Unix socket.
 pub fn router(node: Node, token: Option<String>) -> Router {
-    router_with_state(ApiState { node, listeners: Arc::default() }, token)
+    router_with_state(
+        ApiState {
+            node,
+            listeners: Arc::default(),
+        },
+        token,
+    )
 }
 
 /// Builds the routers for the Unix socket (no token) and TCP (token) that
 /// share one state, so a service registered over one is seen by the other.
 pub fn routers(node: Node, token: String) -> (Router, Router) {
-    let state = ApiState { node, listeners: Arc::default() };
-    (router_with_state(state.clone(), None), router_with_state(state, Some(token)))
+    let state = ApiState {
+        node,
+        listeners: Arc::default(),
+    };
+    (
+        router_with_state(state.clone(), None),
+        router_with_state(state, Some(token)),
+    )
 }
 
 fn router_with_state(state: ApiState, token: Option<String>) -> Router {
@@ -159,7 +176,10 @@ fn router_with_state(state: ApiState, token: Option<String>) -> Router {
         .route("/v1/ping", post(ping))
         .route("/v1/probe", post(probe))
         .route("/v1/services", get(list_services))
-        .route("/v1/services/{name}", put(register_service).delete(unregister_service))
+        .route(
+            "/v1/services/{name}",
+            put(register_service).delete(unregister_service),
+        )
         .route("/v1/services/{name}/accept", post(accept_stream))
         .route("/v1/services/{name}/datagrams", get(poll_datagrams))
         .route("/v1/streams", post(open_stream))
@@ -218,7 +238,13 @@ struct PeerInfo {
 }
 
 async fn peers(State(s): State<ApiState>) -> impl IntoResponse {
-    let connected: Vec<String> = s.node.status().sessions.into_iter().map(|x| x.peer).collect();
+    let connected: Vec<String> = s
+        .node
+        .status()
+        .sessions
+        .into_iter()
+        .map(|x| x.peer)
+        .collect();
     let mut list: Vec<PeerInfo> = s
         .node
         .known_peers()
@@ -233,7 +259,7 @@ async fn peers(State(s): State<ApiState>) -> impl IntoResponse {
             }
         })
         .collect();
-    list.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+    list.sort_by_key(|p| std::cmp::Reverse(p.last_seen));
     Json(list)
 }
 
@@ -245,19 +271,33 @@ struct PeerTarget {
     count: Option<u32>,
 }
 
-async fn connect(State(s): State<ApiState>, body: Result<Json<PeerTarget>, JsonRejection>) -> Result<Response, ApiError> {
+async fn connect(
+    State(s): State<ApiState>,
+    body: Result<Json<PeerTarget>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(t) = body?;
     let peer = parse_peer(&t.peer)?;
     s.node.connect(peer, parse_addr(t.addr.as_deref())?).await?;
-    let session = s.node.status().sessions.into_iter().find(|x| x.peer == t.peer);
+    let session = s
+        .node
+        .status()
+        .sessions
+        .into_iter()
+        .find(|x| x.peer == t.peer);
     Ok(Json(session).into_response())
 }
 
-async fn ping(State(s): State<ApiState>, body: Result<Json<PeerTarget>, JsonRejection>) -> Result<Response, ApiError> {
+async fn ping(
+    State(s): State<ApiState>,
+    body: Result<Json<PeerTarget>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(t) = body?;
     let peer = parse_peer(&t.peer)?;
     let count = t.count.unwrap_or(1).clamp(1, 100);
-    let rtts = s.node.ping(peer, parse_addr(t.addr.as_deref())?, count).await?;
+    let rtts = s
+        .node
+        .ping(peer, parse_addr(t.addr.as_deref())?, count)
+        .await?;
     let path = s
         .node
         .status()
@@ -279,7 +319,10 @@ struct ProbeRequest {
     addr: String,
 }
 
-async fn probe(State(s): State<ApiState>, body: Result<Json<ProbeRequest>, JsonRejection>) -> Result<Response, ApiError> {
+async fn probe(
+    State(s): State<ApiState>,
+    body: Result<Json<ProbeRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(p) = body?;
     let addr = parse_addr(Some(&p.addr))?.ok_or_else(|| ApiError::bad_request("addr is empty"))?;
     let observed = s
@@ -287,7 +330,10 @@ async fn probe(State(s): State<ApiState>, body: Result<Json<ProbeRequest>, JsonR
         .probe(addr, Duration::from_secs(3))
         .await
         .map_err(|e| ApiError(StatusCode::GATEWAY_TIMEOUT, e.to_string()))?;
-    Ok(Json(serde_json::json!({ "addr": p.addr, "observed": observed.to_string() })).into_response())
+    Ok(
+        Json(serde_json::json!({ "addr": p.addr, "observed": observed.to_string() }))
+            .into_response(),
+    )
 }
 
 async fn list_services(State(s): State<ApiState>) -> impl IntoResponse {
@@ -315,9 +361,13 @@ async fn register_service(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/json"))
         {
-            return Err(ApiError(StatusCode::UNSUPPORTED_MEDIA_TYPE, "body must be application/json".into()));
+            return Err(ApiError(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "body must be application/json".into(),
+            ));
         }
-        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
     };
     let mut listeners = s.listeners.lock().await;
     if listeners.contains_key(&name) {
@@ -328,10 +378,15 @@ async fn register_service(
     Ok(StatusCode::CREATED.into_response())
 }
 
-async fn unregister_service(State(s): State<ApiState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn unregister_service(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     match s.listeners.lock().await.remove(&name) {
         Some(_) => Ok(StatusCode::NO_CONTENT.into_response()),
-        None => Err(ApiError::not_found(format!("service {name:?} is not registered through the API"))),
+        None => Err(ApiError::not_found(format!(
+            "service {name:?} is not registered through the API"
+        ))),
     }
 }
 
@@ -361,7 +416,11 @@ fn switching(peer: PeerId) -> Response {
     resp
 }
 
-async fn accept_stream(State(s): State<ApiState>, Path(name): Path<String>, mut req: Request) -> Result<Response, ApiError> {
+async fn accept_stream(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    mut req: Request,
+) -> Result<Response, ApiError> {
     wants_upgrade(req.headers())?;
     let listener = s
         .listeners
@@ -369,7 +428,11 @@ async fn accept_stream(State(s): State<ApiState>, Path(name): Path<String>, mut 
         .await
         .get(&name)
         .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("service {name:?} is not registered: PUT /v1/services/{name} first")))?;
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "service {name:?} is not registered: PUT /v1/services/{name} first"
+            ))
+        })?;
     let incoming = {
         let mut l = listener.lock().await;
         l.accept()
@@ -387,7 +450,9 @@ async fn accept_stream(State(s): State<ApiState>, Path(name): Path<String>, mut 
                 Err(e) => tracing::debug!("accept failed: {e}"),
             },
             Err(e) => {
-                incoming.reject(StreamStatus::Failed, "the local app went away").await;
+                incoming
+                    .reject(StreamStatus::Failed, "the local app went away")
+                    .await;
                 tracing::debug!("API upgrade failed: {e}");
             }
         }
@@ -403,11 +468,19 @@ struct StreamQuery {
     addr: Option<String>,
 }
 
-async fn open_stream(State(s): State<ApiState>, query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>, mut req: Request) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+async fn open_stream(
+    State(s): State<ApiState>,
+    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+    mut req: Request,
+) -> Result<Response, ApiError> {
+    let Query(q) =
+        query.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
     wants_upgrade(req.headers())?;
     let peer = parse_peer(&q.peer)?;
-    let stream = s.node.open_stream(peer, &q.service, parse_addr(q.addr.as_deref())?).await?;
+    let stream = s
+        .node
+        .open_stream(peer, &q.service, parse_addr(q.addr.as_deref())?)
+        .await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on_upgrade.await {
@@ -430,7 +503,10 @@ struct DatagramBody {
     data: String,
 }
 
-async fn send_datagram(State(s): State<ApiState>, body: Result<Json<DatagramBody>, JsonRejection>) -> Result<Response, ApiError> {
+async fn send_datagram(
+    State(s): State<ApiState>,
+    body: Result<Json<DatagramBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(d) = body?;
     let peer = parse_peer(&d.peer)?;
     let payload = base64::engine::general_purpose::STANDARD
@@ -448,8 +524,13 @@ struct PollQuery {
     timeout_ms: Option<u64>,
 }
 
-async fn poll_datagrams(State(s): State<ApiState>, Path(name): Path<String>, query: Result<Query<PollQuery>, axum::extract::rejection::QueryRejection>) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+async fn poll_datagrams(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    query: Result<Query<PollQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) =
+        query.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
     let wait = Duration::from_millis(q.timeout_ms.unwrap_or(0)).min(MAX_POLL);
     let listener = s
         .listeners
@@ -457,7 +538,11 @@ async fn poll_datagrams(State(s): State<ApiState>, Path(name): Path<String>, que
         .await
         .get(&name)
         .cloned()
-        .ok_or_else(|| ApiError::not_found(format!("service {name:?} is not registered: PUT /v1/services/{name} first")))?;
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "service {name:?} is not registered: PUT /v1/services/{name} first"
+            ))
+        })?;
     let mut l = listener.lock().await;
     let mut out = Vec::new();
     if let Ok(Some(first)) = tokio::time::timeout(wait, l.recv_datagram()).await {
@@ -488,11 +573,19 @@ struct ExposeBody {
     target: String,
 }
 
-async fn add_expose(State(s): State<ApiState>, body: Result<Json<ExposeBody>, JsonRejection>) -> Result<Response, ApiError> {
+async fn add_expose(
+    State(s): State<ApiState>,
+    body: Result<Json<ExposeBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(e) = body?;
-    let target = parse_addr(Some(&e.target))?.ok_or_else(|| ApiError::bad_request("target is empty"))?;
+    let target =
+        parse_addr(Some(&e.target))?.ok_or_else(|| ApiError::bad_request("target is empty"))?;
     let id = s.node.expose(&e.service, target)?;
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": id, "service": e.service, "target": target.to_string() }))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "id": id, "service": e.service, "target": target.to_string() })),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -504,25 +597,39 @@ struct ForwardBody {
     addr: Option<String>,
 }
 
-async fn add_forward(State(s): State<ApiState>, body: Result<Json<ForwardBody>, JsonRejection>) -> Result<Response, ApiError> {
+async fn add_forward(
+    State(s): State<ApiState>,
+    body: Result<Json<ForwardBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let Json(f) = body?;
-    let listen = parse_addr(Some(&f.listen))?.ok_or_else(|| ApiError::bad_request("listen is empty"))?;
+    let listen =
+        parse_addr(Some(&f.listen))?.ok_or_else(|| ApiError::bad_request("listen is empty"))?;
     let peer = parse_peer(&f.peer)?;
-    p2pos_proto::stream::validate_service_name(&f.service).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    p2pos_proto::stream::validate_service_name(&f.service)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let (id, bound) = s
         .node
         .forward(listen, peer, &f.service, parse_addr(f.addr.as_deref())?)
         .await
         .map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string()))?;
-    Ok((StatusCode::CREATED, Json(serde_json::json!({ "id": id, "listen": bound.to_string() }))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "id": id, "listen": bound.to_string() })),
+    )
+        .into_response())
 }
 
 async fn list_tunnels(State(s): State<ApiState>) -> impl IntoResponse {
     Json(s.node.status().tunnels)
 }
 
-async fn remove_tunnel(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let id: u64 = id.parse().map_err(|_| ApiError::bad_request("tunnel id is a number"))?;
+async fn remove_tunnel(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::bad_request("tunnel id is a number"))?;
     if s.node.remove_tunnel(id) {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {

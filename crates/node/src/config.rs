@@ -29,7 +29,7 @@ pub struct Config {
 }
 
 /// Local API settings.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     /// Also serve the API on this TCP address (loopback only), with the
@@ -67,12 +67,6 @@ impl Default for Config {
             session: SessionConfig::default(),
             expose: Vec::new(),
         }
-    }
-}
-
-impl Default for ApiConfig {
-    fn default() -> Self {
-        ApiConfig { tcp: None }
     }
 }
 
@@ -141,9 +135,11 @@ impl Config {
                 )));
             }
         }
-        if self.session.keepalive_s == 0 || self.session.keepalive_s >= self.session.idle_timeout_s {
+        if self.session.keepalive_s == 0 || self.session.keepalive_s >= self.session.idle_timeout_s
+        {
             return Err(ConfigError::Invalid(
-                "session.keepalive_s must be at least 1 and less than session.idle_timeout_s".into(),
+                "session.keepalive_s must be at least 1 and less than session.idle_timeout_s"
+                    .into(),
             ));
         }
         for e in &self.expose {

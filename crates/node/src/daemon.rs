@@ -66,7 +66,10 @@ impl DaemonLock {
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(|source| IdentityError::Io { path: path.clone(), source })?;
+            .map_err(|source| IdentityError::Io {
+                path: path.clone(),
+                source,
+            })?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -123,7 +126,11 @@ impl Daemon {
                 std::time::Duration::from_secs(config.session.keepalive_s),
             );
         if let Some(path) = &config.network_secret_file {
-            let path = if path.is_relative() { dir.path().join(path) } else { path.clone() };
+            let path = if path.is_relative() {
+                dir.path().join(path)
+            } else {
+                path.clone()
+            };
             builder = builder.network(load_network_key(&path)?);
         }
         let node = builder.spawn().await?;
@@ -142,10 +149,12 @@ impl Daemon {
             None => crate::api::router(node.clone(), None),
             Some(addr) => {
                 let token = dir.load_or_create_token()?;
-                let tcp = TcpListener::bind(addr).await.map_err(|source| DaemonError::Api {
-                    what: addr.to_string(),
-                    source,
-                })?;
+                let tcp = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::Api {
+                        what: addr.to_string(),
+                        source,
+                    })?;
                 api_tcp = tcp.local_addr().ok();
                 let (unix_router, tcp_router) = crate::api::routers(node.clone(), token);
                 tokio::spawn(async move {

@@ -114,9 +114,27 @@ impl DataDir {
                 let mut seed = [0u8; 32];
                 getrandom::fill(&mut seed).map_err(|e| IdentityError::Random(e.to_string()))?;
                 let keypair = Keypair::from_seed(seed);
-                write_private(&path, format_key_file(&keypair).as_bytes())
-                    .map_err(|source| IdentityError::Io { path, source })?;
-                Ok(keypair)
+                // Write a temporary file, then link it into place: another
+                // process creating the identity at the same moment either
+                // wins (and we load its key) or loses; nobody reads half a
+                // file.
+                let tmp = self.file(&format!(".identity.key.{}", std::process::id()));
+                let _ = fs::remove_file(&tmp);
+                write_private(&tmp, format_key_file(&keypair).as_bytes()).map_err(|source| {
+                    IdentityError::Io {
+                        path: tmp.clone(),
+                        source,
+                    }
+                })?;
+                let linked = fs::hard_link(&tmp, &path);
+                let _ = fs::remove_file(&tmp);
+                match linked {
+                    Ok(()) => Ok(keypair),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        self.load_or_create_identity()
+                    }
+                    Err(source) => Err(IdentityError::Io { path, source }),
+                }
             }
             Err(source) => Err(IdentityError::Io { path, source }),
         }
@@ -143,10 +161,7 @@ impl DataDir {
 
 fn format_key_file(keypair: &Keypair) -> String {
     let hex: String = keypair.seed().iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{KEY_HEADER}\n{hex}\n# peer id: {}\n",
-        keypair.peer_id()
-    )
+    format!("{KEY_HEADER}\n{hex}\n# peer id: {}\n", keypair.peer_id())
 }
 
 fn parse_key_file(text: &str) -> Result<Keypair, &'static str> {
@@ -187,7 +202,10 @@ mod tests {
         let a = data.load_or_create_identity().unwrap();
         let b = data.load_or_create_identity().unwrap();
         assert_eq!(a.peer_id(), b.peer_id());
-        let mode = fs::metadata(data.file("identity.key")).unwrap().permissions().mode();
+        let mode = fs::metadata(data.file("identity.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 

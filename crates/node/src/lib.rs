@@ -37,6 +37,9 @@ pub mod status;
 pub mod store;
 pub mod tunnel;
 
-pub use node::{BiStream, ConnectError, IncomingStream, Node, NodeBuilder, NodeError, OpenStreamError, ServiceListener};
+pub use node::{
+    BiStream, ConnectError, IncomingStream, Node, NodeBuilder, NodeError, OpenStreamError,
+    ServiceListener,
+};
 pub use p2pos_proto::network::NetworkKey;
 pub use p2pos_proto::{Keypair, PeerId};

@@ -425,8 +425,7 @@ impl NodeBuilder {
             (None, Some(dir)) => dir.load_or_create_identity()?,
             (None, None) => {
                 let mut seed = [0u8; 32];
-                getrandom::fill(&mut seed)
-                    .map_err(|e| IdentityError::Random(e.to_string()))?;
+                getrandom::fill(&mut seed).map_err(|e| IdentityError::Random(e.to_string()))?;
                 Keypair::from_seed(seed)
             }
         };
@@ -524,8 +523,12 @@ impl Node {
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let Some(inner) = weak.upgrade() else { break };
-                if inner.pending_handshakes.load(Ordering::Relaxed) >= MAX_PENDING_HANDSHAKES as u64 {
-                    inner.counters.handshakes_refused.fetch_add(1, Ordering::Relaxed);
+                if inner.pending_handshakes.load(Ordering::Relaxed) >= MAX_PENDING_HANDSHAKES as u64
+                {
+                    inner
+                        .counters
+                        .handshakes_refused
+                        .fetch_add(1, Ordering::Relaxed);
                     incoming.refuse();
                     continue;
                 }
@@ -533,7 +536,9 @@ impl Node {
                 let node = Node { inner };
                 tokio::spawn(async move {
                     let result = tokio::time::timeout(DIAL_TIMEOUT, async { incoming.await }).await;
-                    node.inner.pending_handshakes.fetch_sub(1, Ordering::Relaxed);
+                    node.inner
+                        .pending_handshakes
+                        .fetch_sub(1, Ordering::Relaxed);
                     match result {
                         Ok(Ok(conn)) => match p2pos_net::tls::peer_id_of(&conn) {
                             Some(peer) => {
@@ -580,7 +585,10 @@ impl Node {
             }
             sessions.insert(peer, new.clone());
         }
-        self.inner.counters.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .sessions_opened
+            .fetch_add(1, Ordering::Relaxed);
         let remote = canonical(conn.remote_address());
         tracing::info!(peer = %peer, %remote, direction = if dialer == self.peer_id() { "outbound" } else { "inbound" }, "session established");
         if let Some(store) = &self.inner.data_dir.as_ref().and(self.inner.store.as_ref()) {
@@ -598,7 +606,9 @@ impl Node {
         let streams_weak = weak.clone();
         tokio::spawn(async move {
             while let Ok((send, recv)) = streams_conn.accept_bi().await {
-                let Some(inner) = streams_weak.upgrade() else { break };
+                let Some(inner) = streams_weak.upgrade() else {
+                    break;
+                };
                 let node = Node { inner };
                 tokio::spawn(async move { node.handle_incoming_stream(peer, send, recv).await });
             }
@@ -607,7 +617,9 @@ impl Node {
         let datagram_weak = weak.clone();
         tokio::spawn(async move {
             while let Ok(datagram) = datagram_conn.read_datagram().await {
-                let Some(inner) = datagram_weak.upgrade() else { break };
+                let Some(inner) = datagram_weak.upgrade() else {
+                    break;
+                };
                 Node { inner }.handle_datagram(peer, datagram);
             }
         });
@@ -623,13 +635,24 @@ impl Node {
         });
     }
 
-    async fn handle_incoming_stream(&self, peer: PeerId, mut send: SendStream, mut recv: RecvStream) {
-        self.inner.counters.streams_in.fetch_add(1, Ordering::Relaxed);
+    async fn handle_incoming_stream(
+        &self,
+        peer: PeerId,
+        mut send: SendStream,
+        mut recv: RecvStream,
+    ) {
+        self.inner
+            .counters
+            .streams_in
+            .fetch_add(1, Ordering::Relaxed);
         let header = tokio::time::timeout(HEADER_TIMEOUT, read_open_header(&mut recv)).await;
         let open = match header {
             Ok(Ok(open)) => open,
             Ok(Err(e)) => {
-                self.inner.counters.bad_stream_headers.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .counters
+                    .bad_stream_headers
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = %peer.short(), "bad stream header: {e}");
                 let _ = send.reset(VarInt::from_u32(STREAM_FAILED));
                 return;
@@ -640,7 +663,11 @@ impl Node {
             }
         };
         if open.service == PING_SERVICE {
-            if send.write_all(&StreamReply::accepted().encode()).await.is_ok() {
+            if send
+                .write_all(&StreamReply::accepted().encode())
+                .await
+                .is_ok()
+            {
                 let _ = tokio::io::copy(&mut recv, &mut send).await;
                 let _ = send.finish();
             }
@@ -657,34 +684,52 @@ impl Node {
             .get(&open.service)
             .map(|s| s.streams.clone());
         let refusal = match sender {
-            None => Some((StreamStatus::NoSuchService, "no such service on this node".to_owned())),
+            None => Some((
+                StreamStatus::NoSuchService,
+                "no such service on this node".to_owned(),
+            )),
             Some(tx) => match tx.try_send(incoming) {
                 Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full(back)) | Err(mpsc::error::TrySendError::Closed(back)) => {
-                    self.inner.counters.streams_refused.fetch_add(1, Ordering::Relaxed);
-                    back.reject(StreamStatus::Busy, "service busy: too many streams waiting").await;
+                Err(mpsc::error::TrySendError::Full(back))
+                | Err(mpsc::error::TrySendError::Closed(back)) => {
+                    self.inner
+                        .counters
+                        .streams_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    back.reject(StreamStatus::Busy, "service busy: too many streams waiting")
+                        .await;
                     return;
                 }
             },
         };
         if let Some((status, message)) = refusal {
-            self.inner.counters.streams_refused.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .streams_refused
+                .fetch_add(1, Ordering::Relaxed);
             incoming.reject(status, &message).await;
         }
     }
 
     fn handle_datagram(&self, peer: PeerId, datagram: Bytes) {
         let Ok((service, payload)) = decode_datagram(&datagram) else {
-            self.inner.counters.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .datagrams_dropped
+                .fetch_add(1, Ordering::Relaxed);
             return;
         };
         let offset = datagram.len() - payload.len();
         let sender = lock(&self.inner.services)
             .get(service)
             .map(|s| s.datagrams.clone());
-        let delivered = sender.is_some_and(|tx| tx.try_send((peer, datagram.slice(offset..))).is_ok());
+        let delivered =
+            sender.is_some_and(|tx| tx.try_send((peer, datagram.slice(offset..))).is_ok());
         if !delivered {
-            self.inner.counters.datagrams_dropped.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .counters
+                .datagrams_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -697,11 +742,19 @@ impl Node {
 
     /// Makes sure a session with `peer` exists, dialing `addr` (or the
     /// address the peer store remembers) if there is none.
-    pub async fn connect(&self, peer: PeerId, addr: Option<SocketAddr>) -> Result<(), ConnectError> {
+    pub async fn connect(
+        &self,
+        peer: PeerId,
+        addr: Option<SocketAddr>,
+    ) -> Result<(), ConnectError> {
         self.session(peer, addr).await.map(|_| ())
     }
 
-    async fn session(&self, peer: PeerId, addr: Option<SocketAddr>) -> Result<Session, ConnectError> {
+    async fn session(
+        &self,
+        peer: PeerId,
+        addr: Option<SocketAddr>,
+    ) -> Result<Session, ConnectError> {
         if peer == self.peer_id() {
             return Err(ConnectError::SelfDial);
         }
@@ -717,7 +770,10 @@ impl Node {
             }
         };
         let mut dialing = lock(&self.inner.dialing);
-        if dialing.get(&peer).is_some_and(|l| Arc::strong_count(l) <= 2) {
+        if dialing
+            .get(&peer)
+            .is_some_and(|l| Arc::strong_count(l) <= 2)
+        {
             dialing.remove(&peer);
         }
         result
@@ -787,7 +843,10 @@ impl Node {
             let session = self.session(peer, addr).await?;
             match self.open_on(&session, peer, service).await {
                 Ok(stream) => {
-                    self.inner.counters.streams_out.fetch_add(1, Ordering::Relaxed);
+                    self.inner
+                        .counters
+                        .streams_out
+                        .fetch_add(1, Ordering::Relaxed);
                     return Ok(stream);
                 }
                 // The session lost to a twin (or died) under us: retry.
@@ -798,19 +857,33 @@ impl Node {
         Err(last.unwrap_or(OpenStreamError::Connect(ConnectError::Shutdown)))
     }
 
-    async fn open_on(&self, session: &Session, peer: PeerId, service: &str) -> Result<BiStream, OpenStreamError> {
+    async fn open_on(
+        &self,
+        session: &Session,
+        peer: PeerId,
+        service: &str,
+    ) -> Result<BiStream, OpenStreamError> {
         let lost = |reason: String| OpenStreamError::Session { peer, reason };
-        let (mut send, mut recv) = session.conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+        let (mut send, mut recv) = session
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| lost(e.to_string()))?;
         let open = StreamOpen {
             service: service.to_owned(),
         };
-        send.write_all(&open.encode()).await.map_err(|e| lost(e.to_string()))?;
+        send.write_all(&open.encode())
+            .await
+            .map_err(|e| lost(e.to_string()))?;
         let reply = tokio::time::timeout(ACCEPT_TIMEOUT, read_reply(&mut recv))
             .await
             .map_err(|_| OpenStreamError::Refused {
                 peer,
                 service: service.to_owned(),
-                reason: format!("the service did not accept within {}s", ACCEPT_TIMEOUT.as_secs()),
+                reason: format!(
+                    "the service did not accept within {}s",
+                    ACCEPT_TIMEOUT.as_secs()
+                ),
                 status: RefusalKind::Busy,
             })?
             .map_err(lost)?;
@@ -840,7 +913,10 @@ impl Node {
         if services.contains_key(service) {
             return Err(ListenError::Taken(service.to_owned()));
         }
-        let generation = self.inner.service_generation.fetch_add(1, Ordering::Relaxed);
+        let generation = self
+            .inner
+            .service_generation
+            .fetch_add(1, Ordering::Relaxed);
         let (streams_tx, streams) = mpsc::channel(SERVICE_BACKLOG);
         let (datagrams_tx, datagrams) = mpsc::channel(DATAGRAM_BACKLOG);
         services.insert(
@@ -888,7 +964,12 @@ impl Node {
     /// Measures the round trip to `peer` over an authenticated session:
     /// an 8-byte echo on the built-in ping service. Returns one RTT per
     /// echo.
-    pub async fn ping(&self, peer: PeerId, addr: Option<SocketAddr>, count: u32) -> Result<Vec<Duration>, OpenStreamError> {
+    pub async fn ping(
+        &self,
+        peer: PeerId,
+        addr: Option<SocketAddr>,
+        count: u32,
+    ) -> Result<Vec<Duration>, OpenStreamError> {
         let mut stream = self.open_stream(peer, PING_SERVICE, addr).await?;
         let mut rtts = Vec::new();
         for i in 0..count.max(1) {
@@ -896,7 +977,11 @@ impl Node {
             let io = async {
                 stream.send.write_all(&u64::from(i).to_be_bytes()).await?;
                 let mut buf = [0u8; 8];
-                stream.recv.read_exact(&mut buf).await.map_err(std::io::Error::other)?;
+                stream
+                    .recv
+                    .read_exact(&mut buf)
+                    .await
+                    .map_err(std::io::Error::other)?;
                 Ok::<_, std::io::Error>(())
             };
             io.await.map_err(|e| OpenStreamError::Session {
@@ -923,7 +1008,12 @@ impl Node {
                     path: PathKind::for_remote(remote).as_str().to_owned(),
                     rtt_ms: s.conn.rtt().as_secs_f64() * 1000.0,
                     remote_addr: remote.to_string(),
-                    direction: if s.dialer == me { "outbound" } else { "inbound" }.to_owned(),
+                    direction: if s.dialer == me {
+                        "outbound"
+                    } else {
+                        "inbound"
+                    }
+                    .to_owned(),
                     age_s: s.established.elapsed().as_secs(),
                     bytes_sent: stats.udp_tx.bytes,
                     bytes_received: stats.udp_rx.bytes,
@@ -987,12 +1077,23 @@ impl Node {
 
     /// Asks the node at `addr` which address it sees this node at (an
     /// overlay probe; no session needed).
-    pub async fn probe(&self, addr: SocketAddr, timeout: Duration) -> Result<SocketAddr, p2pos_net::overlay::ProbeError> {
+    pub async fn probe(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<SocketAddr, p2pos_net::overlay::ProbeError> {
         let addr = match (self.local_addr(), addr) {
-            (SocketAddr::V6(_), SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+            (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
             _ => addr,
         };
-        self.inner.endpoint.overlay.probe(addr, timeout).await.map(canonical)
+        self.inner
+            .endpoint
+            .overlay
+            .probe(addr, timeout)
+            .await
+            .map(canonical)
     }
 
     /// Closes every session and the socket; waits briefly for peers to be
@@ -1003,7 +1104,8 @@ impl Node {
             .endpoint
             .quic
             .close(VarInt::from_u32(CLOSE_SHUTDOWN), b"node shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.endpoint.quic.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.endpoint.quic.wait_idle())
+            .await;
     }
 }
 
@@ -1014,15 +1116,21 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 
 async fn read_open_header(recv: &mut RecvStream) -> Result<StreamOpen, String> {
     let mut head = [0u8; 2];
-    recv.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    recv.read_exact(&mut head)
+        .await
+        .map_err(|e| e.to_string())?;
     let len = usize::from(head[1]).min(MAX_SERVICE_NAME + 1);
     let mut buf = vec![0u8; 2 + len];
     buf[..2].copy_from_slice(&head);
     if len > MAX_SERVICE_NAME {
         return Err(HeaderError::Name(ServiceNameError::Length).to_string());
     }
-    recv.read_exact(&mut buf[2..]).await.map_err(|e| e.to_string())?;
-    StreamOpen::decode(&buf).map(|(open, _)| open).map_err(|e| e.to_string())
+    recv.read_exact(&mut buf[2..])
+        .await
+        .map_err(|e| e.to_string())?;
+    StreamOpen::decode(&buf)
+        .map(|(open, _)| open)
+        .map_err(|e| e.to_string())
 }
 
 async fn read_reply(recv: &mut RecvStream) -> Result<StreamReply, String> {
@@ -1033,6 +1141,10 @@ async fn read_reply(recv: &mut RecvStream) -> Result<StreamReply, String> {
     })?;
     let mut buf = vec![0u8; 2 + usize::from(head[1])];
     buf[..2].copy_from_slice(&head);
-    recv.read_exact(&mut buf[2..]).await.map_err(|e| e.to_string())?;
-    StreamReply::decode(&buf).map(|(r, _)| r).map_err(|e| e.to_string())
+    recv.read_exact(&mut buf[2..])
+        .await
+        .map_err(|e| e.to_string())?;
+    StreamReply::decode(&buf)
+        .map(|(r, _)| r)
+        .map_err(|e| e.to_string())
 }

@@ -62,7 +62,9 @@ impl PeerStore {
         let tx = self.db.begin_write().map_err(err)?;
         {
             let mut table = tx.open_table(PEERS).map_err(err)?;
-            table.insert(peer.as_bytes(), value.as_slice()).map_err(err)?;
+            table
+                .insert(peer.as_bytes(), value.as_slice())
+                .map_err(err)?;
             if table.len().map_err(err)? as usize > MAX_PEERS {
                 let mut oldest: Option<([u8; 32], u64)> = None;
                 for item in table.iter().map_err(err)? {
@@ -123,7 +125,9 @@ mod tests {
         let peer = Keypair::from_seed([4; 32]).peer_id();
         {
             let store = PeerStore::open(&path).unwrap();
-            store.record(peer, "127.0.0.1:7447".parse().unwrap()).unwrap();
+            store
+                .record(peer, "127.0.0.1:7447".parse().unwrap())
+                .unwrap();
         }
         let store = PeerStore::open(&path).unwrap();
         let entry = store.get(&peer).unwrap().unwrap();

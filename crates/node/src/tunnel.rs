@@ -39,7 +39,11 @@ pub struct SpliceStats {
 /// both directions are finished, passing half-closes on. On an error in
 /// either direction the QUIC stream is reset; the caller resets the local
 /// side.
-pub async fn splice<S>(local: S, send: SendStream, recv: RecvStream) -> Result<SpliceStats, std::io::Error>
+pub async fn splice<S>(
+    local: S,
+    send: SendStream,
+    recv: RecvStream,
+) -> Result<SpliceStats, std::io::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -100,8 +104,15 @@ struct Counters {
 
 #[derive(Debug)]
 enum TunnelKind {
-    Expose { service: String, target: SocketAddr },
-    Forward { listen: SocketAddr, peer: PeerId, service: String },
+    Expose {
+        service: String,
+        target: SocketAddr,
+    },
+    Forward {
+        listen: SocketAddr,
+        peer: PeerId,
+        service: String,
+    },
 }
 
 #[derive(Debug)]
@@ -124,13 +135,24 @@ impl TunnelRegistry {
         self.tunnels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Tunnel { kind, counters, task });
+            .insert(
+                id,
+                Tunnel {
+                    kind,
+                    counters,
+                    task,
+                },
+            );
         id
     }
 
     /// Stops and removes tunnel `id`; false if there is none.
     pub fn remove(&self, id: u64) -> bool {
-        let removed = self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let removed = self
+            .tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         match removed {
             Some(t) => {
                 t.task.abort();
@@ -141,7 +163,12 @@ impl TunnelRegistry {
     }
 
     pub(crate) fn stop_all(&self) {
-        for (_, t) in self.tunnels.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+        for (_, t) in self
+            .tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+        {
             t.task.abort();
         }
     }
@@ -164,7 +191,11 @@ impl TunnelRegistry {
                     connections,
                     active,
                 }),
-                TunnelKind::Forward { listen, peer, service } => status.forwards.push(ForwardStatus {
+                TunnelKind::Forward {
+                    listen,
+                    peer,
+                    service,
+                } => status.forwards.push(ForwardStatus {
                     id: *id,
                     listen: listen.to_string(),
                     peer: peer.to_string(),
@@ -222,21 +253,35 @@ impl Node {
                 let counters = task_counters.clone();
                 tokio::spawn(async move {
                     let peer = incoming.peer;
-                    let tcp = tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(target)).await;
+                    let tcp =
+                        tokio::time::timeout(TARGET_CONNECT_TIMEOUT, TcpStream::connect(target))
+                            .await;
                     let tcp = match tcp {
                         Ok(Ok(tcp)) => tcp,
                         Ok(Err(e)) => {
                             tracing::info!(peer = %peer.short(), %target, "tunnel target refused: {e}");
-                            incoming.reject(StreamStatus::Failed, &format!("cannot reach {target}: {e}")).await;
+                            incoming
+                                .reject(
+                                    StreamStatus::Failed,
+                                    &format!("cannot reach {target}: {e}"),
+                                )
+                                .await;
                             return;
                         }
                         Err(_) => {
-                            incoming.reject(StreamStatus::Failed, &format!("cannot reach {target}: timed out")).await;
+                            incoming
+                                .reject(
+                                    StreamStatus::Failed,
+                                    &format!("cannot reach {target}: timed out"),
+                                )
+                                .await;
                             return;
                         }
                     };
                     let _ = tcp.set_nodelay(true);
-                    let Ok(stream) = incoming.accept().await else { return };
+                    let Ok(stream) = incoming.accept().await else {
+                        return;
+                    };
                     let _active = ActiveGuard::new(&counters);
                     splice_tcp(tcp, stream.send, stream.recv).await;
                 });
@@ -263,8 +308,14 @@ impl Node {
     ) -> Result<(u64, SocketAddr), ForwardError> {
         let listener = TcpListener::bind(listen)
             .await
-            .map_err(|source| ForwardError::Bind { addr: listen, source })?;
-        let bound = listener.local_addr().map_err(|source| ForwardError::Bind { addr: listen, source })?;
+            .map_err(|source| ForwardError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let bound = listener.local_addr().map_err(|source| ForwardError::Bind {
+            addr: listen,
+            source,
+        })?;
         let counters = Arc::new(Counters {
             connections: AtomicU64::new(0),
             active: AtomicU64::new(0),
@@ -274,7 +325,9 @@ impl Node {
         let service_name = service.to_owned();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((tcp, from)) = listener.accept().await else { continue };
+                let Ok((tcp, from)) = listener.accept().await else {
+                    continue;
+                };
                 let node = node.clone();
                 let service = service_name.clone();
                 let counters = task_counters.clone();

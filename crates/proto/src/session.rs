@@ -90,11 +90,26 @@ mod tests {
 
     #[test]
     fn paths() {
-        for local in ["127.0.0.1:1", "10.1.2.3:1", "192.168.1.1:1", "[fd00::1]:1", "[fe80::1]:1", "[::1]:1", "[::ffff:192.168.0.2]:1"] {
-            assert_eq!(PathKind::for_remote(local.parse().unwrap()), PathKind::Lan, "{local}");
+        for local in [
+            "127.0.0.1:1",
+            "10.1.2.3:1",
+            "192.168.1.1:1",
+            "[fd00::1]:1",
+            "[fe80::1]:1",
+            "[::1]:1",
+            "[::ffff:192.168.0.2]:1",
+        ] {
+            assert_eq!(
+                PathKind::for_remote(local.parse().unwrap()),
+                PathKind::Lan,
+                "{local}"
+            );
         }
         for public in ["8.8.8.8:1", "[2001:db8::1]:1"] {
-            assert_eq!(PathKind::for_remote(public.parse().unwrap()), PathKind::Direct);
+            assert_eq!(
+                PathKind::for_remote(public.parse().unwrap()),
+                PathKind::Direct
+            );
         }
     }
 }

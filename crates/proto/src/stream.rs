@@ -224,7 +224,10 @@ mod tests {
         };
         let bytes = open.encode();
         assert_eq!(StreamOpen::decode(&bytes), Ok((open, 5)));
-        assert_eq!(StreamOpen::decode(&bytes[..3]), Err(HeaderError::Incomplete));
+        assert_eq!(
+            StreamOpen::decode(&bytes[..3]),
+            Err(HeaderError::Incomplete)
+        );
         let reply = StreamReply {
             status: StreamStatus::Failed,
             message: "connection refused".into(),
