@@ -61,6 +61,8 @@ pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(15);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; further incoming ones are refused.
 const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Peers whose last address is kept in memory (in front of the store).
+const MAX_ADDRESS_BOOK: usize = 4096;
 
 /// The built-in echo service used by [`Node::ping`].
 pub const PING_SERVICE: &str = "p2pos/ping";
@@ -334,6 +336,10 @@ pub(crate) struct Inner {
     endpoint: BoundEndpoint,
     network: Option<NetworkKey>,
     sessions: Mutex<HashMap<PeerId, Session>>,
+    /// Last address of recent peers: lets a node redial a peer whose
+    /// session just closed (e.g. the losing twin of a simultaneous dial)
+    /// even without a peer store.
+    address_book: Mutex<HashMap<PeerId, SocketAddr>>,
     dialing: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>,
     services: Mutex<HashMap<String, ServiceEntry>>,
     service_generation: AtomicU64,
@@ -452,6 +458,7 @@ impl NodeBuilder {
             endpoint,
             network: self.network,
             sessions: Mutex::default(),
+            address_book: Mutex::default(),
             dialing: Mutex::default(),
             services: Mutex::default(),
             service_generation: AtomicU64::new(0),
@@ -590,11 +597,24 @@ impl Node {
             .sessions_opened
             .fetch_add(1, Ordering::Relaxed);
         let remote = canonical(conn.remote_address());
-        tracing::info!(peer = %peer, %remote, direction = if dialer == self.peer_id() { "outbound" } else { "inbound" }, "session established");
-        if let Some(store) = &self.inner.data_dir.as_ref().and(self.inner.store.as_ref()) {
-            if let Err(e) = store.record(peer, remote) {
-                tracing::warn!("{e}");
+        {
+            let mut book = lock(&self.inner.address_book);
+            if book.len() >= MAX_ADDRESS_BOOK && !book.contains_key(&peer) {
+                if let Some(evict) = book.keys().next().copied() {
+                    book.remove(&evict);
+                }
             }
+            book.insert(peer, conn.remote_address());
+        }
+        tracing::info!(peer = %peer, %remote, direction = if dialer == self.peer_id() { "outbound" } else { "inbound" }, "session established");
+        if self.inner.store.is_some() {
+            // A store write syncs to disk: keep it off the async workers.
+            let inner = self.inner.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Some(Err(e)) = inner.store.as_ref().map(|s| s.record(peer, remote)) {
+                    tracing::warn!("{e}");
+                }
+            });
         }
         self.spawn_session_tasks(peer, conn);
         new
@@ -780,16 +800,18 @@ impl Node {
     }
 
     async fn dial(&self, peer: PeerId, addr: Option<SocketAddr>) -> Result<Session, ConnectError> {
-        let addr = match addr {
-            Some(a) => a,
-            None => self
-                .inner
+        let remembered = || lock(&self.inner.address_book).get(&peer).copied();
+        let stored = || {
+            self.inner
                 .store
                 .as_ref()
                 .and_then(|s| s.get(&peer).ok().flatten())
                 .map(|e| e.last_addr)
-                .ok_or(ConnectError::NoAddress(peer))?,
         };
+        let addr = addr
+            .or_else(remembered)
+            .or_else(stored)
+            .ok_or(ConnectError::NoAddress(peer))?;
         let connecting = self
             .inner
             .endpoint
