@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use p2pos_node::{NetworkKey, Node};
-use tokio::io::AsyncWriteExt;
 
 async fn node(listen: &str) -> Node {
     Node::builder()
