@@ -104,17 +104,7 @@ impl BoundEndpoint {
         ));
 
         let tls = TlsIdentity::new(keypair)?;
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .max_idle_timeout(Some(
-                options
-                    .idle_timeout
-                    .try_into()
-                    .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))),
-            ))
-            .keep_alive_interval(Some(options.keepalive))
-            .max_concurrent_bidi_streams(options.max_streams.into())
-            .max_concurrent_uni_streams(16u32.into());
+        let transport = transport_config(options);
         let transport = Arc::new(transport);
 
         let quic_server = QuicServerConfig::try_from(tls.server_config()?)
@@ -172,6 +162,33 @@ impl BoundEndpoint {
         self.quic
             .connect_with(config, addr, crate::tls::SERVER_NAME)
     }
+}
+
+/// The QUIC transport settings of every p2pos session (also used by the
+/// benchmarks' plain-quinn baseline, so both run with the same settings).
+pub fn transport_config(options: &EndpointOptions) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            options
+                .idle_timeout
+                .try_into()
+                .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))),
+        ))
+        .keep_alive_interval(Some(options.keepalive))
+        .max_concurrent_bidi_streams(options.max_streams.into())
+        .max_concurrent_uni_streams(16u32.into());
+    if options.network.is_some() {
+        // Leave room for the private-network frame in every datagram.
+        let overhead = p2pos_proto::network::FRAME_OVERHEAD as u16;
+        let mut mtu = quinn::MtuDiscoveryConfig::default();
+        mtu.upper_bound(1452 - overhead);
+        transport
+            .mtu_discovery_config(Some(mtu))
+            .initial_mtu(1200 - overhead)
+            .min_mtu(1200 - overhead);
+    }
+    transport
 }
 
 impl TlsSetupError {

@@ -5,8 +5,9 @@
 //! datagram by its first byte: QUIC packets go on to quinn; overlay
 //! datagrams go to a bounded channel for the overlay; anything else is
 //! dropped and counted. In a private network it first checks and strips the
-//! frame of every datagram, and frames every datagram it sends; segmentation
-//! offload is turned off there because frames change datagram sizes.
+//! frame of every datagram (each GRO segment separately), and frames every
+//! datagram it sends (each GSO segment separately, so segmentation offload
+//! keeps working; QUIC's MTU is lowered by the frame size to make room).
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -208,19 +209,23 @@ impl AsyncUdpSocket for OverlaySocket {
         let Some(key) = &self.network else {
             return self.inner.try_send(transmit);
         };
-        // Segmentation is off in private networks (max_transmit_segments is
-        // 1), so `contents` is one datagram.
+        // Frame every segment of a GSO batch; all but the last keep equal
+        // sizes, so the framed batch is still a valid GSO batch.
+        let contents = transmit.contents;
+        let segment = transmit.segment_size.unwrap_or(contents.len()).max(1);
         let mut buf = self.seal_buf.lock().unwrap_or_else(|p| p.into_inner());
         buf.clear();
         let mut header = [0u8; FRAME_OVERHEAD];
-        key.write_header(transmit.contents, &mut header);
-        buf.extend_from_slice(&header);
-        buf.extend_from_slice(transmit.contents);
+        for chunk in contents.chunks(segment) {
+            key.write_header(chunk, &mut header);
+            buf.extend_from_slice(&header);
+            buf.extend_from_slice(chunk);
+        }
         self.inner.try_send(&Transmit {
             destination: transmit.destination,
             ecn: transmit.ecn,
             contents: &buf,
-            segment_size: None,
+            segment_size: transmit.segment_size.map(|s| s + FRAME_OVERHEAD),
             src_ip: transmit.src_ip,
         })
     }
@@ -271,19 +276,11 @@ impl AsyncUdpSocket for OverlaySocket {
     }
 
     fn max_transmit_segments(&self) -> usize {
-        if self.network.is_some() {
-            1
-        } else {
-            self.inner.max_transmit_segments()
-        }
+        self.inner.max_transmit_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
-        if self.network.is_some() {
-            1
-        } else {
-            self.inner.max_receive_segments()
-        }
+        self.inner.max_receive_segments()
     }
 
     fn may_fragment(&self) -> bool {

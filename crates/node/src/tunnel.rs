@@ -26,6 +26,9 @@ use crate::status::{ExposeStatus, ForwardStatus, TunnelsStatus};
 /// How long `expose` waits for its local target to accept a connection.
 pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Size of each direction's copy buffer.
+const COPY_BUFFER: usize = 64 * 1024;
+
 /// Bytes carried by one spliced connection.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SpliceStats {
@@ -61,13 +64,17 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    // 64 KiB copy buffers: tokio's default 8 KiB costs a third of the
+    // throughput in small QUIC writes.
     let up = async {
-        let n = tokio::io::copy(&mut local_read, &mut send).await?;
+        let mut local_read = tokio::io::BufReader::with_capacity(COPY_BUFFER, &mut local_read);
+        let n = tokio::io::copy_buf(&mut local_read, &mut send).await?;
         send.finish().map_err(std::io::Error::other)?;
         Ok::<_, std::io::Error>(n)
     };
     let down = async {
-        let n = tokio::io::copy(&mut recv, &mut local_write).await?;
+        let mut recv = tokio::io::BufReader::with_capacity(COPY_BUFFER, &mut recv);
+        let n = tokio::io::copy_buf(&mut recv, &mut local_write).await?;
         local_write.shutdown().await?;
         Ok::<_, std::io::Error>(n)
     };
