@@ -3,20 +3,20 @@
 //!
 //! Embedding a node in a Rust program:
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! ```
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use p2pos_node::Node;
 //! use tokio::io::{AsyncReadExt, AsyncWriteExt};
 //!
 //! let server = Node::builder().listen("127.0.0.1:0".parse()?).spawn().await?;
 //! let mut chat = server.listen("chat", "a chat room")?;
-//! tokio::spawn(async move {
-//!     while let Some(incoming) = chat.accept().await {
-//!         let mut stream = incoming.accept().await.unwrap();
-//!         let mut text = String::new();
-//!         stream.recv.read_to_string(&mut text).await.unwrap();
-//!         println!("{} says {text}", stream.peer);
-//!     }
+//! let received = tokio::spawn(async move {
+//!     let incoming = chat.accept().await.expect("node running");
+//!     let mut stream = incoming.accept().await.expect("stream accepted");
+//!     let mut text = String::new();
+//!     stream.recv.read_to_string(&mut text).await.expect("stream read");
+//!     (stream.peer, text)
 //! });
 //!
 //! let client = Node::builder().listen("127.0.0.1:0".parse()?).spawn().await?;
@@ -25,6 +25,9 @@
 //!     .await?;
 //! stream.send.write_all(b"hello").await?;
 //! stream.send.finish()?;
+//!
+//! let (from, text) = received.await?;
+//! assert_eq!((from, text.as_str()), (client.peer_id(), "hello"));
 //! # Ok(()) }
 //! ```
 

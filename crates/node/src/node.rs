@@ -61,6 +61,8 @@ pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(15);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; further incoming ones are refused.
 const MAX_PENDING_HANDSHAKES: usize = 256;
+/// Live sessions at most; handshakes beyond it are refused.
+pub const MAX_SESSIONS: usize = 4096;
 /// Peers whose last address is kept in memory (in front of the store).
 const MAX_ADDRESS_BOOK: usize = 4096;
 
