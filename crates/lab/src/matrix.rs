@@ -1,0 +1,433 @@
+//! The connectivity matrix: for every ordered pair of router kinds, a host
+//! behind the first tries to reach a host behind the second by peer ID only,
+//! with real `p2pos up` daemons; and an "everyone behind NAT" network with no
+//! public host at all.
+//!
+//! Each kind gets two routers with one host each, so a pair of the same kind
+//! uses two different routers of that kind. A public bootstrap node runs
+//! beside them. Every connected pair is then left idle for two binding
+//! timeouts and checked again: the session must still be the same one.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::router::{RouterKind, RouterOptions};
+use crate::topology::{HostId, Lab, LabError};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct MatrixOptions {
+    /// The kinds to pair.
+    pub kinds: Vec<RouterKind>,
+    /// Every router's UDP binding timeout (scaled down to keep runs short).
+    pub udp_timeout_s: u32,
+    /// The `p2pos` binary.
+    pub p2pos: PathBuf,
+    /// Check that idle sessions survive two binding timeouts.
+    pub idle_check: bool,
+    /// Also run the "everyone behind NAT" network.
+    pub behind_nat: bool,
+}
+
+/// One ordered pair.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairResult {
+    /// Kind of the dialing host's router.
+    pub from_kind: String,
+    /// Kind of the dialed host's router.
+    pub to_kind: String,
+    /// Whether a session came up.
+    pub connected: bool,
+    /// The session's path (`lan`, `direct`, `punched`, `relayed:<id>`).
+    pub path: Option<String>,
+    /// Time from the request to the first echoed byte.
+    pub ttfb_ms: Option<f64>,
+    /// Whether the session outlived two idle binding timeouts.
+    pub survived_idle: Option<bool>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// The "everyone behind NAT" network.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BehindNat {
+    /// Hosts in it.
+    pub hosts: usize,
+    /// Ordered pairs tried.
+    pub pairs: usize,
+    /// Pairs that connected.
+    pub connected: usize,
+    /// Pairs that connected without a relay.
+    pub direct: usize,
+}
+
+/// The whole report (`p2pos-lab matrix --json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MatrixReport {
+    /// Every ordered pair.
+    pub pairs: Vec<PairResult>,
+    /// The network with no public host.
+    pub behind_nat: BehindNat,
+}
+
+/// A p2pos daemon running in a lab host.
+#[derive(Debug)]
+pub struct LabNode {
+    /// Its host.
+    pub host: HostId,
+    /// Its data dir (on the shared file system; the API socket works from
+    /// any namespace).
+    pub data_dir: PathBuf,
+    /// Its peer ID.
+    pub peer_id: String,
+}
+
+/// Starts `p2pos up` on `host`, listening on UDP `port`.
+pub fn start_node(
+    lab: &mut Lab,
+    host: HostId,
+    port: u16,
+    p2pos: &Path,
+) -> Result<LabNode, LabError> {
+    let data_dir = lab.file(&format!("node-{}", host.0));
+    std::fs::create_dir_all(&data_dir)?;
+    let id = std::process::Command::new(p2pos)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("id")
+        .output()?;
+    if !id.status.success() {
+        return Err(LabError::Command {
+            command: "p2pos id".into(),
+            stderr: String::from_utf8_lossy(&id.stderr).into_owned(),
+        });
+    }
+    let peer_id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
+    let dir = data_dir.to_string_lossy().into_owned();
+    let listen = format!("0.0.0.0:{port}");
+    let log = data_dir.join("daemon.log");
+    lab.spawn(
+        host,
+        p2pos,
+        &["--data-dir", &dir, "up", "--listen", &listen],
+        Some(&log),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while api(&data_dir, "GET", "/v1/status", None).0 != 200 {
+        if Instant::now() > deadline {
+            return Err(LabError::Command {
+                command: format!("p2pos up in {}", lab.host(host).ns),
+                stderr: std::fs::read_to_string(&log).unwrap_or_default(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(LabNode {
+        host,
+        data_dir,
+        peer_id,
+    })
+}
+
+/// One request to a node's local API: (status, body). Status 0: no daemon.
+pub fn api(data_dir: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let Ok(mut s) = UnixStream::connect(data_dir.join("api.sock")) else {
+        return (0, String::new());
+    };
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: lab\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Has `from` reach `to` by peer ID only (a one-echo ping); returns the
+/// result without the idle check.
+pub fn try_pair(
+    from: &LabNode,
+    to: &LabNode,
+    from_kind: RouterKind,
+    to_kind: RouterKind,
+) -> PairResult {
+    let start = Instant::now();
+    let body = format!("{{\"peer\":\"{}\",\"count\":1}}", to.peer_id);
+    let (status, resp) = api(&from.data_dir, "POST", "/v1/ping", Some(&body));
+    let elapsed = start.elapsed();
+    let value: serde_json::Value = serde_json::from_str(&resp).unwrap_or_default();
+    let mut result = PairResult {
+        from_kind: from_kind.to_string(),
+        to_kind: to_kind.to_string(),
+        connected: false,
+        path: None,
+        ttfb_ms: None,
+        survived_idle: None,
+        error: None,
+    };
+    if status == 200 {
+        result.connected = true;
+        result.path = value["path"].as_str().map(str::to_owned);
+        result.ttfb_ms = Some(elapsed.as_secs_f64() * 1000.0);
+    } else {
+        result.error = Some(
+            value["error"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("API answered {status}")),
+        );
+    }
+    result
+}
+
+/// Whether `from` still holds a session with `to` that is at least
+/// `min_age` old (the same session, not a new one).
+pub fn session_survived(from: &LabNode, to: &LabNode, min_age: Duration) -> bool {
+    let (status, body) = api(&from.data_dir, "GET", "/v1/status", None);
+    if status != 200 {
+        return false;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["sessions"].as_array().into_iter().flatten().any(|s| {
+        s["peer"].as_str() == Some(to.peer_id.as_str())
+            && s["age_s"].as_u64().unwrap_or(0) >= min_age.as_secs()
+    })
+}
+
+fn host_behind(
+    lab: &mut Lab,
+    kind: RouterKind,
+    name: &str,
+    options: RouterOptions,
+) -> Result<HostId, LabError> {
+    if kind == RouterKind::Public {
+        lab.add_public_host(name)
+    } else {
+        let r = lab.add_router(kind, options)?;
+        lab.add_host(r, name)
+    }
+}
+
+/// Runs the matrix. `progress` is told what is happening.
+pub fn run(
+    options: &MatrixOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<MatrixReport, LabError> {
+    let router_options = RouterOptions {
+        udp_timeout_s: options.udp_timeout_s,
+        ..RouterOptions::default()
+    };
+    let mut lab = Lab::new()?;
+    progress(&format!(
+        "building the lab ({} kinds, 2 hosts each, and a public bootstrap node)",
+        options.kinds.len()
+    ));
+    let bootstrap = lab.add_public_host("bootstrap")?;
+    let mut port = 7000u16;
+    let mut next_port = || {
+        port += 1;
+        port
+    };
+    let bootstrap_node = start_node(&mut lab, bootstrap, next_port(), &options.p2pos)?;
+    let mut nodes: Vec<(RouterKind, [LabNode; 2])> = Vec::new();
+    for &kind in &options.kinds {
+        let a = host_behind(&mut lab, kind, &format!("{kind}-a"), router_options)?;
+        let b = host_behind(&mut lab, kind, &format!("{kind}-b"), router_options)?;
+        let na = start_node(&mut lab, a, next_port(), &options.p2pos)?;
+        let nb = start_node(&mut lab, b, next_port(), &options.p2pos)?;
+        nodes.push((kind, [na, nb]));
+    }
+    let _ = &bootstrap_node;
+    let mut pairs = Vec::new();
+    let total = nodes.len() * nodes.len();
+    for (from_kind, from) in &nodes {
+        for (to_kind, to) in &nodes {
+            progress(&format!(
+                "pair {}/{total}: {from_kind} -> {to_kind}",
+                pairs.len() + 1
+            ));
+            pairs.push((
+                try_pair(&from[0], &to[1], *from_kind, *to_kind),
+                &from[0],
+                &to[1],
+            ));
+        }
+    }
+    if options.idle_check && pairs.iter().any(|(p, _, _)| p.connected) {
+        let idle = Duration::from_secs(2 * u64::from(options.udp_timeout_s) + 2);
+        progress(&format!(
+            "leaving connected sessions idle for {} s (two binding timeouts)",
+            idle.as_secs()
+        ));
+        let start = Instant::now();
+        std::thread::sleep(idle);
+        for (p, from, to) in &mut pairs {
+            if p.connected {
+                p.survived_idle = Some(session_survived(
+                    from,
+                    to,
+                    start.elapsed().saturating_sub(Duration::from_secs(1)),
+                ));
+            }
+        }
+    }
+    let pairs: Vec<PairResult> = pairs.into_iter().map(|(p, _, _)| p).collect();
+    drop(lab);
+
+    let behind_nat = if options.behind_nat {
+        progress("building the everyone-behind-NAT network");
+        run_behind_nat(options, router_options)?
+    } else {
+        BehindNat::default()
+    };
+    Ok(MatrixReport { pairs, behind_nat })
+}
+
+/// Kinds in the network with no public host (at least one can accept
+/// unsolicited traffic: upnp, full-cone).
+pub const BEHIND_NAT_KINDS: [RouterKind; 7] = [
+    RouterKind::Upnp,
+    RouterKind::FullCone,
+    RouterKind::Restricted,
+    RouterKind::PortRestricted,
+    RouterKind::SymmetricSequential,
+    RouterKind::SymmetricRandom,
+    RouterKind::Cgn,
+];
+
+fn run_behind_nat(
+    options: &MatrixOptions,
+    router_options: RouterOptions,
+) -> Result<BehindNat, LabError> {
+    let mut lab = Lab::new()?;
+    let mut nodes = Vec::new();
+    for (i, kind) in BEHIND_NAT_KINDS.iter().enumerate() {
+        let h = host_behind(&mut lab, *kind, &format!("{kind}"), router_options)?;
+        nodes.push((
+            *kind,
+            start_node(&mut lab, h, 7100 + i as u16, &options.p2pos)?,
+        ));
+    }
+    let mut report = BehindNat {
+        hosts: nodes.len(),
+        ..BehindNat::default()
+    };
+    for (fk, from) in &nodes {
+        for (tk, to) in &nodes {
+            if from.peer_id == to.peer_id {
+                continue;
+            }
+            report.pairs += 1;
+            let r = try_pair(from, to, *fk, *tk);
+            if r.connected {
+                report.connected += 1;
+                if !r.path.as_deref().unwrap_or("").starts_with("relayed") {
+                    report.direct += 1;
+                }
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The report as a table for people.
+pub fn render(report: &MatrixReport, kinds: &[RouterKind]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let width = kinds
+        .iter()
+        .map(|k| k.name().len())
+        .max()
+        .unwrap_or(8)
+        .max(8);
+    let _ = write!(out, "{:>width$} │", "from \\ to");
+    for k in kinds {
+        let _ = write!(out, " {:^10}", abbreviate(k.name()));
+    }
+    out.push('\n');
+    let _ = writeln!(out, "{}", "─".repeat(width + 2 + 11 * kinds.len()));
+    for from in kinds {
+        let _ = write!(out, "{:>width$} │", from.name());
+        for to in kinds {
+            let cell = report
+                .pairs
+                .iter()
+                .find(|p| p.from_kind == from.name() && p.to_kind == to.name())
+                .map(|p| match (&p.path, p.survived_idle) {
+                    (Some(path), Some(false)) => format!("{}!idle", abbreviate(path)),
+                    (Some(path), _) => abbreviate(path),
+                    _ => "✘".to_owned(),
+                })
+                .unwrap_or_default();
+            let _ = write!(out, " {cell:^10}");
+        }
+        out.push('\n');
+    }
+    let connected = report.pairs.iter().filter(|p| p.connected).count();
+    let _ = writeln!(out, "\nconnected {connected}/{} pairs", report.pairs.len());
+    let mut errors: Vec<(String, usize)> = Vec::new();
+    for p in &report.pairs {
+        if let Some(e) = &p.error {
+            let e = &without_peer_ids(e);
+            match errors.iter_mut().find(|(m, _)| m == e) {
+                Some((_, n)) => *n += 1,
+                None => errors.push((e.clone(), 1)),
+            }
+        }
+    }
+    for (e, n) in errors {
+        let _ = writeln!(out, "  {n:>3} × {e}");
+    }
+    let b = &report.behind_nat;
+    if b.hosts > 0 {
+        let _ = writeln!(
+            out,
+            "everyone behind NAT: {} hosts, {}/{} pairs connected, {} direct",
+            b.hosts, b.connected, b.pairs, b.direct
+        );
+    }
+    out
+}
+
+/// Replaces peer IDs in a message by `<peer>`, so equal causes group.
+fn without_peer_ids(message: &str) -> String {
+    message
+        .split(' ')
+        .map(|w| {
+            let core = w.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+            if core.len() == 55
+                && core
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
+            {
+                w.replace(core, "<peer>")
+            } else {
+                w.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn abbreviate(s: &str) -> String {
+    let mut s = s.to_owned();
+    s.truncate(10);
+    s
+}

@@ -1,0 +1,71 @@
+//! The matrix runs real daemons in the lab and reports every pair, with the
+//! cause of each failure.
+
+use std::path::PathBuf;
+
+use p2pos_lab::matrix::{self, MatrixOptions};
+use p2pos_lab::RouterKind;
+
+fn p2pos_binary() -> Option<PathBuf> {
+    // target/debug/deps/matrix-… -> target/debug/p2pos
+    let exe = std::env::current_exe().ok()?;
+    let bin = exe.parent()?.parent()?.join("p2pos");
+    bin.exists().then_some(bin)
+}
+
+#[test]
+fn matrix_reports_every_pair_with_causes() {
+    if !p2pos_lab::is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "lab tests must run as root in CI"
+        );
+        eprintln!("SKIPPED: the matrix needs root to create network namespaces");
+        return;
+    }
+    let Some(p2pos) = p2pos_binary() else {
+        panic!("the p2pos binary is not built next to the tests: run cargo test --workspace");
+    };
+    let kinds = vec![
+        RouterKind::Public,
+        RouterKind::PortRestricted,
+        RouterKind::Upnp,
+    ];
+    let options = MatrixOptions {
+        kinds: kinds.clone(),
+        udp_timeout_s: 5,
+        p2pos,
+        idle_check: true,
+        behind_nat: true,
+    };
+    let report = matrix::run(&options, &mut |_| {}).expect("matrix ran");
+    assert_eq!(report.pairs.len(), 9);
+    for p in &report.pairs {
+        // Either connected with a path and a time, or a cause.
+        if p.connected {
+            assert!(p.path.is_some() && p.ttfb_ms.is_some(), "{p:?}");
+            assert!(p.survived_idle.is_some(), "{p:?}");
+        } else {
+            assert!(p.error.as_deref().is_some_and(|e| !e.is_empty()), "{p:?}");
+        }
+    }
+    assert_eq!(report.behind_nat.hosts, matrix::BEHIND_NAT_KINDS.len());
+    assert_eq!(report.behind_nat.pairs, 7 * 6);
+    let json = serde_json::to_value(&report).unwrap();
+    for key in [
+        "from_kind",
+        "to_kind",
+        "connected",
+        "path",
+        "ttfb_ms",
+        "survived_idle",
+        "error",
+    ] {
+        assert!(json["pairs"][0].get(key).is_some(), "missing {key}");
+    }
+    for key in ["hosts", "pairs", "connected", "direct"] {
+        assert!(json["behind_nat"].get(key).is_some(), "missing {key}");
+    }
+    let table = matrix::render(&report, &kinds);
+    assert!(table.contains("port-restricted"), "{table}");
+}
