@@ -149,6 +149,9 @@ struct UpArgs {
     /// Also serve the local API on this loopback TCP address (token in api.token).
     #[arg(long, value_name = "ADDR")]
     api_tcp: Option<SocketAddr>,
+    /// Open a session to this peer at start, as <peer-id>@<ip:port> (repeatable).
+    #[arg(long, value_name = "ID@ADDR")]
+    bootstrap: Vec<String>,
 }
 
 fn data_dir(cli: &Cli) -> PathBuf {
@@ -184,6 +187,7 @@ fn effective_config(dir: &Path, args: &UpArgs) -> Result<Config> {
     if let Some(tcp) = args.api_tcp {
         config.api.tcp = Some(tcp);
     }
+    config.bootstrap.extend(args.bootstrap.iter().cloned());
     config.validate()?;
     Ok(config)
 }

@@ -591,3 +591,26 @@ fn demo_runs_and_exits_cleanly() {
     assert_eq!(v["errors"], 0);
     assert!(v["streams_verified"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn bootstrap_peers_get_a_session_at_start() {
+    let b = Daemon::start(&[]);
+    let entry = format!("{}@{}", b.peer_id, b.addr_string());
+    let a = Daemon::start(&["--bootstrap", &entry]);
+    wait_until("bootstrap session", Duration::from_secs(10), || {
+        a.status()["sessions"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|x| x["peer"] == b.peer_id.as_str()))
+    });
+    // A malformed entry is refused with the expected form.
+    let out = Command::new(bin())
+        .args(["config", "--bootstrap", "nonsense"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("<peer-id>@<ip:port>"),
+        "{}",
+        stderr(&out)
+    );
+}

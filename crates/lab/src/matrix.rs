@@ -86,12 +86,14 @@ pub struct LabNode {
     pub peer_id: String,
 }
 
-/// Starts `p2pos up` on `host`, listening on UDP `port`.
+/// Starts `p2pos up` on `host`, listening on UDP `port`, with `bootstrap`
+/// (`<peer-id>@<ip:port>` entries) as its bootstrap list.
 pub fn start_node(
     lab: &mut Lab,
     host: HostId,
     port: u16,
     p2pos: &Path,
+    bootstrap: &[String],
 ) -> Result<LabNode, LabError> {
     let data_dir = lab.file(&format!("node-{}", host.0));
     std::fs::create_dir_all(&data_dir)?;
@@ -110,12 +112,18 @@ pub fn start_node(
     let dir = data_dir.to_string_lossy().into_owned();
     let listen = format!("0.0.0.0:{port}");
     let log = data_dir.join("daemon.log");
-    lab.spawn(
-        host,
-        p2pos,
-        &["--data-dir", &dir, "up", "--listen", &listen],
-        Some(&log),
-    )?;
+    let mut args = vec![
+        "--data-dir",
+        dir.as_str(),
+        "up",
+        "--listen",
+        listen.as_str(),
+    ];
+    for b in bootstrap {
+        args.push("--bootstrap");
+        args.push(b);
+    }
+    lab.spawn(host, p2pos, &args, Some(&log))?;
     let deadline = Instant::now() + Duration::from_secs(15);
     while api(&data_dir, "GET", "/v1/status", None).0 != 200 {
         if Instant::now() > deadline {
@@ -245,16 +253,21 @@ pub fn run(
         port += 1;
         port
     };
-    let bootstrap_node = start_node(&mut lab, bootstrap, next_port(), &options.p2pos)?;
+    let bootstrap_port = next_port();
+    let bootstrap_node = start_node(&mut lab, bootstrap, bootstrap_port, &options.p2pos, &[])?;
+    let bootstrap_list = vec![format!(
+        "{}@{}:{bootstrap_port}",
+        bootstrap_node.peer_id,
+        lab.host(bootstrap).ipv4
+    )];
     let mut nodes: Vec<(RouterKind, [LabNode; 2])> = Vec::new();
     for &kind in &options.kinds {
         let a = host_behind(&mut lab, kind, &format!("{kind}-a"), router_options)?;
         let b = host_behind(&mut lab, kind, &format!("{kind}-b"), router_options)?;
-        let na = start_node(&mut lab, a, next_port(), &options.p2pos)?;
-        let nb = start_node(&mut lab, b, next_port(), &options.p2pos)?;
+        let na = start_node(&mut lab, a, next_port(), &options.p2pos, &bootstrap_list)?;
+        let nb = start_node(&mut lab, b, next_port(), &options.p2pos, &bootstrap_list)?;
         nodes.push((kind, [na, nb]));
     }
-    let _ = &bootstrap_node;
     let mut pairs = Vec::new();
     let total = nodes.len() * nodes.len();
     for (from_kind, from) in &nodes {
@@ -322,7 +335,9 @@ fn run_behind_nat(
         let h = host_behind(&mut lab, *kind, &format!("{kind}"), router_options)?;
         nodes.push((
             *kind,
-            start_node(&mut lab, h, 7100 + i as u16, &options.p2pos)?,
+            // No public host, so no bootstrap node either: the nodes must
+            // find each other through those that accept unsolicited traffic.
+            start_node(&mut lab, h, 7100 + i as u16, &options.p2pos, &[])?,
         ));
     }
     let mut report = BehindNat {

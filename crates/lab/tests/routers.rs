@@ -159,6 +159,26 @@ fn unsolicited(
 }
 
 #[test]
+fn public_hosts_are_reachable_unsolicited_on_ipv4_and_ipv6() {
+    let Some(mut lab) = lab() else { return };
+    let w = world(&mut lab);
+    let h = lab.add_public_host("h").unwrap();
+    let own = addr(&lab, h, 7001);
+    let (s1, s2, s3, got) = unsolicited(&mut lab, &w, h, 7001, own);
+    assert_eq!(observed(&got, addr(&lab, w.s1, 9000)), Some(own));
+    assert_eq!((s1, s2, s3), (true, true, true), "{got:?}");
+    let v6 = lab.host(w.s1).ipv6.unwrap().to_string();
+    let out = lab
+        .exec(h, Path::new("ping"), &["-6", "-c", "1", "-W", "2", &v6])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
 fn port_restricted_maps_independently_and_filters_by_address_and_port() {
     let Some(mut lab) = lab() else { return };
     let w = world(&mut lab);

@@ -23,9 +23,44 @@ pub struct Config {
     pub api: ApiConfig,
     /// Session settings.
     pub session: SessionConfig,
+    /// Peers to open sessions with at start, as `<peer-id>@<ip:port>`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub bootstrap: Vec<String>,
     /// TCP services offered to peers from the start.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub expose: Vec<ExposeConfig>,
+}
+
+/// A bootstrap peer: its ID and address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootstrapPeer {
+    /// The peer's ID.
+    pub peer: p2pos_proto::PeerId,
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+impl std::str::FromStr for BootstrapPeer {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (id, addr) = s
+            .split_once('@')
+            .ok_or_else(|| format!("bootstrap peer {s:?}: expected <peer-id>@<ip:port>"))?;
+        let peer = id
+            .parse()
+            .map_err(|e| format!("bootstrap peer {s:?}: {e}"))?;
+        let addr = addr
+            .parse()
+            .map_err(|_| format!("bootstrap peer {s:?}: {addr:?} is not an IP:PORT address"))?;
+        Ok(BootstrapPeer { peer, addr })
+    }
+}
+
+impl std::fmt::Display for BootstrapPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.peer, self.addr)
+    }
 }
 
 /// Local API settings.
@@ -65,6 +100,7 @@ impl Default for Config {
             network_secret_file: None,
             api: ApiConfig::default(),
             session: SessionConfig::default(),
+            bootstrap: Vec::new(),
             expose: Vec::new(),
         }
     }
@@ -142,11 +178,20 @@ impl Config {
                     .into(),
             ));
         }
+        self.bootstrap_peers()?;
         for e in &self.expose {
             p2pos_proto::stream::validate_service_name(&e.service)
                 .map_err(|err| ConfigError::Invalid(format!("expose {:?}: {err}", e.service)))?;
         }
         Ok(())
+    }
+
+    /// The bootstrap list, parsed.
+    pub fn bootstrap_peers(&self) -> Result<Vec<BootstrapPeer>, ConfigError> {
+        self.bootstrap
+            .iter()
+            .map(|b| b.parse().map_err(ConfigError::Invalid))
+            .collect()
     }
 
     /// The configuration as TOML.
@@ -173,6 +218,20 @@ mod tests {
         std::fs::write(&path, "listn = \"0.0.0.0:1\"\n").unwrap();
         let err = Config::load(&path, false).unwrap_err().to_string();
         assert!(err.contains("listn"), "{err}");
+    }
+
+    #[test]
+    fn bootstrap_entries_are_checked() {
+        let id = p2pos_proto::Keypair::from_seed([1; 32]).peer_id();
+        let mut c = Config::default();
+        c.bootstrap = vec![format!("{id}@192.0.2.1:7447")];
+        assert_eq!(c.bootstrap_peers().unwrap()[0].addr.port(), 7447);
+        c.bootstrap = vec![format!("{id}:7447")];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("<peer-id>@<ip:port>"));
     }
 
     #[test]

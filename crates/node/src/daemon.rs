@@ -102,6 +102,27 @@ pub fn load_network_key(path: &Path) -> Result<NetworkKey, DaemonError> {
     NetworkKey::from_secret(trimmed).map_err(|e| bad(e.to_string()))
 }
 
+/// How long to wait between attempts to reach a bootstrap peer.
+const BOOTSTRAP_RETRY: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Opens a session to a bootstrap peer, retrying until it works; then
+/// re-opens it whenever it closes (for as long as the node runs).
+async fn keep_bootstrap_session(node: Node, peer: crate::config::BootstrapPeer) {
+    let weak = std::sync::Arc::downgrade(&node.inner);
+    drop(node);
+    loop {
+        let Some(inner) = weak.upgrade() else { return };
+        let node = Node { inner };
+        match node.connect(peer.peer, Some(peer.addr)).await {
+            Ok(()) => tracing::debug!(%peer, "bootstrap session up"),
+            Err(crate::node::ConnectError::Shutdown) => return,
+            Err(e) => tracing::warn!(%peer, "bootstrap peer unreachable: {e}"),
+        }
+        drop(node);
+        tokio::time::sleep(BOOTSTRAP_RETRY).await;
+    }
+}
+
 /// A running daemon: the node and its API servers.
 #[derive(Debug)]
 pub struct Daemon {
@@ -174,6 +195,12 @@ impl Daemon {
         for e in &config.expose {
             node.expose(&e.service, e.target)
                 .map_err(|err| DaemonError::Expose(format!("{}: {err}", e.service)))?;
+        }
+        let bootstrap = config
+            .bootstrap_peers()
+            .map_err(|e| DaemonError::Expose(e.to_string()))?;
+        for peer in bootstrap {
+            tokio::spawn(keep_bootstrap_session(node.clone(), peer));
         }
         Ok(Daemon {
             node,
