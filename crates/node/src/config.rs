@@ -223,8 +223,10 @@ mod tests {
     #[test]
     fn bootstrap_entries_are_checked() {
         let id = p2pos_proto::Keypair::from_seed([1; 32]).peer_id();
-        let mut c = Config::default();
-        c.bootstrap = vec![format!("{id}@192.0.2.1:7447")];
+        let mut c = Config {
+            bootstrap: vec![format!("{id}@192.0.2.1:7447")],
+            ..Config::default()
+        };
         assert_eq!(c.bootstrap_peers().unwrap()[0].addr.port(), 7447);
         c.bootstrap = vec![format!("{id}:7447")];
         assert!(c
