@@ -18,6 +18,7 @@
 //! - [`session`]: rules shared by both ends of a session (which of two
 //!   simultaneous sessions survives, how a path is named).
 
+pub mod dht;
 pub mod identity;
 pub mod network;
 pub mod overlay;

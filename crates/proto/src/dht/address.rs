@@ -1,0 +1,58 @@
+//! What the DHT needs of an address: a wire form and a network prefix for
+//! diversity limits. The daemon uses `SocketAddr`; the simulator uses `u32`
+//! (an IPv4-like number whose top 24 bits are its "/24").
+
+use std::hash::Hash;
+use std::net::{IpAddr, SocketAddr};
+
+use super::wire::WireError;
+
+/// An address the DHT can carry in messages.
+pub trait Address: Copy + Eq + Hash + Ord + std::fmt::Debug + Send + Sync + 'static {
+    /// Appends the wire form.
+    fn encode(&self, out: &mut Vec<u8>);
+    /// Reads one address; returns it and the rest.
+    fn decode(buf: &[u8]) -> Result<(Self, &[u8]), WireError>;
+    /// The network this address belongs to for diversity limits: an IPv4
+    /// /24 or an IPv6 /48.
+    fn network(&self) -> u64;
+}
+
+impl Address for SocketAddr {
+    fn encode(&self, out: &mut Vec<u8>) {
+        crate::overlay::encode_addr(self, out);
+    }
+
+    fn decode(buf: &[u8]) -> Result<(Self, &[u8]), WireError> {
+        crate::overlay::decode_addr(buf).map_err(|_| WireError::Address)
+    }
+
+    fn network(&self) -> u64 {
+        match self.ip().to_canonical() {
+            IpAddr::V4(v4) => u64::from(u32::from(v4) >> 8),
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                (1 << 63) | (u64::from(s[0]) << 32) | (u64::from(s[1]) << 16) | u64::from(s[2])
+            }
+        }
+    }
+}
+
+impl Address for u32 {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_be_bytes());
+    }
+
+    fn decode(buf: &[u8]) -> Result<(Self, &[u8]), WireError> {
+        let head: [u8; 4] = buf
+            .get(..4)
+            .ok_or(WireError::Length)?
+            .try_into()
+            .map_err(|_| WireError::Length)?;
+        Ok((u32::from_be_bytes(head), &buf[4..]))
+    }
+
+    fn network(&self) -> u64 {
+        u64::from(self >> 8)
+    }
+}

@@ -1,0 +1,186 @@
+//! One iterative lookup: the candidates it knows, sorted by distance to the
+//! target, and which of them it has asked.
+
+use super::address::Address;
+use super::record::SignedRecord;
+use super::NodeId;
+
+/// What a lookup is for.
+#[derive(Debug, Clone)]
+pub(crate) enum LookupKind {
+    /// Find the k closest nodes.
+    FindNode,
+    /// Find a record.
+    GetRecord,
+    /// Find the k closest, then store the record there.
+    Put(SignedRecord),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    New,
+    InFlight,
+    Answered,
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+struct Candidate<A> {
+    distance: NodeId,
+    id: NodeId,
+    addr: A,
+    state: State,
+    hop: u8,
+}
+
+/// An iterative lookup.
+#[derive(Debug, Clone)]
+pub(crate) struct Lookup<A> {
+    pub target: NodeId,
+    pub kind: LookupKind,
+    pub started_ms: u64,
+    pub found: Option<(SignedRecord, u8)>,
+    /// Put phase: acks still expected and records stored.
+    pub put_waiting: usize,
+    pub put_stored: usize,
+    pub put_started: bool,
+    pub contacted: u32,
+    candidates: Vec<Candidate<A>>,
+    k: usize,
+    alpha: usize,
+}
+
+impl<A: Address> Lookup<A> {
+    pub fn new(target: NodeId, kind: LookupKind, k: usize, alpha: usize, started_ms: u64) -> Self {
+        Lookup {
+            target,
+            kind,
+            started_ms,
+            found: None,
+            put_waiting: 0,
+            put_stored: 0,
+            put_started: false,
+            contacted: 0,
+            candidates: Vec::new(),
+            k,
+            alpha,
+        }
+    }
+
+    /// Adds nodes learned at `hop` (deduplicated, kept sorted and bounded).
+    pub fn add(&mut self, nodes: impl IntoIterator<Item = (NodeId, A)>, hop: u8, me: &NodeId) {
+        for (id, addr) in nodes {
+            if id == *me || self.candidates.iter().any(|c| c.id == id) {
+                continue;
+            }
+            let distance = id.distance(&self.target);
+            let pos = self.candidates.partition_point(|c| c.distance < distance);
+            if pos >= self.k * 3 {
+                continue;
+            }
+            self.candidates.insert(
+                pos,
+                Candidate {
+                    distance,
+                    id,
+                    addr,
+                    state: State::New,
+                    hop,
+                },
+            );
+            self.candidates.truncate(self.k * 3);
+        }
+    }
+
+    /// Candidates to ask now: the closest not yet asked among the k closest
+    /// still alive, keeping at most α requests in flight.
+    pub fn next_queries(&mut self) -> Vec<(NodeId, A, u8)> {
+        let in_flight = self
+            .candidates
+            .iter()
+            .filter(|c| c.state == State::InFlight)
+            .count();
+        let mut out = Vec::new();
+        let mut alive = 0;
+        for c in self.candidates.iter_mut() {
+            if c.state == State::Failed {
+                continue;
+            }
+            alive += 1;
+            if alive > self.k {
+                break;
+            }
+            if c.state == State::New && in_flight + out.len() < self.alpha {
+                c.state = State::InFlight;
+                out.push((c.id, c.addr, c.hop));
+            }
+        }
+        self.contacted += out.len() as u32;
+        out
+    }
+
+    pub fn on_answer(&mut self, id: &NodeId) {
+        if let Some(c) = self.candidates.iter_mut().find(|c| c.id == *id) {
+            c.state = State::Answered;
+        }
+    }
+
+    pub fn on_failure(&mut self, id: &NodeId) {
+        if let Some(c) = self.candidates.iter_mut().find(|c| c.id == *id) {
+            c.state = State::Failed;
+        }
+    }
+
+    /// The hop at which `id` was asked.
+    pub fn hop_of(&self, id: &NodeId) -> u8 {
+        self.candidates
+            .iter()
+            .find(|c| c.id == *id)
+            .map(|c| c.hop)
+            .unwrap_or(1)
+    }
+
+    /// Whether the search phase is over: a record was found (get), or the
+    /// k closest live candidates have all answered.
+    pub fn search_done(&self) -> bool {
+        if matches!(self.kind, LookupKind::GetRecord) && self.found.is_some() {
+            return true;
+        }
+        let mut alive = 0;
+        for c in &self.candidates {
+            match c.state {
+                State::Failed => continue,
+                State::New | State::InFlight => return false,
+                State::Answered => {}
+            }
+            alive += 1;
+            if alive >= self.k {
+                break;
+            }
+        }
+        true
+    }
+
+    /// The k closest candidates that answered, closest first.
+    pub fn closest_answered(&self) -> Vec<(NodeId, A)> {
+        self.candidates
+            .iter()
+            .filter(|c| c.state == State::Answered)
+            .take(self.k)
+            .map(|c| (c.id, c.addr))
+            .collect()
+    }
+
+    /// Hops of the lookup: the round in which the closest answering node
+    /// (the target itself, if it exists) was asked.
+    pub fn hops(&self) -> u8 {
+        if let Some((_, hop)) = &self.found {
+            return *hop;
+        }
+        self.candidates
+            .iter()
+            .find(|c| c.state == State::Answered)
+            .map(|c| c.hop)
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,798 @@
+//! The DHT state machine.
+//!
+//! Drive it like quinn-proto: feed [`Dht::handle_datagram`] with DHT
+//! datagrams and call [`Dht::handle_timeout`] when the time from
+//! [`Dht::poll_timeout`] has come; after either, drain
+//! [`Dht::poll_transmit`] (datagrams to send) and [`Dht::poll_event`]
+//! (finished lookups). Time is always passed in (`now`, since the Unix
+//! epoch) and randomness comes from the seed given at creation, so a run is
+//! reproducible.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use super::address::Address;
+use super::lookup::{Lookup, LookupKind};
+use super::record::{RecordStore, SignedRecord};
+use super::table::{Contact, InsertOutcome, RoutingTable};
+use super::wire::{
+    proof_message, DhtMessage, Request, RequestBody, Response, ResponseBody, WireError,
+};
+use super::NodeId;
+use crate::Keypair;
+
+/// Requests without a cookie are padded to this size so that a full answer
+/// (20 IPv4 contacts with a proof) fits within 3× the request.
+pub const UNVERIFIED_REQUEST_PAD: usize = 320;
+/// Cookies this node keeps for other nodes' addresses.
+const MAX_COOKIES: usize = 4096;
+/// Verification pings of new server requesters in flight at most.
+const MAX_VERIFICATIONS: usize = 32;
+
+/// Settings of a DHT node.
+#[derive(Debug, Clone)]
+pub struct DhtConfig {
+    /// Bucket size and replication factor.
+    pub k: usize,
+    /// Requests in flight per lookup.
+    pub alpha: usize,
+    /// Entries of one bucket from one /24 (IPv6 /48) at most.
+    pub max_per_prefix: usize,
+    /// How long to wait for a response.
+    pub rpc_timeout: Duration,
+    /// Retries after a timeout.
+    pub retries: u8,
+    /// Refresh a bucket no lookup has touched for this long.
+    pub bucket_refresh: Duration,
+    /// How often the owner re-stores its records.
+    pub republish: Duration,
+    /// How often maintenance runs.
+    pub maintenance: Duration,
+    /// Records held for others at most.
+    pub max_records: usize,
+    /// Records held from one source network at most.
+    pub max_records_per_network: usize,
+    /// Requests in flight at most (new ones wait their turn by failing fast).
+    pub max_pending: usize,
+    /// Whether this node serves routing and storage (reachable nodes only).
+    pub server: bool,
+}
+
+impl Default for DhtConfig {
+    fn default() -> Self {
+        DhtConfig {
+            k: 20,
+            alpha: 3,
+            max_per_prefix: 2,
+            rpc_timeout: Duration::from_millis(1000),
+            retries: 1,
+            bucket_refresh: Duration::from_secs(30 * 60),
+            republish: Duration::from_secs(20 * 60),
+            maintenance: Duration::from_secs(60),
+            max_records: 4096,
+            max_records_per_network: 256,
+            max_pending: 512,
+            server: true,
+        }
+    }
+}
+
+/// Identifies a lookup, get or put.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueryId(pub u64);
+
+/// What the DHT reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DhtEvent<A> {
+    /// A lookup finished.
+    LookupDone {
+        /// Which.
+        query: QueryId,
+        /// Its target.
+        target: NodeId,
+        /// The k closest nodes that answered, closest first.
+        closest: Vec<(NodeId, A)>,
+        /// Sequential rounds until the closest node answered.
+        hops: u8,
+        /// Duration in milliseconds.
+        elapsed_ms: u64,
+    },
+    /// A get finished.
+    GetDone {
+        /// Which.
+        query: QueryId,
+        /// The key.
+        key: NodeId,
+        /// The record, verified, if found.
+        record: Option<SignedRecord>,
+        /// Rounds until it was found.
+        hops: u8,
+        /// Duration in milliseconds.
+        elapsed_ms: u64,
+    },
+    /// A put finished.
+    PutDone {
+        /// Which.
+        query: QueryId,
+        /// The key.
+        key: NodeId,
+        /// How many nodes stored it.
+        stored: usize,
+        /// Duration in milliseconds.
+        elapsed_ms: u64,
+    },
+}
+
+/// What the DHT did, for status and the simulator's figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DhtCounters {
+    /// Datagrams sent.
+    pub sent: u64,
+    /// Bytes sent.
+    pub bytes_sent: u64,
+    /// Datagrams received.
+    pub received: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Requests that timed out (after retries).
+    pub timeouts: u64,
+    /// Datagrams that did not decode.
+    pub malformed: u64,
+    /// Responses with an unknown txid, from the wrong address or node.
+    pub unexpected_responses: u64,
+    /// Responses whose ID proof failed.
+    pub bad_proofs: u64,
+    /// Responses cut to 3× their request (no cookie).
+    pub trimmed_responses: u64,
+    /// Records refused (bad signature, stale, full...).
+    pub records_refused: u64,
+    /// Requests not sent because too many were in flight.
+    pub overloaded: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Purpose {
+    Query(QueryId),
+    Put(QueryId),
+    /// Check that a contact still answers (its bucket is full and a
+    /// newcomer waits).
+    Liveness,
+    /// A ping to a new address: verify the node and add it to the table.
+    Verify,
+}
+
+#[derive(Debug, Clone)]
+struct Pending<A> {
+    to: A,
+    to_id: Option<NodeId>,
+    request: Request,
+    pad: usize,
+    deadline_ms: u64,
+    attempts: u8,
+    purpose: Purpose,
+}
+
+/// SplitMix64: small, fast and good enough for txids and random targets.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn bytes32(&mut self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for chunk in out.chunks_mut(8) {
+            chunk.copy_from_slice(&self.next().to_le_bytes());
+        }
+        out
+    }
+}
+
+/// A DHT node.
+#[derive(Debug)]
+pub struct Dht<A: Address> {
+    config: DhtConfig,
+    keypair: Keypair,
+    id: NodeId,
+    table: RoutingTable<A>,
+    records: RecordStore,
+    own_records: Vec<SignedRecord>,
+    next_republish_ms: u64,
+    pending: HashMap<u64, Pending<A>>,
+    lookups: HashMap<QueryId, Lookup<A>>,
+    next_query: u64,
+    rng: Rng,
+    cookie_key: [u8; 32],
+    cookies: HashMap<A, u64>,
+    verifying: usize,
+    transmits: VecDeque<(A, Vec<u8>)>,
+    events: VecDeque<DhtEvent<A>>,
+    next_maintenance_ms: u64,
+    observed: Option<A>,
+    counters: DhtCounters,
+}
+
+fn ms(now: Duration) -> u64 {
+    now.as_millis() as u64
+}
+
+impl<A: Address> Dht<A> {
+    /// A DHT node with identity `keypair`, randomness from `seed`.
+    pub fn new(keypair: Keypair, config: DhtConfig, seed: u64, now: Duration) -> Self {
+        let id = NodeId::of_peer(&keypair.peer_id());
+        let mut rng = Rng(seed ^ u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes")));
+        let cookie_key = rng.bytes32();
+        let maintenance = config.maintenance.as_millis() as u64;
+        // Spread maintenance over the interval so nodes started together do
+        // not all refresh at once.
+        let jitter = rng.next() % maintenance.max(1);
+        Dht {
+            table: RoutingTable::new(id, config.k, config.max_per_prefix),
+            records: RecordStore::new(config.max_records, config.max_records_per_network),
+            next_republish_ms: ms(now) + config.republish.as_millis() as u64,
+            next_maintenance_ms: ms(now) + jitter + maintenance,
+            config,
+            keypair,
+            id,
+            own_records: Vec::new(),
+            pending: HashMap::new(),
+            lookups: HashMap::new(),
+            next_query: 1,
+            rng,
+            cookie_key,
+            cookies: HashMap::new(),
+            verifying: 0,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            observed: None,
+            counters: DhtCounters::default(),
+        }
+    }
+
+    /// This node's DHT ID.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The routing table.
+    pub fn table(&self) -> &RoutingTable<A> {
+        &self.table
+    }
+
+    /// The records held for others.
+    pub fn records(&self) -> &RecordStore {
+        &self.records
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &DhtCounters {
+        &self.counters
+    }
+
+    /// The address the last responder saw this node at.
+    pub fn observed_addr(&self) -> Option<A> {
+        self.observed
+    }
+
+    /// Whether this node serves routing and storage.
+    pub fn is_server(&self) -> bool {
+        self.config.server
+    }
+
+    /// Switches between server and client mode (when reachability changes).
+    pub fn set_server(&mut self, server: bool) {
+        self.config.server = server;
+    }
+
+    /// Contacts a known node at `addr` (bootstrap): verifies it, adds it to
+    /// the table, and joins with a lookup of this node's own ID.
+    pub fn add_bootstrap(&mut self, now: Duration, addr: A) {
+        self.send_request(now, addr, None, RequestBody::Ping, true, Purpose::Verify);
+    }
+
+    /// Starts a lookup of the k nodes closest to `target`.
+    pub fn lookup(&mut self, now: Duration, target: NodeId) -> QueryId {
+        self.start(now, target, LookupKind::FindNode)
+    }
+
+    /// Starts fetching the record under `key`.
+    pub fn get(&mut self, now: Duration, key: NodeId) -> QueryId {
+        self.start(now, key, LookupKind::GetRecord)
+    }
+
+    /// Stores `record` at the k nodes closest to its key. If this node owns
+    /// it, it is also republished until it expires or is replaced.
+    pub fn put(&mut self, now: Duration, record: SignedRecord) -> QueryId {
+        if record.owner == self.keypair.peer_id() {
+            self.own_records.retain(|r| r.key() != record.key());
+            self.own_records.push(record.clone());
+        }
+        let key = record.key();
+        self.start(now, key, LookupKind::Put(record))
+    }
+
+    fn start(&mut self, now: Duration, target: NodeId, kind: LookupKind) -> QueryId {
+        let query = QueryId(self.next_query);
+        self.next_query += 1;
+        let mut lookup = Lookup::new(target, kind, self.config.k, self.config.alpha, ms(now));
+        let seeds: Vec<(NodeId, A)> = self
+            .table
+            .closest(&target, self.config.k)
+            .into_iter()
+            .map(|c| (c.id, c.addr))
+            .collect();
+        lookup.add(seeds, 1, &self.id);
+        if let LookupKind::GetRecord = lookup.kind {
+            if let Some(r) = self.records.get(&target, now.as_secs()) {
+                lookup.found = Some((r.clone(), 0));
+            }
+        }
+        self.table.touch_bucket(&target, now.as_secs());
+        self.lookups.insert(query, lookup);
+        self.advance(now, query);
+        query
+    }
+
+    /// Sends what the lookup should send next, or finishes it.
+    fn advance(&mut self, now: Duration, query: QueryId) {
+        let Some(lookup) = self.lookups.get_mut(&query) else {
+            return;
+        };
+        if !lookup.search_done() {
+            let next = lookup.next_queries();
+            let body = match lookup.kind {
+                LookupKind::GetRecord => RequestBody::GetRecord(lookup.target),
+                _ => RequestBody::FindNode(lookup.target),
+            };
+            for (id, addr, _) in next {
+                let known = self.table.get(&id).is_some_and(|c| c.addr == addr);
+                self.send_request(
+                    now,
+                    addr,
+                    Some(id),
+                    body.clone(),
+                    !known,
+                    Purpose::Query(query),
+                );
+            }
+            // Sending may fail at once (overload): check again.
+            let lookup = self.lookups.get(&query).expect("present");
+            if !lookup.search_done() {
+                return;
+            }
+        }
+        let lookup = self.lookups.get_mut(&query).expect("present");
+        if let LookupKind::Put(record) = &lookup.kind {
+            if !lookup.put_started {
+                lookup.put_started = true;
+                let targets = lookup.closest_answered();
+                lookup.put_waiting = targets.len();
+                let record = record.clone();
+                // This node stores it too if it is among the closest servers.
+                for (id, addr) in targets {
+                    self.send_request(
+                        now,
+                        addr,
+                        Some(id),
+                        RequestBody::PutRecord(record.clone()),
+                        false,
+                        Purpose::Put(query),
+                    );
+                }
+            }
+            let lookup = self.lookups.get(&query).expect("present");
+            if lookup.put_waiting > 0 {
+                return;
+            }
+        }
+        let lookup = self.lookups.remove(&query).expect("present");
+        let elapsed_ms = ms(now).saturating_sub(lookup.started_ms);
+        let event = match &lookup.kind {
+            LookupKind::FindNode => DhtEvent::LookupDone {
+                query,
+                target: lookup.target,
+                closest: lookup.closest_answered(),
+                hops: lookup.hops(),
+                elapsed_ms,
+            },
+            LookupKind::GetRecord => DhtEvent::GetDone {
+                query,
+                key: lookup.target,
+                hops: lookup.hops(),
+                record: lookup.found.map(|(r, _)| r),
+                elapsed_ms,
+            },
+            LookupKind::Put(_) => DhtEvent::PutDone {
+                query,
+                key: lookup.target,
+                stored: lookup.put_stored,
+                elapsed_ms,
+            },
+        };
+        self.events.push_back(event);
+    }
+
+    fn cookie_for(&self, addr: &A, epoch: u64) -> u64 {
+        let mut buf = Vec::with_capacity(32);
+        addr.encode(&mut buf);
+        buf.extend_from_slice(&epoch.to_be_bytes());
+        let h = blake3::keyed_hash(&self.cookie_key, &buf);
+        u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | 1
+    }
+
+    fn send_request(
+        &mut self,
+        now: Duration,
+        to: A,
+        to_id: Option<NodeId>,
+        body: RequestBody,
+        want_proof: bool,
+        purpose: Purpose,
+    ) {
+        if self.pending.len() >= self.config.max_pending {
+            self.counters.overloaded += 1;
+            self.fail(now, purpose, to_id);
+            return;
+        }
+        if matches!(purpose, Purpose::Verify) {
+            if self.verifying >= MAX_VERIFICATIONS {
+                self.counters.overloaded += 1;
+                return;
+            }
+            self.verifying += 1;
+        }
+        let txid = loop {
+            let t = self.rng.next();
+            if t != 0 && !self.pending.contains_key(&t) {
+                break t;
+            }
+        };
+        let cookie = self.cookies.get(&to).copied().unwrap_or(0);
+        // Without a cookie, a request that may get a large answer is padded
+        // so the answer fits within 3x (anti-amplification).
+        let large_answer =
+            want_proof || matches!(body, RequestBody::FindNode(_) | RequestBody::GetRecord(_));
+        let pad = if cookie == 0 && large_answer {
+            UNVERIFIED_REQUEST_PAD
+        } else {
+            0
+        };
+        let request = Request {
+            txid,
+            sender: self.id,
+            server: self.config.server,
+            want_proof,
+            cookie,
+            body,
+        };
+        self.transmit(to, request.encode(pad));
+        self.pending.insert(
+            txid,
+            Pending {
+                to,
+                to_id,
+                request,
+                pad,
+                deadline_ms: ms(now) + self.config.rpc_timeout.as_millis() as u64,
+                attempts: 1,
+                purpose,
+            },
+        );
+    }
+
+    fn transmit(&mut self, to: A, bytes: Vec<u8>) {
+        self.counters.sent += 1;
+        self.counters.bytes_sent += bytes.len() as u64;
+        self.transmits.push_back((to, bytes));
+    }
+
+    /// A request failed for good.
+    fn fail(&mut self, now: Duration, purpose: Purpose, to_id: Option<NodeId>) {
+        if let Some(id) = to_id {
+            self.table.record_failure(&id);
+        }
+        match purpose {
+            Purpose::Query(q) => {
+                if let (Some(l), Some(id)) = (self.lookups.get_mut(&q), to_id) {
+                    l.on_failure(&id);
+                }
+                self.advance(now, q);
+            }
+            Purpose::Put(q) => {
+                if let Some(l) = self.lookups.get_mut(&q) {
+                    l.put_waiting = l.put_waiting.saturating_sub(1);
+                }
+                self.advance(now, q);
+            }
+            Purpose::Liveness => {
+                // A second failure drops it and promotes the newcomer.
+                if let Some(id) = to_id {
+                    self.table.record_failure(&id);
+                }
+            }
+            Purpose::Verify => self.verifying = self.verifying.saturating_sub(1),
+        }
+    }
+
+    /// Handles a DHT datagram from `from`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Duration,
+        from: A,
+        datagram: &[u8],
+    ) -> Result<(), WireError> {
+        self.counters.received += 1;
+        self.counters.bytes_received += datagram.len() as u64;
+        let message = match DhtMessage::<A>::decode(datagram) {
+            Ok(m) => m,
+            Err(e) => {
+                self.counters.malformed += 1;
+                return Err(e);
+            }
+        };
+        match message {
+            DhtMessage::Request(req) => self.handle_request(now, from, req, datagram.len()),
+            DhtMessage::Response(resp) => self.handle_response(now, from, resp),
+        }
+        Ok(())
+    }
+
+    fn handle_request(&mut self, now: Duration, from: A, req: Request, request_len: usize) {
+        let epoch = now.as_secs() / 600;
+        let verified = req.cookie != 0
+            && (req.cookie == self.cookie_for(&from, epoch)
+                || req.cookie == self.cookie_for(&from, epoch.saturating_sub(1)));
+        let k = self.config.k;
+        let nodes_for = |table: &RoutingTable<A>, target: &NodeId| -> Vec<(NodeId, A)> {
+            table
+                .closest(target, k)
+                .into_iter()
+                .filter(|c| c.id != req.sender)
+                .map(|c| (c.id, c.addr))
+                .collect()
+        };
+        let body = match &req.body {
+            RequestBody::Ping => ResponseBody::Pong,
+            RequestBody::FindNode(target) => ResponseBody::Nodes(nodes_for(&self.table, target)),
+            RequestBody::GetRecord(key) => {
+                let record = self.records.get(key, now.as_secs()).cloned();
+                ResponseBody::Record(record, nodes_for(&self.table, key))
+            }
+            RequestBody::PutRecord(record) => {
+                let stored = self.config.server
+                    && match self.records.put(record.clone(), from, now.as_secs()) {
+                        Ok(_) => true,
+                        Err(_) => {
+                            self.counters.records_refused += 1;
+                            false
+                        }
+                    };
+                ResponseBody::PutAck(stored)
+            }
+        };
+        let proof = req.want_proof.then(|| {
+            let sig = self.keypair.sign(&proof_message(req.txid, &req.sender));
+            (self.keypair.peer_id(), sig)
+        });
+        let mut response = Response {
+            txid: req.txid,
+            responder: self.id,
+            observed: from,
+            cookie: self.cookie_for(&from, epoch),
+            proof,
+            body,
+        };
+        let mut bytes = response.encode();
+        if !verified && bytes.len() > 3 * request_len {
+            // Anti-amplification: cut the contact list until it fits.
+            self.counters.trimmed_responses += 1;
+            while bytes.len() > 3 * request_len {
+                let shrunk = match &mut response.body {
+                    ResponseBody::Nodes(n) | ResponseBody::Record(_, n) if !n.is_empty() => {
+                        n.pop();
+                        true
+                    }
+                    ResponseBody::Record(r @ Some(_), _) => {
+                        *r = None;
+                        true
+                    }
+                    _ => false,
+                };
+                if !shrunk {
+                    return; // cannot answer within the limit: stay silent
+                }
+                bytes = response.encode();
+            }
+        }
+        self.transmit(from, bytes);
+        // A server we do not know yet: verify it (it proves its ID) and add it.
+        if req.server
+            && self.table.get(&req.sender).is_none_or(|c| c.addr != from)
+            && req.sender != self.id
+        {
+            self.send_request(
+                now,
+                from,
+                Some(req.sender),
+                RequestBody::Ping,
+                true,
+                Purpose::Verify,
+            );
+        }
+    }
+
+    fn handle_response(&mut self, now: Duration, from: A, resp: Response<A>) {
+        let Some(pending) = self.pending.get(&resp.txid) else {
+            self.counters.unexpected_responses += 1;
+            return;
+        };
+        if pending.to != from || pending.to_id.is_some_and(|id| id != resp.responder) {
+            self.counters.unexpected_responses += 1;
+            return;
+        }
+        let pending = self.pending.remove(&resp.txid).expect("present");
+        if pending.request.want_proof {
+            let ok = resp.proof.as_ref().is_some_and(|(key, sig)| {
+                NodeId::of_peer(key) == resp.responder
+                    && key.verify(&proof_message(resp.txid, &self.id), sig)
+            });
+            if !ok {
+                self.counters.bad_proofs += 1;
+                self.fail(now, pending.purpose, pending.to_id);
+                return;
+            }
+        }
+        if self.cookies.len() >= MAX_COOKIES && !self.cookies.contains_key(&from) {
+            if let Some(evict) = self.cookies.keys().next().copied() {
+                self.cookies.remove(&evict);
+            }
+        }
+        self.cookies.insert(from, resp.cookie);
+        self.observed = Some(resp.observed);
+        let was_empty = self.table.is_empty();
+        if pending.request.want_proof {
+            let contact = Contact {
+                id: resp.responder,
+                addr: from,
+                last_seen: now.as_secs(),
+                failures: 0,
+            };
+            if let InsertOutcome::Pending { oldest } = self.table.insert(contact) {
+                if oldest.last_seen + 60 < now.as_secs() {
+                    self.send_request(
+                        now,
+                        oldest.addr,
+                        Some(oldest.id),
+                        RequestBody::Ping,
+                        false,
+                        Purpose::Liveness,
+                    );
+                }
+            }
+        } else {
+            self.table.mark_seen(&resp.responder, now.as_secs());
+        }
+        match pending.purpose {
+            Purpose::Query(q) => {
+                let me = self.id;
+                if let Some(lookup) = self.lookups.get_mut(&q) {
+                    let hop = lookup.hop_of(&resp.responder);
+                    lookup.on_answer(&resp.responder);
+                    let nodes = match resp.body {
+                        ResponseBody::Nodes(n) => n,
+                        ResponseBody::Record(record, n) => {
+                            if let Some(r) = record {
+                                if r.key() == lookup.target && r.verify(now.as_secs()).is_ok() {
+                                    if lookup.found.as_ref().is_none_or(|(f, _)| f.seq < r.seq) {
+                                        lookup.found = Some((r, hop));
+                                    }
+                                } else {
+                                    self.counters.records_refused += 1;
+                                }
+                            }
+                            n
+                        }
+                        _ => Vec::new(),
+                    };
+                    lookup.add(nodes, hop.saturating_add(1), &me);
+                }
+                self.advance(now, q);
+            }
+            Purpose::Put(q) => {
+                if let Some(lookup) = self.lookups.get_mut(&q) {
+                    lookup.put_waiting = lookup.put_waiting.saturating_sub(1);
+                    if resp.body == ResponseBody::PutAck(true) {
+                        lookup.put_stored += 1;
+                    }
+                }
+                self.advance(now, q);
+            }
+            Purpose::Liveness => {}
+            Purpose::Verify => {
+                self.verifying = self.verifying.saturating_sub(1);
+                if was_empty && !self.table.is_empty() {
+                    // First contact: join by looking up our own ID.
+                    let me = self.id;
+                    self.lookup(now, me);
+                }
+            }
+        }
+    }
+
+    /// Handles timers: retries, failures, maintenance.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        let now_ms = ms(now);
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline_ms <= now_ms)
+            .map(|(t, _)| *t)
+            .collect();
+        for txid in expired {
+            let Some(mut p) = self.pending.remove(&txid) else {
+                continue;
+            };
+            if p.attempts <= self.config.retries {
+                p.attempts += 1;
+                p.deadline_ms = now_ms + self.config.rpc_timeout.as_millis() as u64;
+                self.transmit(p.to, p.request.encode(p.pad));
+                self.pending.insert(txid, p);
+            } else {
+                self.counters.timeouts += 1;
+                self.fail(now, p.purpose, p.to_id);
+            }
+        }
+        if now_ms >= self.next_maintenance_ms {
+            self.next_maintenance_ms = now_ms + self.config.maintenance.as_millis() as u64;
+            self.maintain(now);
+        }
+    }
+
+    fn maintain(&mut self, now: Duration) {
+        let secs = now.as_secs();
+        self.records.expire(secs);
+        let before = secs.saturating_sub(self.config.bucket_refresh.as_secs());
+        for index in self.table.take_stale_buckets(before, secs) {
+            let target = self.id.random_with_prefix(index, self.rng.bytes32());
+            self.lookup(now, target);
+        }
+        if ms(now) >= self.next_republish_ms {
+            self.next_republish_ms = ms(now) + self.config.republish.as_millis() as u64;
+            self.own_records.retain(|r| r.expires > secs);
+            for record in self.own_records.clone() {
+                let key = record.key();
+                self.start(now, key, LookupKind::Put(record));
+            }
+        }
+    }
+
+    /// The next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<(A, Vec<u8>)> {
+        self.transmits.pop_front()
+    }
+
+    /// When [`Dht::handle_timeout`] should be called next.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let pending = self.pending.values().map(|p| p.deadline_ms).min();
+        let next = pending.map_or(self.next_maintenance_ms, |p| {
+            p.min(self.next_maintenance_ms)
+        });
+        Some(Duration::from_millis(next))
+    }
+
+    /// The next event.
+    pub fn poll_event(&mut self) -> Option<DhtEvent<A>> {
+        self.events.pop_front()
+    }
+
+    /// Lookups in progress.
+    pub fn lookups_in_progress(&self) -> usize {
+        self.lookups.len()
+    }
+}

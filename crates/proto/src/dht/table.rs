@@ -1,0 +1,364 @@
+//! The routing table: k-buckets by common-prefix length with the node's own
+//! ID, each with a replacement cache and a per-network diversity limit.
+//!
+//! Buckets are created lazily up to the deepest one in use, so a table at
+//! 10^6 nodes holds about 17 buckets, not 256.
+
+use super::address::Address;
+use super::NodeId;
+
+/// A known DHT server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Contact<A> {
+    /// Its ID.
+    pub id: NodeId,
+    /// Where it answers.
+    pub addr: A,
+    /// When it last answered (seconds since the Unix epoch).
+    pub last_seen: u64,
+    /// RPCs that failed in a row.
+    pub failures: u8,
+}
+
+/// What happened to a contact offered to the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertOutcome<A> {
+    /// Added to its bucket.
+    Inserted,
+    /// Already there: refreshed.
+    Updated,
+    /// The bucket is full: the contact waits in the replacement cache; the
+    /// caller should check that `oldest` is still alive.
+    Pending {
+        /// The least recently seen entry of the bucket.
+        oldest: Contact<A>,
+    },
+    /// Too many entries of the bucket share its network.
+    Diversity,
+    /// It is this node.
+    SelfId,
+}
+
+#[derive(Debug, Clone)]
+struct Bucket<A> {
+    entries: Vec<Contact<A>>,
+    replacements: Vec<Contact<A>>,
+    last_refresh: u64,
+}
+
+impl<A> Default for Bucket<A> {
+    fn default() -> Self {
+        Bucket {
+            entries: Vec::new(),
+            replacements: Vec::new(),
+            last_refresh: 0,
+        }
+    }
+}
+
+/// Failed RPCs in a row after which a contact is dropped.
+pub const MAX_FAILURES: u8 = 2;
+
+/// The routing table.
+#[derive(Debug, Clone)]
+pub struct RoutingTable<A> {
+    me: NodeId,
+    k: usize,
+    max_per_prefix: usize,
+    buckets: Vec<Bucket<A>>,
+}
+
+impl<A: Address> RoutingTable<A> {
+    /// An empty table for node `me`.
+    pub fn new(me: NodeId, k: usize, max_per_prefix: usize) -> Self {
+        RoutingTable {
+            me,
+            k: k.max(1),
+            max_per_prefix: max_per_prefix.max(1),
+            buckets: Vec::new(),
+        }
+    }
+
+    fn bucket_index(&self, id: &NodeId) -> Option<usize> {
+        let cpl = self.me.common_prefix(id);
+        (cpl < 256).then_some(cpl)
+    }
+
+    /// Offers a verified contact to the table.
+    pub fn insert(&mut self, contact: Contact<A>) -> InsertOutcome<A> {
+        let Some(index) = self.bucket_index(&contact.id) else {
+            return InsertOutcome::SelfId;
+        };
+        if self.buckets.len() <= index {
+            self.buckets.resize_with(index + 1, Bucket::default);
+        }
+        let (k, max_per_prefix) = (self.k, self.max_per_prefix);
+        let bucket = &mut self.buckets[index];
+        if let Some(pos) = bucket.entries.iter().position(|c| c.id == contact.id) {
+            let mut c = bucket.entries.remove(pos);
+            c.addr = contact.addr;
+            c.last_seen = contact.last_seen;
+            c.failures = 0;
+            bucket.entries.push(c);
+            return InsertOutcome::Updated;
+        }
+        let net = contact.addr.network();
+        if bucket
+            .entries
+            .iter()
+            .filter(|c| c.addr.network() == net)
+            .count()
+            >= max_per_prefix
+        {
+            return InsertOutcome::Diversity;
+        }
+        if bucket.entries.len() < k {
+            bucket.entries.push(contact);
+            return InsertOutcome::Inserted;
+        }
+        bucket.replacements.retain(|c| c.id != contact.id);
+        if bucket.replacements.len() >= k.div_ceil(2) {
+            bucket.replacements.remove(0);
+        }
+        bucket.replacements.push(contact);
+        let oldest = *bucket
+            .entries
+            .iter()
+            .min_by_key(|c| c.last_seen)
+            .expect("a full bucket has entries");
+        InsertOutcome::Pending { oldest }
+    }
+
+    /// Records that `id` answered at `now`.
+    pub fn mark_seen(&mut self, id: &NodeId, now: u64) {
+        if let Some(c) = self.get_mut(id) {
+            c.last_seen = now;
+            c.failures = 0;
+        }
+    }
+
+    /// Records a failed RPC to `id`; after [`MAX_FAILURES`] in a row the
+    /// contact is dropped and the freshest replacement takes its place.
+    /// Returns whether it was dropped.
+    pub fn record_failure(&mut self, id: &NodeId) -> bool {
+        let Some(index) = self.bucket_index(id) else {
+            return false;
+        };
+        let Some(bucket) = self.buckets.get_mut(index) else {
+            return false;
+        };
+        let Some(pos) = bucket.entries.iter().position(|c| c.id == *id) else {
+            bucket.replacements.retain(|c| c.id != *id);
+            return false;
+        };
+        bucket.entries[pos].failures = bucket.entries[pos].failures.saturating_add(1);
+        if bucket.entries[pos].failures < MAX_FAILURES {
+            return false;
+        }
+        bucket.entries.remove(pos);
+        if let Some(r) = bucket.replacements.pop() {
+            bucket.entries.push(r);
+        }
+        true
+    }
+
+    fn get_mut(&mut self, id: &NodeId) -> Option<&mut Contact<A>> {
+        let index = self.bucket_index(id)?;
+        self.buckets
+            .get_mut(index)?
+            .entries
+            .iter_mut()
+            .find(|c| c.id == *id)
+    }
+
+    /// The contact with `id`, if present.
+    pub fn get(&self, id: &NodeId) -> Option<&Contact<A>> {
+        let index = self.bucket_index(id)?;
+        self.buckets
+            .get(index)?
+            .entries
+            .iter()
+            .find(|c| c.id == *id)
+    }
+
+    /// The `n` contacts closest to `target`, closest first.
+    pub fn closest(&self, target: &NodeId, n: usize) -> Vec<Contact<A>> {
+        let mut all: Vec<(NodeId, Contact<A>)> = self
+            .buckets
+            .iter()
+            .flat_map(|b| b.entries.iter())
+            .map(|c| (c.id.distance(target), *c))
+            .collect();
+        if all.len() > n {
+            all.select_nth_unstable_by(n, |a, b| a.0.cmp(&b.0));
+            all.truncate(n);
+        }
+        all.sort_unstable_by_key(|a| a.0);
+        all.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// Number of contacts.
+    pub fn len(&self) -> usize {
+        self.buckets.iter().map(|b| b.entries.len()).sum()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.iter().all(|b| b.entries.is_empty())
+    }
+
+    /// Number of buckets allocated.
+    pub fn bucket_count(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Indices of buckets not refreshed since `before` (seconds), marking
+    /// them refreshed at `now`. Only buckets up to the deepest non-empty one
+    /// count (deeper ones cover almost no nodes).
+    pub fn take_stale_buckets(&mut self, before: u64, now: u64) -> Vec<usize> {
+        let deepest = self
+            .buckets
+            .iter()
+            .rposition(|b| !b.entries.is_empty())
+            .unwrap_or(0);
+        let mut out = Vec::new();
+        for (i, b) in self.buckets.iter_mut().enumerate().take(deepest + 1) {
+            if b.last_refresh < before {
+                b.last_refresh = now;
+                out.push(i);
+            }
+        }
+        out
+    }
+
+    /// Marks the bucket that covers `target` as refreshed.
+    pub fn touch_bucket(&mut self, target: &NodeId, now: u64) {
+        if let Some(i) = self.bucket_index(target) {
+            if let Some(b) = self.buckets.get_mut(i) {
+                b.last_refresh = now;
+            }
+        }
+    }
+
+    /// Checks the table's invariants (for tests): every entry is in the
+    /// bucket of its prefix length, no bucket over k, no duplicate IDs, the
+    /// diversity limit holds.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for (i, b) in self.buckets.iter().enumerate() {
+            if b.entries.len() > self.k {
+                return Err(format!("bucket {i} holds {} > k", b.entries.len()));
+            }
+            for c in &b.entries {
+                if self.me.common_prefix(&c.id) != i {
+                    return Err(format!("{:?} in bucket {i}", c.id));
+                }
+                if !seen.insert(c.id) {
+                    return Err(format!("{:?} twice", c.id));
+                }
+                let same = b
+                    .entries
+                    .iter()
+                    .filter(|x| x.addr.network() == c.addr.network())
+                    .count();
+                if same > self.max_per_prefix {
+                    return Err(format!("bucket {i}: {same} entries of one network"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn contact(id: [u8; 32], addr: u32, t: u64) -> Contact<u32> {
+        Contact {
+            id: NodeId(id),
+            addr,
+            last_seen: t,
+            failures: 0,
+        }
+    }
+
+    #[test]
+    fn a_flood_from_one_network_cannot_fill_a_bucket() {
+        let me = NodeId([0; 32]);
+        let mut table = RoutingTable::new(me, 20, 2);
+        let mut accepted = 0;
+        for i in 0..1000u32 {
+            let mut id = [0u8; 32];
+            id[0] = 0x80; // all in bucket 0
+            id[1..5].copy_from_slice(&i.to_be_bytes());
+            // All from 10.1.2.0/24.
+            if table.insert(contact(id, 0x0a01_0200 | (i & 0xff), 0)) == InsertOutcome::Inserted {
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 2);
+    }
+
+    #[test]
+    fn failures_promote_replacements() {
+        let me = NodeId([0; 32]);
+        let mut table = RoutingTable::new(me, 2, 8);
+        let ids: Vec<[u8; 32]> = (1..=3u8)
+            .map(|i| {
+                let mut id = [0u8; 32];
+                id[0] = 0x80;
+                id[1] = i;
+                id
+            })
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            table.insert(contact(*id, (i as u32) << 8, i as u64));
+        }
+        assert_eq!(table.len(), 2);
+        assert!(!table.record_failure(&NodeId(ids[0])));
+        assert!(table.record_failure(&NodeId(ids[0])));
+        assert!(table.get(&NodeId(ids[2])).is_some());
+        assert!(table.get(&NodeId(ids[0])).is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn invariants_hold_under_random_inserts_and_failures(
+            me in any::<[u8; 32]>(),
+            ops in proptest::collection::vec((any::<[u8; 32]>(), 0u32..64, any::<bool>()), 1..400),
+        ) {
+            let mut table = RoutingTable::new(NodeId(me), 4, 2);
+            for (t, (id, net, fail)) in ops.into_iter().enumerate() {
+                table.insert(contact(id, net << 8, t as u64));
+                if fail {
+                    table.record_failure(&NodeId(id));
+                }
+                prop_assert!(table.check_invariants().is_ok(), "{:?}", table.check_invariants());
+            }
+        }
+
+        #[test]
+        fn closest_is_sorted_and_truly_closest(
+            me in any::<[u8; 32]>(),
+            ids in proptest::collection::vec(any::<[u8; 32]>(), 1..200),
+            target in any::<[u8; 32]>(),
+        ) {
+            let mut table = RoutingTable::new(NodeId(me), 20, 64);
+            for (i, id) in ids.iter().enumerate() {
+                table.insert(contact(*id, (i as u32) << 8, 0));
+            }
+            let target = NodeId(target);
+            let got = table.closest(&target, 8);
+            for w in got.windows(2) {
+                prop_assert!(w[0].id.distance(&target) <= w[1].id.distance(&target));
+            }
+            if let Some(last) = got.last() {
+                let worst = last.id.distance(&target);
+                let closer = table.closest(&target, usize::MAX).iter().filter(|c| c.id.distance(&target) < worst).count();
+                prop_assert!(closer < got.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,431 @@
+//! DHT messages: single overlay datagrams on the node's UDP port.
+//!
+//! ```text
+//! 0x30 | version 1 | type (10 request, 11 response) | fields…
+//! Request:  txid u64 | sender id 32 | flags u8 (1 server, 2 want proof) |
+//!           cookie u64 | body tag u8 | body | zero padding
+//! Response: txid u64 | responder id 32 | observed addr | cookie u64 |
+//!           proof u8 (0, or 1 + public key 32 + signature 64) |
+//!           body tag u8 | body
+//! Bodies:   Ping | FindNode target | GetRecord key | PutRecord record
+//!           Pong | Nodes n × (id, addr) | Record has? record n × (id, addr)
+//!           | PutAck stored u8
+//! ```
+//!
+//! Every length is checked; decoding never panics (fuzzed).
+
+use super::address::Address;
+use super::record::SignedRecord;
+use super::NodeId;
+use crate::overlay::OVERLAY_VERSION;
+use crate::packet::OVERLAY_TAG;
+use crate::PeerId;
+
+/// Overlay message type of DHT requests.
+pub const TYPE_REQUEST: u8 = 10;
+/// Overlay message type of DHT responses.
+pub const TYPE_RESPONSE: u8 = 11;
+/// Largest DHT datagram.
+pub const MAX_DHT_DATAGRAM: usize = 1400;
+/// Most contacts in one response.
+pub const MAX_NODES: usize = 24;
+
+/// Why a datagram is not a valid DHT message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Not a DHT message.
+    #[error("not a DHT message")]
+    NotDht,
+    /// Too short or too long.
+    #[error("DHT message has the wrong length")]
+    Length,
+    /// A field has a value the format does not allow.
+    #[error("DHT message has an invalid field")]
+    Invalid,
+    /// An address does not decode.
+    #[error("DHT message has an invalid address")]
+    Address,
+}
+
+/// A request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Transaction id, echoed by the response.
+    pub txid: u64,
+    /// The requester's node ID.
+    pub sender: NodeId,
+    /// Whether the requester serves the DHT (and may be added to tables).
+    pub server: bool,
+    /// Whether the responder must prove its ID.
+    pub want_proof: bool,
+    /// The cookie the responder issued to this address, or 0.
+    pub cookie: u64,
+    /// What is asked.
+    pub body: RequestBody,
+}
+
+/// What a request asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestBody {
+    /// Are you there?
+    Ping,
+    /// The k closest nodes to `target` you know.
+    FindNode(NodeId),
+    /// The record under this key, or closer nodes.
+    GetRecord(NodeId),
+    /// Store this record.
+    PutRecord(SignedRecord),
+}
+
+/// A response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response<A> {
+    /// The request's transaction id.
+    pub txid: u64,
+    /// The responder's node ID.
+    pub responder: NodeId,
+    /// The address the request came from, as the responder saw it.
+    pub observed: A,
+    /// A cookie for future requests from that address.
+    pub cookie: u64,
+    /// Proof of the responder's ID: its public key and a signature over the
+    /// request's txid and the requester's ID.
+    pub proof: Option<(PeerId, [u8; 64])>,
+    /// The answer.
+    pub body: ResponseBody<A>,
+}
+
+/// A response's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResponseBody<A> {
+    /// Yes.
+    Pong,
+    /// Closest known nodes.
+    Nodes(Vec<(NodeId, A)>),
+    /// The record, if held, and closer nodes.
+    Record(Option<SignedRecord>, Vec<(NodeId, A)>),
+    /// Whether the record was stored.
+    PutAck(bool),
+}
+
+/// Any DHT message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DhtMessage<A> {
+    /// A request.
+    Request(Request),
+    /// A response.
+    Response(Response<A>),
+}
+
+/// The bytes a proof signs.
+pub fn proof_message(txid: u64, requester: &NodeId) -> Vec<u8> {
+    let mut m = b"p2pos dht proof v1".to_vec();
+    m.extend_from_slice(&txid.to_be_bytes());
+    m.extend_from_slice(&requester.0);
+    m
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Length);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.bytes(1)?[0])
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(
+            self.bytes(8)?.try_into().map_err(|_| WireError::Length)?,
+        ))
+    }
+    fn id(&mut self) -> Result<NodeId, WireError> {
+        Ok(NodeId(
+            self.bytes(32)?.try_into().map_err(|_| WireError::Length)?,
+        ))
+    }
+    fn addr<A: Address>(&mut self) -> Result<A, WireError> {
+        let (a, rest) = A::decode(self.0)?;
+        self.0 = rest;
+        Ok(a)
+    }
+    fn nodes<A: Address>(&mut self) -> Result<Vec<(NodeId, A)>, WireError> {
+        let n = usize::from(self.u8()?);
+        if n > MAX_NODES {
+            return Err(WireError::Invalid);
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push((self.id()?, self.addr()?));
+        }
+        Ok(out)
+    }
+    fn record(&mut self) -> Result<SignedRecord, WireError> {
+        let (r, rest) = SignedRecord::decode(self.0)?;
+        self.0 = rest;
+        Ok(r)
+    }
+}
+
+fn put_nodes<A: Address>(nodes: &[(NodeId, A)], out: &mut Vec<u8>) {
+    let n = nodes.len().min(MAX_NODES);
+    out.push(n as u8);
+    for (id, a) in &nodes[..n] {
+        out.extend_from_slice(&id.0);
+        a.encode(out);
+    }
+}
+
+impl Request {
+    /// Encodes the request, zero-padded to at least `pad_to` bytes.
+    pub fn encode(&self, pad_to: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(pad_to.max(64));
+        out.extend_from_slice(&[OVERLAY_TAG, OVERLAY_VERSION, TYPE_REQUEST]);
+        out.extend_from_slice(&self.txid.to_be_bytes());
+        out.extend_from_slice(&self.sender.0);
+        out.push(u8::from(self.server) | (u8::from(self.want_proof) << 1));
+        out.extend_from_slice(&self.cookie.to_be_bytes());
+        match &self.body {
+            RequestBody::Ping => out.push(0),
+            RequestBody::FindNode(t) => {
+                out.push(1);
+                out.extend_from_slice(&t.0);
+            }
+            RequestBody::GetRecord(k) => {
+                out.push(2);
+                out.extend_from_slice(&k.0);
+            }
+            RequestBody::PutRecord(r) => {
+                out.push(3);
+                r.encode(&mut out);
+            }
+        }
+        if out.len() < pad_to {
+            out.resize(pad_to.min(MAX_DHT_DATAGRAM), 0);
+        }
+        out
+    }
+}
+
+impl<A: Address> Response<A> {
+    /// Encodes the response.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(&[OVERLAY_TAG, OVERLAY_VERSION, TYPE_RESPONSE]);
+        out.extend_from_slice(&self.txid.to_be_bytes());
+        out.extend_from_slice(&self.responder.0);
+        self.observed.encode(&mut out);
+        out.extend_from_slice(&self.cookie.to_be_bytes());
+        match &self.proof {
+            None => out.push(0),
+            Some((key, sig)) => {
+                out.push(1);
+                out.extend_from_slice(key.as_bytes());
+                out.extend_from_slice(sig);
+            }
+        }
+        match &self.body {
+            ResponseBody::Pong => out.push(0),
+            ResponseBody::Nodes(nodes) => {
+                out.push(1);
+                put_nodes(nodes, &mut out);
+            }
+            ResponseBody::Record(record, nodes) => {
+                out.push(2);
+                match record {
+                    Some(r) => {
+                        out.push(1);
+                        r.encode(&mut out);
+                    }
+                    None => out.push(0),
+                }
+                put_nodes(nodes, &mut out);
+            }
+            ResponseBody::PutAck(stored) => {
+                out.push(3);
+                out.push(u8::from(*stored));
+            }
+        }
+        out
+    }
+}
+
+impl<A: Address> DhtMessage<A> {
+    /// Decodes a datagram.
+    pub fn decode(datagram: &[u8]) -> Result<Self, WireError> {
+        if datagram.len() > MAX_DHT_DATAGRAM {
+            return Err(WireError::Length);
+        }
+        let mut r = Reader(datagram);
+        let head = r.bytes(3)?;
+        if head[0] != OVERLAY_TAG || head[1] != OVERLAY_VERSION {
+            return Err(WireError::NotDht);
+        }
+        match head[2] {
+            TYPE_REQUEST => {
+                let txid = r.u64()?;
+                let sender = r.id()?;
+                let flags = r.u8()?;
+                if flags & !3 != 0 {
+                    return Err(WireError::Invalid);
+                }
+                let cookie = r.u64()?;
+                let body = match r.u8()? {
+                    0 => RequestBody::Ping,
+                    1 => RequestBody::FindNode(r.id()?),
+                    2 => RequestBody::GetRecord(r.id()?),
+                    3 => RequestBody::PutRecord(r.record()?),
+                    _ => return Err(WireError::Invalid),
+                };
+                if r.0.iter().any(|&b| b != 0) {
+                    return Err(WireError::Invalid);
+                }
+                Ok(DhtMessage::Request(Request {
+                    txid,
+                    sender,
+                    server: flags & 1 != 0,
+                    want_proof: flags & 2 != 0,
+                    cookie,
+                    body,
+                }))
+            }
+            TYPE_RESPONSE => {
+                let txid = r.u64()?;
+                let responder = r.id()?;
+                let observed = r.addr()?;
+                let cookie = r.u64()?;
+                let proof = match r.u8()? {
+                    0 => None,
+                    1 => {
+                        let key = PeerId::from_bytes(
+                            r.bytes(32)?.try_into().map_err(|_| WireError::Length)?,
+                        )
+                        .map_err(|_| WireError::Invalid)?;
+                        let sig: [u8; 64] =
+                            r.bytes(64)?.try_into().map_err(|_| WireError::Length)?;
+                        Some((key, sig))
+                    }
+                    _ => return Err(WireError::Invalid),
+                };
+                let body = match r.u8()? {
+                    0 => ResponseBody::Pong,
+                    1 => ResponseBody::Nodes(r.nodes()?),
+                    2 => {
+                        let record = match r.u8()? {
+                            0 => None,
+                            1 => Some(r.record()?),
+                            _ => return Err(WireError::Invalid),
+                        };
+                        ResponseBody::Record(record, r.nodes()?)
+                    }
+                    3 => ResponseBody::PutAck(r.u8()? != 0),
+                    _ => return Err(WireError::Invalid),
+                };
+                if !r.0.is_empty() {
+                    return Err(WireError::Length);
+                }
+                Ok(DhtMessage::Response(Response {
+                    txid,
+                    responder,
+                    observed,
+                    cookie,
+                    proof,
+                    body,
+                }))
+            }
+            _ => Err(WireError::NotDht),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Keypair;
+    use proptest::prelude::*;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn round_trips() {
+        let kp = Keypair::from_seed([5; 32]);
+        let record = SignedRecord::sign(&kp, b"peer", 3, 100, b"value").unwrap();
+        let requests = [
+            RequestBody::Ping,
+            RequestBody::FindNode(NodeId([1; 32])),
+            RequestBody::GetRecord(NodeId([2; 32])),
+            RequestBody::PutRecord(record.clone()),
+        ];
+        for (i, body) in requests.into_iter().enumerate() {
+            let req = Request {
+                txid: i as u64,
+                sender: NodeId([9; 32]),
+                server: true,
+                want_proof: i % 2 == 0,
+                cookie: 77,
+                body,
+            };
+            for pad in [0, 300] {
+                let bytes = req.encode(pad);
+                assert!(bytes.len() >= pad);
+                assert_eq!(
+                    DhtMessage::<SocketAddr>::decode(&bytes),
+                    Ok(DhtMessage::Request(req.clone()))
+                );
+            }
+        }
+        let a: SocketAddr = "192.0.2.1:7447".parse().unwrap();
+        let bodies = [
+            ResponseBody::Pong,
+            ResponseBody::Nodes(vec![(NodeId([3; 32]), a); 20]),
+            ResponseBody::Record(Some(record), vec![(NodeId([4; 32]), a)]),
+            ResponseBody::Record(None, vec![]),
+            ResponseBody::PutAck(true),
+        ];
+        for body in bodies {
+            let resp = Response {
+                txid: 1,
+                responder: NodeId([8; 32]),
+                observed: a,
+                cookie: 5,
+                proof: Some((kp.peer_id(), [7; 64])),
+                body,
+            };
+            assert_eq!(
+                DhtMessage::decode(&resp.encode()),
+                Ok(DhtMessage::Response(resp.clone()))
+            );
+        }
+    }
+
+    #[test]
+    fn twenty_ipv4_contacts_fit_three_times_a_padded_request() {
+        let a: SocketAddr = "192.0.2.1:7447".parse().unwrap();
+        let resp = Response {
+            txid: 1,
+            responder: NodeId([8; 32]),
+            observed: a,
+            cookie: 5,
+            proof: Some((Keypair::from_seed([1; 32]).peer_id(), [0; 64])),
+            body: ResponseBody::Nodes(vec![(NodeId([3; 32]), a); 20]),
+        };
+        assert!(resp.encode().len() <= 3 * super::super::node::UNVERIFIED_REQUEST_PAD);
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut tagged = vec![OVERLAY_TAG, OVERLAY_VERSION, TYPE_REQUEST];
+            tagged.extend_from_slice(&bytes);
+            let _ = DhtMessage::<SocketAddr>::decode(&tagged);
+            tagged[2] = TYPE_RESPONSE;
+            let _ = DhtMessage::<SocketAddr>::decode(&tagged);
+            let _ = DhtMessage::<u32>::decode(&tagged);
+            let _ = DhtMessage::<u32>::decode(&bytes);
+        }
+    }
+}
