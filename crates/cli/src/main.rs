@@ -123,6 +123,45 @@ enum Command {
     Network(NetworkCommand),
     /// Start a small network of real nodes on loopback and show it working.
     Demo(demo::DemoArgs),
+    /// Simulate a DHT network of many nodes (deterministic; same seed, same numbers).
+    Sim(SimArgs),
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Nodes online at any time.
+    #[arg(long, default_value_t = 10_000)]
+    nodes: usize,
+    /// Simulated time, e.g. 90s, 30m, 1h.
+    #[arg(long, default_value = "10m", value_parser = p2pos_sim::parse_duration)]
+    duration: std::time::Duration,
+    /// Churn, as median-session=DURATION (heavy-tailed sessions); default: none.
+    #[arg(long, value_name = "median-session=DURATION")]
+    churn: Option<String>,
+    /// Lookups of random peers, spread over the run.
+    #[arg(long, default_value_t = 10_000)]
+    lookups: usize,
+    /// Records put and fetched (default: a tenth of the lookups).
+    #[arg(long)]
+    records: Option<usize>,
+    /// Share of nodes that are DHT clients (unreachable).
+    #[arg(long, default_value_t = 0.3)]
+    clients: f64,
+    /// Datagram loss probability.
+    #[arg(long, default_value_t = 0.0)]
+    loss: f64,
+    /// Bucket size k.
+    #[arg(long, default_value_t = 20)]
+    k: usize,
+    /// Parallel requests per lookup.
+    #[arg(long, default_value_t = 3)]
+    alpha: usize,
+    /// The seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -355,7 +394,83 @@ async fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote a new network secret to {}; give this file to every node of the network with --network-secret", file.display());
         }
         Command::Demo(args) => demo::run(args).await?,
+        Command::Sim(args) => sim(args)?,
     }
+    Ok(())
+}
+
+fn sim(args: SimArgs) -> Result<()> {
+    let median_session = match &args.churn {
+        None => None,
+        Some(c) => {
+            let value = c
+                .strip_prefix("median-session=")
+                .context("--churn takes median-session=DURATION, e.g. median-session=30m")?;
+            Some(p2pos_sim::parse_duration(value).map_err(anyhow::Error::msg)?)
+        }
+    };
+    if !(0.0..=1.0).contains(&args.clients) || !(0.0..1.0).contains(&args.loss) {
+        anyhow::bail!("--clients is a share from 0 to 1 and --loss a probability below 1");
+    }
+    let dht = p2pos_proto::dht::DhtConfig {
+        k: args.k.max(1),
+        alpha: args.alpha.max(1),
+        ..Default::default()
+    };
+    let config = p2pos_sim::SimConfig {
+        nodes: args.nodes.max(2),
+        duration: args.duration,
+        median_session,
+        lookups: args.lookups,
+        records: args.records.unwrap_or(args.lookups / 10),
+        seed: args.seed,
+        client_fraction: args.clients,
+        loss: args.loss,
+        warmup: std::time::Duration::from_secs(60).min(args.duration / 4),
+        dht,
+        progress: !args.json || std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let r = p2pos_sim::run(&config);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let rtt = r.rtt_ms_p50.max(1) as f64;
+    println!("p2pos sim: {} nodes, seed {}", r.nodes, r.seed);
+    println!(
+        "  lookups          {} measured, {:.2}% found their target",
+        r.lookups,
+        r.lookup_success_rate * 100.0
+    );
+    println!(
+        "  hops             p50 {}  p90 {}  p99 {}",
+        r.hops_p50, r.hops_p90, r.hops_p99
+    );
+    println!(
+        "  latency          p50 {} ms ({:.1}x RTT)  p90 {} ms  p99 {} ms ({:.1}x RTT)   [median RTT {} ms]",
+        r.latency_ms_p50,
+        r.latency_ms_p50 as f64 / rtt,
+        r.latency_ms_p90,
+        r.latency_ms_p99,
+        r.latency_ms_p99 as f64 / rtt,
+        r.rtt_ms_p50
+    );
+    println!(
+        "  records          put {:.2}%  get {:.2}%",
+        r.put_success_rate * 100.0,
+        r.get_success_rate * 100.0
+    );
+    println!(
+        "  DHT bytes/node/s servers {:.1}  clients {:.1}  all {:.1}",
+        r.maintenance_bytes_per_server_per_s,
+        r.maintenance_bytes_per_client_per_s,
+        r.maintenance_bytes_per_node_per_s
+    );
+    println!("  churn            {} departures", r.departures);
+    println!(
+        "  run              {} events in {:.1} s wall, peak RSS {:.0} MB",
+        r.events, r.wall_s, r.peak_rss_mb
+    );
     Ok(())
 }
 

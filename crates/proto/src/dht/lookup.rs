@@ -146,6 +146,15 @@ impl<A: Address> Lookup<A> {
         if matches!(self.kind, LookupKind::GetRecord) && self.found.is_some() {
             return true;
         }
+        // Looking for a node and it answered: found.
+        if matches!(self.kind, LookupKind::FindNode)
+            && self
+                .candidates
+                .iter()
+                .any(|c| c.id == self.target && c.state == State::Answered)
+        {
+            return true;
+        }
         let mut alive = 0;
         for c in &self.candidates {
             match c.state {

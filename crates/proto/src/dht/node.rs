@@ -38,12 +38,21 @@ pub struct DhtConfig {
     pub alpha: usize,
     /// Entries of one bucket from one /24 (IPv6 /48) at most.
     pub max_per_prefix: usize,
-    /// How long to wait for a response.
+    /// How long to wait for a response to a ping or a store.
     pub rpc_timeout: Duration,
+    /// How long a lookup waits for one node before asking the next one
+    /// instead (no retry: a lookup has other candidates).
+    pub query_timeout: Duration,
     /// Retries after a timeout.
     pub retries: u8,
-    /// Refresh a bucket no lookup has touched for this long.
+    /// Refresh a bucket that is not full and no lookup has touched for this
+    /// long.
     pub bucket_refresh: Duration,
+    /// Ping a contact not heard from for this long (keeps full buckets
+    /// alive and finds dead entries).
+    pub contact_stale: Duration,
+    /// Liveness pings per maintenance run at most.
+    pub pings_per_maintenance: usize,
     /// How often the owner re-stores its records.
     pub republish: Duration,
     /// How often maintenance runs.
@@ -65,8 +74,11 @@ impl Default for DhtConfig {
             alpha: 3,
             max_per_prefix: 2,
             rpc_timeout: Duration::from_millis(1000),
+            query_timeout: Duration::from_millis(500),
             retries: 1,
             bucket_refresh: Duration::from_secs(30 * 60),
+            contact_stale: Duration::from_secs(30 * 60),
+            pings_per_maintenance: 8,
             republish: Duration::from_secs(20 * 60),
             maintenance: Duration::from_secs(60),
             max_records: 4096,
@@ -214,6 +226,7 @@ pub struct Dht<A: Address> {
     transmits: VecDeque<(A, Vec<u8>)>,
     events: VecDeque<DhtEvent<A>>,
     next_maintenance_ms: u64,
+    created_s: u64,
     observed: Option<A>,
     counters: DhtCounters,
 }
@@ -237,6 +250,7 @@ impl<A: Address> Dht<A> {
             records: RecordStore::new(config.max_records, config.max_records_per_network),
             next_republish_ms: ms(now) + config.republish.as_millis() as u64,
             next_maintenance_ms: ms(now) + jitter + maintenance,
+            created_s: now.as_secs(),
             config,
             keypair,
             id,
@@ -288,6 +302,18 @@ impl<A: Address> Dht<A> {
     /// Switches between server and client mode (when reachability changes).
     pub fn set_server(&mut self, server: bool) {
         self.config.server = server;
+    }
+
+    /// Puts a contact in the routing table without verifying it. Only for
+    /// simulators that build a network's tables directly instead of running
+    /// every join; a node never calls it for contacts from the network.
+    pub fn seed_contact(&mut self, id: NodeId, addr: A, now: Duration) {
+        self.table.insert(Contact {
+            id,
+            addr,
+            last_seen: now.as_secs(),
+            failures: 0,
+        });
     }
 
     /// Contacts a known node at `addr` (bootstrap): verifies it, adds it to
@@ -471,6 +497,14 @@ impl<A: Address> Dht<A> {
             cookie,
             body,
         };
+        // Lookups move on to other candidates rather than retry.
+        let (timeout, attempts) = match purpose {
+            Purpose::Query(_) => (
+                self.config.query_timeout,
+                self.config.retries.saturating_add(1),
+            ),
+            _ => (self.config.rpc_timeout, 1),
+        };
         self.transmit(to, request.encode(pad));
         self.pending.insert(
             txid,
@@ -479,8 +513,8 @@ impl<A: Address> Dht<A> {
                 to_id,
                 request,
                 pad,
-                deadline_ms: ms(now) + self.config.rpc_timeout.as_millis() as u64,
-                attempts: 1,
+                deadline_ms: ms(now) + timeout.as_millis() as u64,
+                attempts,
                 purpose,
             },
         );
@@ -511,7 +545,8 @@ impl<A: Address> Dht<A> {
                 self.advance(now, q);
             }
             Purpose::Liveness => {
-                // A second failure drops it and promotes the newcomer.
+                // A contact that stays silent through a liveness check (and
+                // its retry) is dropped; a newcomer takes its place.
                 if let Some(id) = to_id {
                     self.table.record_failure(&id);
                 }
@@ -611,10 +646,13 @@ impl<A: Address> Dht<A> {
             }
         }
         self.transmit(from, bytes);
-        // A server we do not know yet: verify it (it proves its ID) and add it.
+        // A server we do not know yet, with room for it in its bucket: verify
+        // it (it proves its ID) and add it. Pings never trigger this, or two
+        // nodes with full buckets would verify each other forever.
         if req.server
-            && self.table.get(&req.sender).is_none_or(|c| c.addr != from)
+            && !matches!(req.body, RequestBody::Ping)
             && req.sender != self.id
+            && self.table.has_room_for(&req.sender, &from)
         {
             self.send_request(
                 now,
@@ -757,10 +795,26 @@ impl<A: Address> Dht<A> {
     fn maintain(&mut self, now: Duration) {
         let secs = now.as_secs();
         self.records.expire(secs);
-        let before = secs.saturating_sub(self.config.bucket_refresh.as_secs());
-        for index in self.table.take_stale_buckets(before, secs) {
-            let target = self.id.random_with_prefix(index, self.rng.bytes32());
-            self.lookup(now, target);
+        let refresh = self.config.bucket_refresh.as_secs();
+        if secs >= self.created_s + refresh {
+            for index in self.table.take_stale_buckets(secs - refresh, secs) {
+                let target = self.id.random_with_prefix(index, self.rng.bytes32());
+                self.lookup(now, target);
+            }
+        }
+        let stale_before = secs.saturating_sub(self.config.contact_stale.as_secs());
+        for c in self
+            .table
+            .stale_contacts(stale_before, self.config.pings_per_maintenance)
+        {
+            self.send_request(
+                now,
+                c.addr,
+                Some(c.id),
+                RequestBody::Ping,
+                false,
+                Purpose::Liveness,
+            );
         }
         if ms(now) >= self.next_republish_ms {
             self.next_republish_ms = ms(now) + self.config.republish.as_millis() as u64;

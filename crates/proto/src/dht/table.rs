@@ -129,6 +129,27 @@ impl<A: Address> RoutingTable<A> {
         InsertOutcome::Pending { oldest }
     }
 
+    /// Whether a new contact `id` at `addr` would enter its bucket now (not
+    /// present, bucket not full, diversity limit not reached).
+    pub fn has_room_for(&self, id: &NodeId, addr: &A) -> bool {
+        let Some(index) = self.bucket_index(id) else {
+            return false;
+        };
+        let Some(bucket) = self.buckets.get(index) else {
+            return true;
+        };
+        if bucket.entries.iter().any(|c| c.id == *id) || bucket.entries.len() >= self.k {
+            return false;
+        }
+        let net = addr.network();
+        bucket
+            .entries
+            .iter()
+            .filter(|c| c.addr.network() == net)
+            .count()
+            < self.max_per_prefix
+    }
+
     /// Records that `id` answered at `now`.
     pub fn mark_seen(&mut self, id: &NodeId, now: u64) {
         if let Some(c) = self.get_mut(id) {
@@ -212,8 +233,8 @@ impl<A: Address> RoutingTable<A> {
         self.buckets.len()
     }
 
-    /// Indices of buckets not refreshed since `before` (seconds), marking
-    /// them refreshed at `now`. Only buckets up to the deepest non-empty one
+    /// Indices of buckets that are not full and were not refreshed since
+    /// `before` (seconds), marking them refreshed at `now`. Only buckets up to the deepest non-empty one
     /// count (deeper ones cover almost no nodes).
     pub fn take_stale_buckets(&mut self, before: u64, now: u64) -> Vec<usize> {
         let deepest = self
@@ -221,14 +242,31 @@ impl<A: Address> RoutingTable<A> {
             .iter()
             .rposition(|b| !b.entries.is_empty())
             .unwrap_or(0);
+        let k = self.k;
         let mut out = Vec::new();
         for (i, b) in self.buckets.iter_mut().enumerate().take(deepest + 1) {
-            if b.last_refresh < before {
+            // A full bucket needs no new contacts; pings keep it alive.
+            if b.entries.len() < k && b.last_refresh < before {
                 b.last_refresh = now;
                 out.push(i);
             }
         }
         out
+    }
+
+    /// Up to `max` contacts not seen since `before` (seconds), least
+    /// recently seen first.
+    pub fn stale_contacts(&self, before: u64, max: usize) -> Vec<Contact<A>> {
+        let mut stale: Vec<Contact<A>> = self
+            .buckets
+            .iter()
+            .flat_map(|b| b.entries.iter())
+            .filter(|c| c.last_seen < before)
+            .copied()
+            .collect();
+        stale.sort_unstable_by_key(|c| c.last_seen);
+        stale.truncate(max);
+        stale
     }
 
     /// Marks the bucket that covers `target` as refreshed.

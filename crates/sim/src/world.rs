@@ -1,0 +1,774 @@
+//! The simulated world and its event loop.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+
+use p2pos_proto::dht::{Dht, DhtConfig, DhtEvent, NodeId, QueryId, SignedRecord};
+use p2pos_proto::Keypair;
+use serde::Serialize;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Nodes online at any time.
+    pub nodes: usize,
+    /// Simulated time.
+    pub duration: Duration,
+    /// Median session length; `None`: no churn.
+    pub median_session: Option<Duration>,
+    /// Lookups of random server IDs, spread over the run after the warm-up.
+    pub lookups: usize,
+    /// Records put (each fetched once, a minute later, by another node).
+    pub records: usize,
+    /// The seed of everything.
+    pub seed: u64,
+    /// Share of nodes that are DHT clients (not reachable).
+    pub client_fraction: f64,
+    /// Datagram loss probability.
+    pub loss: f64,
+    /// Time before lookups start.
+    pub warmup: Duration,
+    /// DHT settings of every node.
+    pub dht: DhtConfig,
+    /// Report progress on stderr.
+    pub progress: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 1000,
+            duration: Duration::from_secs(600),
+            median_session: None,
+            lookups: 1000,
+            records: 100,
+            seed: 1,
+            client_fraction: 0.3,
+            loss: 0.0,
+            warmup: Duration::from_secs(60),
+            dht: DhtConfig::default(),
+            progress: false,
+        }
+    }
+}
+
+/// The figures of a run (`p2pos sim --json`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SimReport {
+    /// Nodes online at any time.
+    pub nodes: usize,
+    /// Lookups measured (targets still online at the end of the lookup).
+    pub lookups: usize,
+    /// Share of lookups that found their target.
+    pub lookup_success_rate: f64,
+    /// Hops of successful lookups.
+    pub hops_p50: u32,
+    /// 90th percentile.
+    pub hops_p90: u32,
+    /// 99th percentile.
+    pub hops_p99: u32,
+    /// Lookup latency (ms).
+    pub latency_ms_p50: u64,
+    /// 90th percentile.
+    pub latency_ms_p90: u64,
+    /// 99th percentile.
+    pub latency_ms_p99: u64,
+    /// Median RTT between two nodes in this world (ms), for the ratios.
+    pub rtt_ms_p50: u64,
+    /// Share of puts stored on at least one node.
+    pub put_success_rate: f64,
+    /// Share of gets (a minute after the put, by another node) that found
+    /// the record.
+    pub get_success_rate: f64,
+    /// DHT bytes sent per node per second, all nodes.
+    pub maintenance_bytes_per_node_per_s: f64,
+    /// The same for servers.
+    pub maintenance_bytes_per_server_per_s: f64,
+    /// The same for clients.
+    pub maintenance_bytes_per_client_per_s: f64,
+    /// Nodes that left (and were replaced).
+    pub departures: u64,
+    /// Events processed.
+    pub events: u64,
+    /// Wall-clock seconds.
+    pub wall_s: f64,
+    /// Peak resident memory (MB).
+    pub peak_rss_mb: f64,
+    /// The seed.
+    pub seed: u64,
+}
+
+/// SplitMix64.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    fn seed32(&mut self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for c in out.chunks_mut(8) {
+            c.copy_from_slice(&self.next().to_le_bytes());
+        }
+        out
+    }
+}
+
+enum EventKind {
+    Deliver { to: u32, from: u32, bytes: Vec<u8> },
+    Timer { node: u32, gen: u32 },
+    Leave { node: u32, gen: u32 },
+    Lookup,
+    Put,
+    Get { key: NodeId, seq: u64, owner: u32 },
+    Progress,
+}
+
+struct Event {
+    at: u64,
+    seq: u64,
+    kind: EventKind,
+}
+
+impl PartialEq for Event {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Event {}
+impl PartialOrd for Event {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Event {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+struct Node {
+    dht: Option<Box<Dht<u32>>>,
+    id: NodeId,
+    addr: u32,
+    gen: u32,
+    server: bool,
+    x: f32,
+    y: f32,
+    access_ms: f32,
+    timer_at: u64,
+    bytes_base: u64,
+}
+
+#[derive(Default)]
+struct Stats {
+    hops: Vec<u32>,
+    latency: Vec<u64>,
+    lookups: usize,
+    lookups_ok: usize,
+    puts: usize,
+    puts_ok: usize,
+    gets: usize,
+    gets_ok: usize,
+    departures: u64,
+    server_bytes: u128,
+    client_bytes: u128,
+    server_seconds: f64,
+    client_seconds: f64,
+}
+
+enum Pending {
+    Lookup {
+        target: NodeId,
+        target_node: u32,
+        target_gen: u32,
+    },
+    Get {
+        seq: u64,
+    },
+    Put,
+}
+
+struct World {
+    cfg: SimConfig,
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<Event>>,
+    nodes: Vec<Node>,
+    by_addr: HashMap<u32, u32>,
+    pending: HashMap<(u32, u32, QueryId), (Pending, u64)>,
+    stats: Stats,
+    events: u64,
+    online_since: Vec<u64>,
+}
+
+/// Simulated time starts here (seconds since the Unix epoch), so records
+/// carry realistic expiry times.
+const EPOCH_S: u64 = 1_800_000_000;
+
+fn percentile<T: Copy + Ord + Default>(v: &mut [T], p: f64) -> T {
+    if v.is_empty() {
+        return T::default();
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i.min(v.len() - 1)]
+}
+
+impl World {
+    fn now_d(&self) -> Duration {
+        Duration::from_millis(EPOCH_S * 1000 + self.now)
+    }
+
+    fn push(&mut self, at: u64, kind: EventKind) {
+        self.seq += 1;
+        self.queue.push(Reverse(Event {
+            at,
+            seq: self.seq,
+            kind,
+        }));
+    }
+
+    fn one_way_ms(&self, a: u32, b: u32) -> u64 {
+        let (na, nb) = (&self.nodes[a as usize], &self.nodes[b as usize]);
+        let d = ((na.x - nb.x).powi(2) + (na.y - nb.y).powi(2)).sqrt();
+        (na.access_ms + nb.access_ms + d * 50.0).max(1.0) as u64
+    }
+
+    fn session_ms(&mut self) -> Option<u64> {
+        let median = self.cfg.median_session?.as_millis() as f64;
+        // Pareto with shape 1.5: median = xm * 2^(1/1.5).
+        let shape = 1.5;
+        let xm = median / 2f64.powf(1.0 / shape);
+        let u = self.rng.unit().max(1e-12);
+        Some((xm / u.powf(1.0 / shape)) as u64)
+    }
+
+    fn new_identity(&mut self) -> (Keypair, u32) {
+        let key = Keypair::from_seed(self.rng.seed32());
+        let addr = loop {
+            let a = (self.rng.next() >> 32) as u32;
+            if a != 0 && !self.by_addr.contains_key(&a) {
+                break a;
+            }
+        };
+        (key, addr)
+    }
+
+    /// Creates the node in slot `index` (a new identity each time).
+    fn spawn(&mut self, index: u32) -> Keypair {
+        let gen = self.nodes.get(index as usize).map_or(0, |n| n.gen + 1);
+        let (key, addr) = self.new_identity();
+        let server = self.rng.unit() >= self.cfg.client_fraction;
+        let mut dht_cfg = self.cfg.dht.clone();
+        dht_cfg.server = server;
+        let seed = self.rng.next();
+        let dht = Dht::new(key.clone(), dht_cfg, seed, self.now_d());
+        let u = self.rng.unit() as f32;
+        let node = Node {
+            id: dht.id(),
+            dht: Some(Box::new(dht)),
+            addr,
+            gen,
+            server,
+            x: self.rng.unit() as f32,
+            y: self.rng.unit() as f32,
+            access_ms: 1.0 + 30.0 * u * u,
+            timer_at: u64::MAX,
+            bytes_base: 0,
+        };
+        self.by_addr.insert(addr, index);
+        if (index as usize) < self.nodes.len() {
+            self.nodes[index as usize] = node;
+            self.online_since[index as usize] = self.now;
+        } else {
+            self.nodes.push(node);
+            self.online_since.push(self.now);
+        }
+        if let Some(s) = self.session_ms() {
+            self.push(
+                self.now + s.max(1000),
+                EventKind::Leave { node: index, gen },
+            );
+        }
+        key
+    }
+
+    /// Fills every routing table from the global sorted list of servers.
+    fn build_tables(&mut self) {
+        let mut servers: Vec<(NodeId, u32)> = self
+            .nodes
+            .iter()
+            .filter(|n| n.server)
+            .map(|n| (n.id, n.addr))
+            .collect();
+        servers.sort_unstable_by_key(|s| s.0);
+        let k = self.cfg.dht.k;
+        let now = self.now_d();
+        for i in 0..self.nodes.len() {
+            let me = self.nodes[i].id;
+            let mut picks: Vec<(NodeId, u32)> = Vec::new();
+            for prefix in 0..256usize {
+                // IDs sharing exactly `prefix` bits with me.
+                let lo_id = me.random_with_prefix(prefix, [0; 32]);
+                let lo = {
+                    let mut b = lo_id.0;
+                    clear_after(&mut b, prefix + 1);
+                    NodeId(b)
+                };
+                let hi = {
+                    let mut b = lo_id.0;
+                    set_after(&mut b, prefix + 1);
+                    NodeId(b)
+                };
+                let start = servers.partition_point(|s| s.0 < lo);
+                let end = servers.partition_point(|s| s.0 <= hi);
+                let count = end - start;
+                if count == 0 {
+                    // Deeper prefixes can only be emptier once the range of
+                    // "my subtree" holds just me.
+                    let mut mine = me.0;
+                    set_after(&mut mine, prefix + 1);
+                    let sub_lo = {
+                        let mut b = me.0;
+                        clear_after(&mut b, prefix + 1);
+                        NodeId(b)
+                    };
+                    let s2 = servers.partition_point(|s| s.0 < sub_lo);
+                    let e2 = servers.partition_point(|s| s.0 <= NodeId(mine));
+                    if e2 - s2 <= 1 {
+                        break;
+                    }
+                    continue;
+                }
+                if count <= k {
+                    picks.extend_from_slice(&servers[start..end]);
+                } else {
+                    for _ in 0..k {
+                        let j = start + self.rng.below(count);
+                        picks.push(servers[j]);
+                    }
+                }
+            }
+            let dht = self.nodes[i].dht.as_mut().expect("online");
+            for (id, addr) in picks {
+                dht.seed_contact(id, addr, now);
+            }
+        }
+    }
+
+    fn random_online(&mut self, want_server: bool) -> Option<u32> {
+        for _ in 0..64 {
+            let i = self.rng.below(self.nodes.len()) as u32;
+            let n = &self.nodes[i as usize];
+            if n.dht.is_some() && (!want_server || n.server) {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Drains what node `i` wants to send and report, and re-arms its timer.
+    fn flush(&mut self, i: u32) {
+        let mut out = Vec::new();
+        let mut events = Vec::new();
+        let (timer, gen) = {
+            let node = &mut self.nodes[i as usize];
+            let Some(dht) = node.dht.as_mut() else { return };
+            while let Some(t) = dht.poll_transmit() {
+                out.push(t);
+            }
+            while let Some(e) = dht.poll_event() {
+                events.push(e);
+            }
+            (dht.poll_timeout(), node.gen)
+        };
+        for (to_addr, bytes) in out {
+            if self.cfg.loss > 0.0 && self.rng.unit() < self.cfg.loss {
+                continue;
+            }
+            let Some(&to) = self.by_addr.get(&to_addr) else {
+                continue;
+            };
+            let delay = self.one_way_ms(i, to);
+            let from = self.nodes[i as usize].addr;
+            self.push(self.now + delay, EventKind::Deliver { to, from, bytes });
+        }
+        for e in events {
+            self.on_event(i, gen, e);
+        }
+        if let Some(t) = timer {
+            let at = (t.as_millis() as u64)
+                .saturating_sub(EPOCH_S * 1000)
+                .max(self.now);
+            let node = &mut self.nodes[i as usize];
+            if at < node.timer_at || node.timer_at < self.now {
+                node.timer_at = at;
+                self.push(at, EventKind::Timer { node: i, gen });
+            }
+        }
+    }
+
+    fn on_event(&mut self, i: u32, gen: u32, e: DhtEvent<u32>) {
+        let query = match &e {
+            DhtEvent::LookupDone { query, .. }
+            | DhtEvent::GetDone { query, .. }
+            | DhtEvent::PutDone { query, .. } => *query,
+        };
+        let Some((pending, started)) = self.pending.remove(&(i, gen, query)) else {
+            return;
+        };
+        let measure = self.now >= self.cfg.warmup.as_millis() as u64;
+        match (pending, e) {
+            (
+                Pending::Lookup {
+                    target,
+                    target_node,
+                    target_gen,
+                },
+                DhtEvent::LookupDone { closest, hops, .. },
+            ) => {
+                let t = &self.nodes[target_node as usize];
+                if t.gen != target_gen || t.dht.is_none() {
+                    return; // the target left meanwhile: not a fair question
+                }
+                if !measure {
+                    return;
+                }
+                self.stats.lookups += 1;
+                if closest.iter().any(|(id, _)| *id == target) {
+                    self.stats.lookups_ok += 1;
+                    self.stats.hops.push(u32::from(hops));
+                    self.stats.latency.push(self.now - started);
+                }
+            }
+            (Pending::Get { seq }, DhtEvent::GetDone { record, .. }) => {
+                self.stats.gets += 1;
+                if record.is_some_and(|r| r.seq == seq) {
+                    self.stats.gets_ok += 1;
+                }
+            }
+            (Pending::Put, DhtEvent::PutDone { stored, .. }) => {
+                self.stats.puts += 1;
+                if stored > 0 {
+                    self.stats.puts_ok += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn account_bytes(&mut self, i: u32) {
+        let node = &mut self.nodes[i as usize];
+        if let Some(dht) = &node.dht {
+            let bytes = dht.counters().bytes_sent - node.bytes_base;
+            let secs = (self.now - self.online_since[i as usize]) as f64 / 1000.0;
+            if node.server {
+                self.stats.server_bytes += u128::from(bytes);
+                self.stats.server_seconds += secs;
+            } else {
+                self.stats.client_bytes += u128::from(bytes);
+                self.stats.client_seconds += secs;
+            }
+        }
+    }
+
+    fn step(&mut self, ev: Event) {
+        self.events += 1;
+        self.now = ev.at;
+        match ev.kind {
+            EventKind::Deliver { to, from, bytes } => {
+                let now = self.now_d();
+                let Some(dht) = self.nodes[to as usize].dht.as_mut() else {
+                    return;
+                };
+                let _ = dht.handle_datagram(now, from, &bytes);
+                self.flush(to);
+            }
+            EventKind::Timer { node, gen } => {
+                let n = &self.nodes[node as usize];
+                if n.gen != gen || n.timer_at != ev.at {
+                    return;
+                }
+                self.nodes[node as usize].timer_at = u64::MAX;
+                let now = self.now_d();
+                if let Some(dht) = self.nodes[node as usize].dht.as_mut() {
+                    dht.handle_timeout(now);
+                }
+                self.flush(node);
+            }
+            EventKind::Leave { node, gen } => {
+                if self.nodes[node as usize].gen != gen {
+                    return;
+                }
+                self.stats.departures += 1;
+                self.account_bytes(node);
+                let addr = self.nodes[node as usize].addr;
+                self.by_addr.remove(&addr);
+                self.nodes[node as usize].dht = None;
+                self.spawn(node);
+                let now = self.now_d();
+                if let Some(b) = self.random_online(true) {
+                    let baddr = self.nodes[b as usize].addr;
+                    if let Some(dht) = self.nodes[node as usize].dht.as_mut() {
+                        dht.add_bootstrap(now, baddr);
+                    }
+                }
+                self.flush(node);
+            }
+            EventKind::Lookup => {
+                let (Some(from), Some(target_node)) =
+                    (self.random_online(false), self.random_online(true))
+                else {
+                    return;
+                };
+                if from == target_node {
+                    return;
+                }
+                let target = self.nodes[target_node as usize].id;
+                let target_gen = self.nodes[target_node as usize].gen;
+                let gen = self.nodes[from as usize].gen;
+                let now = self.now_d();
+                let q = self.nodes[from as usize]
+                    .dht
+                    .as_mut()
+                    .expect("online")
+                    .lookup(now, target);
+                self.pending.insert(
+                    (from, gen, q),
+                    (
+                        Pending::Lookup {
+                            target,
+                            target_node,
+                            target_gen,
+                        },
+                        self.now,
+                    ),
+                );
+                self.flush(from);
+            }
+            EventKind::Put => {
+                let Some(owner) = self.random_online(false) else {
+                    return;
+                };
+                let seq = self.now;
+                let now = self.now_d();
+                let gen = self.nodes[owner as usize].gen;
+                let value = vec![0x42u8; 200];
+                // The record's owner key: a fresh one per record (the node
+                // puts it on its owner's behalf, as a peer record would be).
+                let record_kp = Keypair::from_seed(self.rng.seed32());
+                let record = SignedRecord::sign(
+                    &record_kp,
+                    b"sim",
+                    seq,
+                    EPOCH_S + self.now / 1000 + 7200,
+                    &value,
+                )
+                .expect("small record");
+                let rkey = record.key();
+                let q = self.nodes[owner as usize]
+                    .dht
+                    .as_mut()
+                    .expect("online")
+                    .put(now, record);
+                self.pending
+                    .insert((owner, gen, q), (Pending::Put, self.now));
+                self.push(
+                    self.now + 60_000,
+                    EventKind::Get {
+                        key: rkey,
+                        seq,
+                        owner,
+                    },
+                );
+                self.flush(owner);
+            }
+            EventKind::Get { key, seq, owner } => {
+                let Some(mut from) = self.random_online(false) else {
+                    return;
+                };
+                if from == owner {
+                    from = (from + 1) % self.nodes.len() as u32;
+                    if self.nodes[from as usize].dht.is_none() {
+                        return;
+                    }
+                }
+                let now = self.now_d();
+                let gen = self.nodes[from as usize].gen;
+                let q = self.nodes[from as usize]
+                    .dht
+                    .as_mut()
+                    .expect("online")
+                    .get(now, key);
+                self.pending
+                    .insert((from, gen, q), (Pending::Get { seq }, self.now));
+                self.flush(from);
+            }
+            EventKind::Progress => {
+                if self.cfg.progress {
+                    let total = self.cfg.duration.as_millis() as u64;
+                    eprint!(
+                        "\rsim: {:>5.1}% of {} simulated, {} events, {} lookups measured   ",
+                        self.now as f64 / total as f64 * 100.0,
+                        fmt_duration(self.cfg.duration),
+                        self.events,
+                        self.stats.lookups
+                    );
+                }
+                let step = (self.cfg.duration.as_millis() as u64 / 100).max(1000);
+                self.push(self.now + step, EventKind::Progress);
+            }
+        }
+    }
+}
+
+fn clear_after(b: &mut [u8; 32], bits: usize) {
+    for bit in bits..256 {
+        b[bit / 8] &= !(0x80 >> (bit % 8));
+    }
+}
+
+fn set_after(b: &mut [u8; 32], bits: usize) {
+    for bit in bits..256 {
+        b[bit / 8] |= 0x80 >> (bit % 8);
+    }
+}
+
+fn fmt_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else if s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Runs a simulation.
+pub fn run(cfg: &SimConfig) -> SimReport {
+    let wall = Instant::now();
+    let mut w = World {
+        rng: Rng(cfg.seed),
+        cfg: cfg.clone(),
+        now: 0,
+        seq: 0,
+        queue: BinaryHeap::new(),
+        nodes: Vec::with_capacity(cfg.nodes),
+        by_addr: HashMap::with_capacity(cfg.nodes),
+        pending: HashMap::new(),
+        stats: Stats::default(),
+        events: 0,
+        online_since: Vec::with_capacity(cfg.nodes),
+    };
+    for i in 0..cfg.nodes {
+        w.spawn(i as u32);
+    }
+    if cfg.progress {
+        eprintln!("sim: {} nodes created, building routing tables", cfg.nodes);
+    }
+    w.build_tables();
+    for i in 0..cfg.nodes as u32 {
+        w.flush(i);
+    }
+    // The median RTT of this world, from random pairs.
+    let mut rtts: Vec<u64> = (0..10_000)
+        .map(|_| {
+            let a = w.rng.below(cfg.nodes) as u32;
+            let b = w.rng.below(cfg.nodes) as u32;
+            2 * w.one_way_ms(a, b)
+        })
+        .collect();
+    let rtt_p50 = percentile(&mut rtts, 0.5);
+    let warm = cfg.warmup.as_millis() as u64;
+    let end = cfg.duration.as_millis() as u64;
+    let window = end.saturating_sub(warm + 90_000).max(1);
+    for _ in 0..cfg.lookups {
+        let at = warm + w.rng.next() % window;
+        w.push(at, EventKind::Lookup);
+    }
+    for _ in 0..cfg.records {
+        let at = warm + w.rng.next() % window;
+        w.push(at, EventKind::Put);
+    }
+    w.push(0, EventKind::Progress);
+    while let Some(Reverse(ev)) = w.queue.pop() {
+        if ev.at > end {
+            break;
+        }
+        w.step(ev);
+    }
+    w.now = end;
+    for i in 0..w.nodes.len() as u32 {
+        w.account_bytes(i);
+    }
+    if cfg.progress {
+        eprintln!();
+    }
+    let s = &mut w.stats;
+    let per = |bytes: u128, secs: f64| if secs > 0.0 { bytes as f64 / secs } else { 0.0 };
+    SimReport {
+        nodes: cfg.nodes,
+        lookups: s.lookups,
+        lookup_success_rate: if s.lookups > 0 {
+            s.lookups_ok as f64 / s.lookups as f64
+        } else {
+            0.0
+        },
+        hops_p50: percentile(&mut s.hops, 0.5),
+        hops_p90: percentile(&mut s.hops, 0.9),
+        hops_p99: percentile(&mut s.hops, 0.99),
+        latency_ms_p50: percentile(&mut s.latency, 0.5),
+        latency_ms_p90: percentile(&mut s.latency, 0.9),
+        latency_ms_p99: percentile(&mut s.latency, 0.99),
+        rtt_ms_p50: rtt_p50,
+        put_success_rate: if s.puts > 0 {
+            s.puts_ok as f64 / s.puts as f64
+        } else {
+            0.0
+        },
+        get_success_rate: if s.gets > 0 {
+            s.gets_ok as f64 / s.gets as f64
+        } else {
+            0.0
+        },
+        maintenance_bytes_per_node_per_s: per(
+            s.server_bytes + s.client_bytes,
+            s.server_seconds + s.client_seconds,
+        ),
+        maintenance_bytes_per_server_per_s: per(s.server_bytes, s.server_seconds),
+        maintenance_bytes_per_client_per_s: per(s.client_bytes, s.client_seconds),
+        departures: s.departures,
+        events: w.events,
+        wall_s: wall.elapsed().as_secs_f64(),
+        peak_rss_mb: peak_rss_mb(),
+        seed: cfg.seed,
+    }
+}
