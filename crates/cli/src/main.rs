@@ -113,6 +113,17 @@ enum Command {
         #[arg(long)]
         detach: bool,
     },
+    /// Find a peer's record (its addresses) in the DHT by its ID.
+    Lookup {
+        /// The peer's ID.
+        peer: PeerId,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Store and fetch signed records in the DHT (for tests and scripts).
+    #[command(subcommand)]
+    Dht(DhtCommand),
     /// Ask the node at an address which address it sees this node at.
     Probe {
         /// The other node's UDP address.
@@ -165,6 +176,24 @@ struct SimArgs {
 }
 
 #[derive(Subcommand)]
+enum DhtCommand {
+    /// Publish a record NAME of this node with VALUE (text, at most 1000 bytes).
+    Put {
+        /// The record's name.
+        name: String,
+        /// Its value.
+        value: String,
+    },
+    /// Fetch the record NAME of PEER.
+    Get {
+        /// The owner's peer ID.
+        peer: PeerId,
+        /// The record's name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum NetworkCommand {
     /// Write a new random network secret to FILE (mode 0600). Give the same
     /// file to every node of the private network with --network-secret.
@@ -191,6 +220,9 @@ struct UpArgs {
     /// Open a session to this peer at start, as <peer-id>@<ip:port> (repeatable).
     #[arg(long, value_name = "ID@ADDR")]
     bootstrap: Vec<String>,
+    /// Only query the DHT, do not serve it (for nodes not reachable from outside).
+    #[arg(long)]
+    dht_client: bool,
 }
 
 fn data_dir(cli: &Cli) -> PathBuf {
@@ -227,6 +259,9 @@ fn effective_config(dir: &Path, args: &UpArgs) -> Result<Config> {
         config.api.tcp = Some(tcp);
     }
     config.bootstrap.extend(args.bootstrap.iter().cloned());
+    if args.dht_client {
+        config.dht.server = false;
+    }
     config.validate()?;
     Ok(config)
 }
@@ -368,6 +403,43 @@ async fn run(cli: Cli) -> Result<()> {
             if !detach {
                 hold_until_signal(&api, &format!("/v1/forwards/{id}")).await?;
             }
+        }
+        Command::Lookup { peer, json } => {
+            let found = api
+                .call(
+                    Method::POST,
+                    "/v1/lookup",
+                    Some(&json!({ "peer": peer.to_string() })),
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                println!("peer     {peer}");
+                for a in found["addrs"].as_array().into_iter().flatten() {
+                    println!("address  {}", a.as_str().unwrap_or("?"));
+                }
+                println!(
+                    "record   seq {}  expires {}",
+                    found["seq"], found["expires"]
+                );
+                println!(
+                    "lookup   {} hops, {} ms",
+                    found["hops"], found["elapsed_ms"]
+                );
+            }
+        }
+        Command::Dht(DhtCommand::Put { name, value }) => {
+            let path = format!("/v1/dht/{}", query_value(&name));
+            let r = api
+                .call(Method::PUT, &path, Some(&json!({ "value": value })))
+                .await?;
+            println!("stored on {} nodes", r["stored"]);
+        }
+        Command::Dht(DhtCommand::Get { peer, name }) => {
+            let path = format!("/v1/dht/{peer}/{}", query_value(&name));
+            let r = api.call(Method::GET, &path, None).await?;
+            println!("{}", r["value"].as_str().unwrap_or(""));
         }
         Command::Probe { addr } => {
             let result = api

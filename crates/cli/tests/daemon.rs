@@ -614,3 +614,61 @@ fn bootstrap_peers_get_a_session_at_start() {
         stderr(&out)
     );
 }
+
+#[test]
+fn ten_daemons_find_each_other_by_key() {
+    let first = Daemon::start(&[]);
+    let entry = format!("{}@{}", first.peer_id, first.addr_string());
+    let mut nodes = vec![first];
+    for _ in 0..9 {
+        nodes.push(Daemon::start(&["--bootstrap", &entry]));
+    }
+    // Every node has joined and published its peer record.
+    for n in &nodes[1..] {
+        wait_until("peer record published", Duration::from_secs(20), || {
+            n.status()["dht"]["peer_record_seq"].as_u64().unwrap_or(0) > 0
+        });
+    }
+    for (i, a) in nodes.iter().enumerate() {
+        for (j, b) in nodes.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let out = a.cmd(&["lookup", &b.peer_id, "--json"]);
+            assert!(out.status.success(), "{i} -> {j}: {}", stderr(&out));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["addrs"][0], b.addr_string().as_str(), "{i} -> {j}: {v}");
+        }
+    }
+    // Reach a peer by key alone: no address, never met before.
+    let out = nodes[4].cmd(&["ping", &nodes[7].peer_id, "-c", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Records: put on one node, get from another.
+    let out = nodes[2].cmd(&["dht", "put", "motd", "hello from node 2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = nodes[8].cmd(&["dht", "get", &nodes[2].peer_id, "motd"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello from node 2"
+    );
+    // A peer that never joined: a clear error, not a hang.
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = Command::new(bin())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("id")
+        .output()
+        .unwrap();
+    let stranger = String::from_utf8(stranger.stdout).unwrap();
+    let out = nodes[1].cmd(&["lookup", stranger.trim()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no record found"), "{}", stderr(&out));
+    let out = nodes[1].cmd(&["ping", stranger.trim(), "-c", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not found in the DHT"),
+        "{}",
+        stderr(&out)
+    );
+}

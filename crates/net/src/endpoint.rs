@@ -68,6 +68,8 @@ pub struct BoundEndpoint {
     pub counters: Arc<SocketCounters>,
     /// The address actually bound.
     pub local_addr: SocketAddr,
+    /// DHT datagrams received (taken once by the node's DHT task).
+    pub dht_inbox: Arc<std::sync::Mutex<Option<mpsc::Receiver<crate::socket::OverlayDatagram>>>>,
     tls: TlsIdentity,
     transport: Arc<quinn::TransportConfig>,
 }
@@ -127,12 +129,14 @@ impl BoundEndpoint {
         })?;
         let mut seed = [0u8; 8];
         seed.copy_from_slice(&keypair.peer_id().as_bytes()[..8]);
-        let overlay = Overlay::spawn(socket, overlay_rx, u64::from_le_bytes(seed));
+        let (dht_tx, dht_rx) = mpsc::channel(OVERLAY_QUEUE);
+        let overlay = Overlay::spawn(socket, overlay_rx, u64::from_le_bytes(seed), dht_tx);
         Ok(BoundEndpoint {
             quic,
             overlay,
             counters,
             local_addr,
+            dht_inbox: Arc::new(std::sync::Mutex::new(Some(dht_rx))),
             tls,
             transport,
         })

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use p2pos_proto::dht::wire_types::{TYPE_REQUEST, TYPE_RESPONSE};
 use p2pos_proto::overlay::Message;
 use tokio::sync::{mpsc, oneshot};
 
@@ -44,6 +45,8 @@ pub struct OverlayCounters {
     pub probes_rate_limited: AtomicU64,
     /// Datagrams that did not decode.
     pub malformed: AtomicU64,
+    /// DHT datagrams dropped because the DHT's queue was full.
+    pub dht_queue_full: AtomicU64,
 }
 
 /// Handle to the overlay: send probes, read counters.
@@ -57,11 +60,13 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// Starts the overlay task on `rx`, the socket's overlay queue.
+    /// Starts the overlay task on `rx`, the socket's overlay queue. DHT
+    /// datagrams (overlay types 10 and 11) go on to `dht`.
     pub fn spawn(
         socket: Arc<OverlaySocket>,
         mut rx: mpsc::Receiver<OverlayDatagram>,
         id_seed: u64,
+        dht: mpsc::Sender<OverlayDatagram>,
     ) -> Self {
         let overlay = Overlay {
             socket,
@@ -74,6 +79,12 @@ impl Overlay {
             let mut window = Instant::now();
             let mut replies_in_window = 0u32;
             while let Some((src, datagram)) = rx.recv().await {
+                if matches!(datagram.get(2), Some(&TYPE_REQUEST) | Some(&TYPE_RESPONSE)) {
+                    if dht.try_send((src, datagram)).is_err() {
+                        task.counters.dht_queue_full.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
                 match Message::decode(&datagram) {
                     Ok(Message::Probe { id }) => {
                         let now = Instant::now();
@@ -112,6 +123,11 @@ impl Overlay {
             }
         });
         overlay
+    }
+
+    /// Sends an overlay datagram (e.g. from the DHT) to `dest`.
+    pub async fn send(&self, dest: SocketAddr, datagram: &[u8]) -> io::Result<()> {
+        self.socket.send_overlay(dest, datagram).await
     }
 
     /// Sends a probe to `dest`; returns the address `dest` saw us at.

@@ -71,6 +71,7 @@ impl From<ConnectError> for ApiError {
     fn from(e: ConnectError) -> Self {
         let status = match e {
             ConnectError::NoAddress(_) | ConnectError::SelfDial => StatusCode::BAD_REQUEST,
+            ConnectError::NotFound(_) => StatusCode::NOT_FOUND,
             ConnectError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ConnectError::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
             ConnectError::WrongPeer { .. } | ConnectError::Handshake { .. } => {
@@ -184,6 +185,9 @@ fn router_with_state(state: ApiState, token: Option<String>) -> Router {
         .route("/v1/services/{name}/datagrams", get(poll_datagrams))
         .route("/v1/streams", post(open_stream))
         .route("/v1/datagrams", post(send_datagram))
+        .route("/v1/lookup", post(lookup))
+        .route("/v1/dht/{name}", put(dht_put))
+        .route("/v1/dht/{peer}/{name}", get(dht_get))
         .route("/v1/exposes", post(add_expose).get(list_tunnels))
         .route("/v1/exposes/{id}", delete(remove_tunnel))
         .route("/v1/forwards", post(add_forward).get(list_tunnels))
@@ -635,4 +639,81 @@ async fn remove_tunnel(
     } else {
         Err(ApiError::not_found(format!("no tunnel {id}")))
     }
+}
+
+fn dht_of(s: &ApiState) -> Result<&crate::dht::DhtHandle, ApiError> {
+    s.node.dht().ok_or_else(|| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node runs no DHT".into(),
+        )
+    })
+}
+
+impl From<crate::dht::DhtError> for ApiError {
+    fn from(e: crate::dht::DhtError) -> Self {
+        let status = match e {
+            crate::dht::DhtError::NotFound(_) => StatusCode::NOT_FOUND,
+            crate::dht::DhtError::Invalid(_) => StatusCode::BAD_REQUEST,
+            crate::dht::DhtError::Malformed(_) => StatusCode::BAD_GATEWAY,
+            crate::dht::DhtError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LookupBody {
+    peer: String,
+}
+
+async fn lookup(
+    State(s): State<ApiState>,
+    body: Result<Json<LookupBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(b) = body?;
+    let peer = parse_peer(&b.peer)?;
+    let found = dht_of(&s)?.lookup_peer(peer).await?;
+    Ok(Json(found).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DhtPutBody {
+    /// The value as UTF-8 text.
+    value: String,
+}
+
+async fn dht_put(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<DhtPutBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(b) = body?;
+    if name.as_bytes() == crate::dht::PEER_RECORD {
+        return Err(ApiError::bad_request(
+            "the record named peer is the node's own peer record",
+        ));
+    }
+    let stored = dht_of(&s)?.put(name.as_bytes(), b.value.as_bytes()).await?;
+    Ok(Json(serde_json::json!({ "name": name, "stored": stored })).into_response())
+}
+
+async fn dht_get(
+    State(s): State<ApiState>,
+    Path((peer, name)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let owner = parse_peer(&peer)?;
+    let (record, hops, elapsed_ms) = dht_of(&s)?.get(owner, name.as_bytes()).await?;
+    Ok(Json(serde_json::json!({
+        "peer": peer,
+        "name": name,
+        "value": String::from_utf8_lossy(&record.value),
+        "seq": record.seq,
+        "expires": record.expires,
+        "hops": hops,
+        "elapsed_ms": elapsed_ms,
+    }))
+    .into_response())
 }

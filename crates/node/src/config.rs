@@ -23,6 +23,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Session settings.
     pub session: SessionConfig,
+    /// DHT settings.
+    pub dht: DhtSection,
     /// Peers to open sessions with at start, as `<peer-id>@<ip:port>`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bootstrap: Vec<String>,
@@ -83,6 +85,22 @@ pub struct SessionConfig {
     pub keepalive_s: u64,
 }
 
+/// DHT settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DhtSection {
+    /// Serve DHT routing and storage. Only nodes reachable from outside
+    /// should (NAT traversal will decide this by itself); `false` makes the
+    /// node a DHT client that only queries.
+    pub server: bool,
+}
+
+impl Default for DhtSection {
+    fn default() -> Self {
+        DhtSection { server: true }
+    }
+}
+
 /// A TCP service to expose.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -100,6 +118,7 @@ impl Default for Config {
             network_secret_file: None,
             api: ApiConfig::default(),
             session: SessionConfig::default(),
+            dht: DhtSection::default(),
             bootstrap: Vec::new(),
             expose: Vec::new(),
         }

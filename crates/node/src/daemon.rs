@@ -140,6 +140,7 @@ impl Daemon {
         let dir = DataDir::open(data_dir)?;
         let lock = DaemonLock::acquire(&dir)?;
         let mut builder = Node::builder()
+            .dht(true, config.dht.server)
             .data_dir(dir.path())
             .listen(config.listen)
             .session_timers(
@@ -199,6 +200,18 @@ impl Daemon {
         let bootstrap = config
             .bootstrap_peers()
             .map_err(|e| DaemonError::Expose(e.to_string()))?;
+        if let Some(dht) = node.dht() {
+            for peer in &bootstrap {
+                dht.bootstrap(peer.addr);
+            }
+            // Peers met in earlier runs help rejoin when the list is empty
+            // or its nodes are gone.
+            let mut known = node.known_peers();
+            known.sort_by_key(|(_, e)| std::cmp::Reverse(e.last_seen));
+            for (_, e) in known.into_iter().take(8) {
+                dht.bootstrap(e.last_addr);
+            }
+        }
         for peer in bootstrap {
             tokio::spawn(keep_bootstrap_session(node.clone(), peer));
         }

@@ -35,6 +35,7 @@ pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod data_dir;
+pub mod dht;
 pub mod node;
 pub mod status;
 pub mod store;

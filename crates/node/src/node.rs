@@ -72,9 +72,12 @@ pub const PING_SERVICE: &str = "p2pos/ping";
 /// Why a session could not be made.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnectError {
-    /// No address is known for the peer.
+    /// No address is known for the peer and the node has no DHT.
     #[error("no address known for peer {0}: pass its address (--addr IP:PORT)")]
     NoAddress(PeerId),
+    /// The DHT has no record of the peer.
+    #[error("peer {0} was not found in the DHT (offline, or not yet published): pass its address (--addr IP:PORT) if you know it")]
+    NotFound(PeerId),
     /// The node at the address holds another key.
     #[error("the node at {addr} is not {expected}: it presented another peer ID (wrong ID or wrong address?)")]
     WrongPeer {
@@ -351,6 +354,7 @@ pub(crate) struct Inner {
     counters: NodeCounters,
     started: Instant,
     pub(crate) tunnels: TunnelRegistry,
+    dht: std::sync::OnceLock<crate::dht::DhtHandle>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -381,8 +385,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// println!("I am {}", node.peer_id());
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NodeBuilder {
+    dht_enabled: bool,
+    dht_server: bool,
     data_dir: Option<PathBuf>,
     keypair: Option<Keypair>,
     listen: Option<SocketAddr>,
@@ -391,7 +397,30 @@ pub struct NodeBuilder {
     keepalive: Option<Duration>,
 }
 
+impl Default for NodeBuilder {
+    fn default() -> Self {
+        NodeBuilder {
+            dht_enabled: true,
+            dht_server: true,
+            data_dir: None,
+            keypair: None,
+            listen: None,
+            network: None,
+            idle_timeout: None,
+            keepalive: None,
+        }
+    }
+}
+
 impl NodeBuilder {
+    /// Whether the node runs the DHT (default: yes), and whether it serves
+    /// routing and storage (default: yes; only reachable nodes should).
+    pub fn dht(mut self, enabled: bool, server: bool) -> Self {
+        self.dht_enabled = enabled;
+        self.dht_server = server;
+        self
+    }
+
     /// Keep identity and peer store in this directory (created if needed).
     /// Without it the node has a fresh identity and remembers nothing.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
@@ -470,9 +499,39 @@ impl NodeBuilder {
             counters: NodeCounters::default(),
             started: Instant::now(),
             tunnels: TunnelRegistry::default(),
+            dht: std::sync::OnceLock::new(),
         });
         let node = Node { inner };
         node.spawn_accept_loop();
+        if self.dht_enabled {
+            let inbox = node
+                .inner
+                .endpoint
+                .dht_inbox
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some(inbox) = inbox {
+                let config = p2pos_proto::dht::DhtConfig {
+                    server: self.dht_server,
+                    ..Default::default()
+                };
+                let local: Vec<SocketAddr> = node
+                    .listen_addrs()
+                    .into_iter()
+                    .filter(|a| !a.ip().is_loopback() || node.local_addr().ip().is_loopback())
+                    .collect();
+                let handle = crate::dht::DhtHandle::spawn(
+                    node.inner.keypair.clone(),
+                    config,
+                    node.inner.endpoint.overlay.clone(),
+                    inbox,
+                    local,
+                    node.local_addr().is_ipv6(),
+                );
+                let _ = node.inner.dht.set(handle);
+            }
+        }
         tracing::info!(peer_id = %node.peer_id(), addr = %node.local_addr(), "node started");
         Ok(node)
     }
@@ -810,10 +869,10 @@ impl Node {
                 .and_then(|s| s.get(&peer).ok().flatten())
                 .map(|e| e.last_addr)
         };
-        let addr = addr
-            .or_else(remembered)
-            .or_else(stored)
-            .ok_or(ConnectError::NoAddress(peer))?;
+        let addr = match addr.or_else(remembered).or_else(stored) {
+            Some(a) => a,
+            None => return self.dial_by_record(peer).await,
+        };
         let connecting = self
             .inner
             .endpoint
@@ -851,6 +910,31 @@ impl Node {
             Ok(Ok(conn)) => conn,
         };
         Ok(self.install(conn, peer, self.peer_id()))
+    }
+
+    /// Finds `peer`'s addresses through its peer record in the DHT and dials
+    /// them in turn.
+    async fn dial_by_record(&self, peer: PeerId) -> Result<Session, ConnectError> {
+        let Some(dht) = self.inner.dht.get() else {
+            return Err(ConnectError::NoAddress(peer));
+        };
+        let found = dht
+            .lookup_peer(peer)
+            .await
+            .map_err(|_| ConnectError::NotFound(peer))?;
+        let mut last = ConnectError::NotFound(peer);
+        for addr in found.addrs {
+            match Box::pin(self.dial(peer, Some(addr))).await {
+                Ok(session) => return Ok(session),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// The node's DHT, if it runs one.
+    pub fn dht(&self) -> Option<&crate::dht::DhtHandle> {
+        self.inner.dht.get()
     }
 
     /// Opens a stream to `service` on `peer`. `addr` is a hint used when no
@@ -1069,6 +1153,7 @@ impl Node {
             sessions,
             services,
             tunnels: self.inner.tunnels.status(),
+            dht: self.inner.dht.get().map(|d| d.status()),
             counters: CountersStatus {
                 sessions_opened: get(&c.sessions_opened),
                 duplicate_sessions_closed: get(&c.duplicate_sessions_closed),

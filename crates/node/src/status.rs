@@ -22,6 +22,8 @@ pub struct NodeStatus {
     pub services: Vec<ServiceStatus>,
     /// Exposed services and forwarded ports.
     pub tunnels: TunnelsStatus,
+    /// The DHT: routing table size, traffic, the published peer record.
+    pub dht: Option<crate::dht::DhtStatus>,
     /// Counters, including every kind of dropped input.
     pub counters: CountersStatus,
 }

@@ -28,7 +28,17 @@ impl Address for SocketAddr {
     }
 
     fn network(&self) -> u64 {
-        match self.ip().to_canonical() {
+        let ip = self.ip().to_canonical();
+        if crate::session::is_local_ip(ip) {
+            // On a LAN (or loopback) every node shares the prefix: a home
+            // network must not be limited to two entries per bucket. Each
+            // local address is its own "network".
+            let mut buf = Vec::with_capacity(19);
+            self.encode(&mut buf);
+            let h = blake3::hash(&buf);
+            return u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | (1 << 62);
+        }
+        match ip {
             IpAddr::V4(v4) => u64::from(u32::from(v4) >> 8),
             IpAddr::V6(v6) => {
                 let s = v6.segments();

@@ -51,6 +51,11 @@ pub use record::{record_key, RecordError, RecordStore, SignedRecord, MAX_RECORD_
 pub use table::{Contact, InsertOutcome, RoutingTable};
 pub use wire::{DhtMessage, Request, RequestBody, Response, ResponseBody, WireError};
 
+/// The overlay message types of DHT datagrams (for demultiplexing).
+pub mod wire_types {
+    pub use super::wire::{TYPE_REQUEST, TYPE_RESPONSE};
+}
+
 /// A 256-bit DHT identifier: of a node (BLAKE3 of its public key) or of a
 /// record's key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
