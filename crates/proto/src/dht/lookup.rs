@@ -20,6 +20,9 @@ pub(crate) enum LookupKind {
 enum State {
     New,
     InFlight,
+    /// Asked, slower than the soft timeout: still welcome to answer, but no
+    /// longer holds one of the α slots nor blocks the end of the search.
+    Stalled,
     Answered,
     Failed,
 }
@@ -103,7 +106,7 @@ impl<A: Address> Lookup<A> {
         let mut out = Vec::new();
         let mut alive = 0;
         for c in self.candidates.iter_mut() {
-            if c.state == State::Failed {
+            if matches!(c.state, State::Failed | State::Stalled) {
                 continue;
             }
             alive += 1;
@@ -122,6 +125,17 @@ impl<A: Address> Lookup<A> {
     pub fn on_answer(&mut self, id: &NodeId) {
         if let Some(c) = self.candidates.iter_mut().find(|c| c.id == *id) {
             c.state = State::Answered;
+        }
+    }
+
+    /// The query to `id` passed its soft timeout.
+    pub fn on_stall(&mut self, id: &NodeId) {
+        if let Some(c) = self
+            .candidates
+            .iter_mut()
+            .find(|c| c.id == *id && c.state == State::InFlight)
+        {
+            c.state = State::Stalled;
         }
     }
 
@@ -158,7 +172,7 @@ impl<A: Address> Lookup<A> {
         let mut alive = 0;
         for c in &self.candidates {
             match c.state {
-                State::Failed => continue,
+                State::Failed | State::Stalled => continue,
                 State::New | State::InFlight => return false,
                 State::Answered => {}
             }

@@ -24,6 +24,8 @@ use crate::Keypair;
 /// Requests without a cookie are padded to this size so that a full answer
 /// (20 IPv4 contacts with a proof) fits within 3× the request.
 pub const UNVERIFIED_REQUEST_PAD: usize = 320;
+/// The shortest adaptive query timeout.
+pub const MIN_QUERY_TIMEOUT_MS: u64 = 150;
 /// Cookies this node keeps for other nodes' addresses.
 const MAX_COOKIES: usize = 4096;
 /// Verification pings of new server requesters in flight at most.
@@ -40,8 +42,10 @@ pub struct DhtConfig {
     pub max_per_prefix: usize,
     /// How long to wait for a response to a ping or a store.
     pub rpc_timeout: Duration,
-    /// How long a lookup waits for one node before asking the next one
-    /// instead (no retry: a lookup has other candidates).
+    /// The longest a lookup waits for one node before asking the next one
+    /// instead (no retry: a lookup has other candidates). The actual wait
+    /// adapts to measured RTTs (smoothed RTT + 4 deviations, as TCP's RTO),
+    /// never below [`MIN_QUERY_TIMEOUT_MS`].
     pub query_timeout: Duration,
     /// Retries after a timeout.
     pub retries: u8,
@@ -78,7 +82,7 @@ impl Default for DhtConfig {
             retries: 1,
             bucket_refresh: Duration::from_secs(30 * 60),
             contact_stale: Duration::from_secs(30 * 60),
-            pings_per_maintenance: 8,
+            pings_per_maintenance: 4,
             republish: Duration::from_secs(20 * 60),
             maintenance: Duration::from_secs(60),
             max_records: 4096,
@@ -175,6 +179,9 @@ enum Purpose {
 
 #[derive(Debug, Clone)]
 struct Pending<A> {
+    sent_ms: u64,
+    /// Lookup queries: when the query stops holding an α slot.
+    soft_deadline_ms: Option<u64>,
     to: A,
     to_id: Option<NodeId>,
     request: Request,
@@ -227,6 +234,10 @@ pub struct Dht<A: Address> {
     events: VecDeque<DhtEvent<A>>,
     next_maintenance_ms: u64,
     created_s: u64,
+    last_self_lookup_s: u64,
+    /// Smoothed RTT and its mean deviation (ms), from answered requests.
+    srtt_ms: f64,
+    rttvar_ms: f64,
     observed: Option<A>,
     counters: DhtCounters,
 }
@@ -251,6 +262,9 @@ impl<A: Address> Dht<A> {
             next_republish_ms: ms(now) + config.republish.as_millis() as u64,
             next_maintenance_ms: ms(now) + jitter + maintenance,
             created_s: now.as_secs(),
+            last_self_lookup_s: now.as_secs(),
+            srtt_ms: 0.0,
+            rttvar_ms: 0.0,
             config,
             keypair,
             id,
@@ -497,18 +511,23 @@ impl<A: Address> Dht<A> {
             cookie,
             body,
         };
-        // Lookups move on to other candidates rather than retry.
-        let (timeout, attempts) = match purpose {
+        // Lookups move on to other candidates rather than retry: after the
+        // soft timeout (adaptive) the next candidate is asked; a late answer
+        // is still used until the hard timeout.
+        let (timeout, attempts, soft) = match purpose {
             Purpose::Query(_) => (
                 self.config.query_timeout,
                 self.config.retries.saturating_add(1),
+                Some(ms(now) + self.query_timeout().as_millis() as u64),
             ),
-            _ => (self.config.rpc_timeout, 1),
+            _ => (self.config.rpc_timeout, 1, None),
         };
         self.transmit(to, request.encode(pad));
         self.pending.insert(
             txid,
             Pending {
+                sent_ms: ms(now),
+                soft_deadline_ms: soft,
                 to,
                 to_id,
                 request,
@@ -518,6 +537,28 @@ impl<A: Address> Dht<A> {
                 purpose,
             },
         );
+    }
+
+    /// When a lookup query stops holding its slot: RTO from the measured RTTs.
+    fn query_timeout(&self) -> Duration {
+        let max = self.config.query_timeout.as_millis() as u64;
+        if self.srtt_ms == 0.0 {
+            return Duration::from_millis(max);
+        }
+        let rto = (self.srtt_ms + 4.0 * self.rttvar_ms) as u64;
+        Duration::from_millis(rto.clamp(MIN_QUERY_TIMEOUT_MS.min(max), max))
+    }
+
+    /// Folds one RTT sample into the estimate (RFC 6298's constants).
+    fn sample_rtt(&mut self, rtt_ms: u64) {
+        let r = rtt_ms as f64;
+        if self.srtt_ms == 0.0 {
+            self.srtt_ms = r;
+            self.rttvar_ms = r / 2.0;
+        } else {
+            self.rttvar_ms = 0.75 * self.rttvar_ms + 0.25 * (self.srtt_ms - r).abs();
+            self.srtt_ms = 0.875 * self.srtt_ms + 0.125 * r;
+        }
     }
 
     fn transmit(&mut self, to: A, bytes: Vec<u8>) {
@@ -675,6 +716,10 @@ impl<A: Address> Dht<A> {
             return;
         }
         let pending = self.pending.remove(&resp.txid).expect("present");
+        if pending.attempts == 1 || matches!(pending.purpose, Purpose::Query(_)) {
+            // Only unambiguous samples (no retransmission), as Karn's rule.
+            self.sample_rtt(ms(now).saturating_sub(pending.sent_ms));
+        }
         if pending.request.want_proof {
             let ok = resp.proof.as_ref().is_some_and(|(key, sig)| {
                 NodeId::of_peer(key) == resp.responder
@@ -766,6 +811,24 @@ impl<A: Address> Dht<A> {
     /// Handles timers: retries, failures, maintenance.
     pub fn handle_timeout(&mut self, now: Duration) {
         let now_ms = ms(now);
+        let stalled: Vec<(QueryId, Option<NodeId>)> = self
+            .pending
+            .values_mut()
+            .filter(|p| p.soft_deadline_ms.is_some_and(|s| s <= now_ms))
+            .filter_map(|p| {
+                p.soft_deadline_ms = None;
+                match p.purpose {
+                    Purpose::Query(q) => Some((q, p.to_id)),
+                    _ => None,
+                }
+            })
+            .collect();
+        for (q, id) in stalled {
+            if let (Some(l), Some(id)) = (self.lookups.get_mut(&q), id) {
+                l.on_stall(&id);
+            }
+            self.advance(now, q);
+        }
         let expired: Vec<u64> = self
             .pending
             .iter()
@@ -801,6 +864,13 @@ impl<A: Address> Dht<A> {
                 let target = self.id.random_with_prefix(index, self.rng.bytes32());
                 self.lookup(now, target);
             }
+            // One lookup of our own ID refreshes the deep buckets (and tells
+            // our closest neighbours we are here).
+            if secs >= self.last_self_lookup_s + refresh {
+                self.last_self_lookup_s = secs;
+                let me = self.id;
+                self.lookup(now, me);
+            }
         }
         let stale_before = secs.saturating_sub(self.config.contact_stale.as_secs());
         for c in self
@@ -833,7 +903,14 @@ impl<A: Address> Dht<A> {
 
     /// When [`Dht::handle_timeout`] should be called next.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let pending = self.pending.values().map(|p| p.deadline_ms).min();
+        let pending = self
+            .pending
+            .values()
+            .map(|p| {
+                p.soft_deadline_ms
+                    .map_or(p.deadline_ms, |s| s.min(p.deadline_ms))
+            })
+            .min();
         let next = pending.map_or(self.next_maintenance_ms, |p| {
             p.min(self.next_maintenance_ms)
         });

@@ -233,19 +233,19 @@ impl<A: Address> RoutingTable<A> {
         self.buckets.len()
     }
 
-    /// Indices of buckets that are not full and were not refreshed since
-    /// `before` (seconds), marking them refreshed at `now`. Only buckets up to the deepest non-empty one
-    /// count (deeper ones cover almost no nodes).
+    /// Indices of buckets that are not full but should be, and were not
+    /// refreshed since `before` (seconds), marking them refreshed at `now`.
+    ///
+    /// Buckets deeper than the deepest full one are under-full by nature
+    /// (few nodes share that long a prefix with this node): a lookup of the
+    /// node's own ID refreshes all of them at once, so they are left out.
     pub fn take_stale_buckets(&mut self, before: u64, now: u64) -> Vec<usize> {
-        let deepest = self
-            .buckets
-            .iter()
-            .rposition(|b| !b.entries.is_empty())
-            .unwrap_or(0);
         let k = self.k;
+        let Some(deepest_full) = self.buckets.iter().rposition(|b| b.entries.len() >= k) else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
-        for (i, b) in self.buckets.iter_mut().enumerate().take(deepest + 1) {
-            // A full bucket needs no new contacts; pings keep it alive.
+        for (i, b) in self.buckets.iter_mut().enumerate().take(deepest_full) {
             if b.entries.len() < k && b.last_refresh < before {
                 b.last_refresh = now;
                 out.push(i);
