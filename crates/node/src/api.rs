@@ -168,6 +168,22 @@ pub fn routers(node: Node, token: String) -> (Router, Router) {
     )
 }
 
+impl ApiState {
+    /// The listener of a service registered through the API.
+    async fn listener(&self, name: &str) -> Result<Arc<Mutex<ServiceListener>>, ApiError> {
+        self.listeners
+            .lock()
+            .await
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "service {name:?} is not registered: PUT /v1/services/{name} first"
+                ))
+            })
+    }
+}
+
 fn router_with_state(state: ApiState, token: Option<String>) -> Router {
     let router = Router::new()
         .route("/v1/status", get(status))
@@ -426,17 +442,7 @@ async fn accept_stream(
     mut req: Request,
 ) -> Result<Response, ApiError> {
     wants_upgrade(req.headers())?;
-    let listener = s
-        .listeners
-        .lock()
-        .await
-        .get(&name)
-        .cloned()
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "service {name:?} is not registered: PUT /v1/services/{name} first"
-            ))
-        })?;
+    let listener = s.listener(&name).await?;
     let incoming = {
         let mut l = listener.lock().await;
         l.accept()
@@ -536,17 +542,7 @@ async fn poll_datagrams(
     let Query(q) =
         query.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
     let wait = Duration::from_millis(q.timeout_ms.unwrap_or(0)).min(MAX_POLL);
-    let listener = s
-        .listeners
-        .lock()
-        .await
-        .get(&name)
-        .cloned()
-        .ok_or_else(|| {
-            ApiError::not_found(format!(
-                "service {name:?} is not registered: PUT /v1/services/{name} first"
-            ))
-        })?;
+    let listener = s.listener(&name).await?;
     let mut l = listener.lock().await;
     let mut out = Vec::new();
     if let Ok(Some(first)) = tokio::time::timeout(wait, l.recv_datagram()).await {

@@ -23,6 +23,7 @@ pub mod identity;
 pub mod network;
 pub mod overlay;
 pub mod packet;
+pub mod rng;
 pub mod session;
 pub mod stream;
 

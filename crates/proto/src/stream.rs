@@ -63,6 +63,20 @@ pub fn validate_service_name(name: &str) -> Result<(), ServiceNameError> {
     Ok(())
 }
 
+/// Reads `name length (1) | name` and checks the name; returns it and the
+/// bytes after it.
+fn read_service_name(buf: &[u8]) -> Result<(&str, &[u8]), HeaderError> {
+    let (&len, rest) = buf.split_first().ok_or(HeaderError::Incomplete)?;
+    let len = usize::from(len);
+    if len == 0 || len > MAX_SERVICE_NAME {
+        return Err(ServiceNameError::Length.into());
+    }
+    let name = rest.get(..len).ok_or(HeaderError::Incomplete)?;
+    let service = std::str::from_utf8(name).map_err(|_| ServiceNameError::Characters)?;
+    validate_service_name(service)?;
+    Ok((service, &rest[len..]))
+}
+
 /// The header that opens a stream for a service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamOpen {
@@ -86,19 +100,12 @@ impl StreamOpen {
         if version != STREAM_VERSION {
             return Err(HeaderError::Version(version));
         }
-        let (&len, rest) = rest.split_first().ok_or(HeaderError::Incomplete)?;
-        let len = usize::from(len);
-        if len == 0 || len > MAX_SERVICE_NAME {
-            return Err(ServiceNameError::Length.into());
-        }
-        let name = rest.get(..len).ok_or(HeaderError::Incomplete)?;
-        let service = std::str::from_utf8(name).map_err(|_| ServiceNameError::Characters)?;
-        validate_service_name(service)?;
+        let (service, tail) = read_service_name(rest)?;
         Ok((
             StreamOpen {
                 service: service.to_owned(),
             },
-            2 + len,
+            buf.len() - tail.len(),
         ))
     }
 }
@@ -186,15 +193,7 @@ pub fn encode_datagram(service: &str, payload: &[u8]) -> Vec<u8> {
 
 /// Decodes an application datagram into (service, payload).
 pub fn decode_datagram(datagram: &[u8]) -> Result<(&str, &[u8]), HeaderError> {
-    let (&len, rest) = datagram.split_first().ok_or(HeaderError::Incomplete)?;
-    let len = usize::from(len);
-    if len == 0 || len > MAX_SERVICE_NAME {
-        return Err(ServiceNameError::Length.into());
-    }
-    let name = rest.get(..len).ok_or(HeaderError::Incomplete)?;
-    let service = std::str::from_utf8(name).map_err(|_| ServiceNameError::Characters)?;
-    validate_service_name(service)?;
-    Ok((service, &rest[len..]))
+    read_service_name(datagram)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 use p2pos_proto::dht::{Dht, DhtConfig, DhtEvent, NodeId, QueryId, SignedRecord};
+use p2pos_proto::rng::SplitMix64;
 use p2pos_proto::Keypair;
 use serde::Serialize;
 
@@ -99,33 +100,6 @@ pub struct SimReport {
     pub seed: u64,
 }
 
-/// SplitMix64.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn seed32(&mut self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        for c in out.chunks_mut(8) {
-            c.copy_from_slice(&self.next().to_le_bytes());
-        }
-        out
-    }
-}
-
 enum EventKind {
     Deliver { to: u32, from: u32, bytes: Vec<u8> },
     Timer { node: u32, gen: u32 },
@@ -203,7 +177,7 @@ enum Pending {
 
 struct World {
     cfg: SimConfig,
-    rng: Rng,
+    rng: SplitMix64,
     now: u64,
     seq: u64,
     queue: BinaryHeap<Reverse<Event>>,
@@ -258,9 +232,9 @@ impl World {
     }
 
     fn new_identity(&mut self) -> (Keypair, u32) {
-        let key = Keypair::from_seed(self.rng.seed32());
+        let key = Keypair::from_seed(self.rng.bytes32());
         let addr = loop {
-            let a = (self.rng.next() >> 32) as u32;
+            let a = (self.rng.next_u64() >> 32) as u32;
             if a != 0 && !self.by_addr.contains_key(&a) {
                 break a;
             }
@@ -275,7 +249,7 @@ impl World {
         let server = self.rng.unit() >= self.cfg.client_fraction;
         let mut dht_cfg = self.cfg.dht.clone();
         dht_cfg.server = server;
-        let seed = self.rng.next();
+        let seed = self.rng.next_u64();
         let dht = Dht::new(key.clone(), dht_cfg, seed, self.now_d());
         let u = self.rng.unit() as f32;
         let node = Node {
@@ -570,7 +544,7 @@ impl World {
                 let value = vec![0x42u8; 200];
                 // The record's owner key: a fresh one per record (the node
                 // puts it on its owner's behalf, as a peer record would be).
-                let record_kp = Keypair::from_seed(self.rng.seed32());
+                let record_kp = Keypair::from_seed(self.rng.bytes32());
                 let record = SignedRecord::sign(
                     &record_kp,
                     b"sim",
@@ -676,7 +650,7 @@ fn peak_rss_mb() -> f64 {
 pub fn run(cfg: &SimConfig) -> SimReport {
     let wall = Instant::now();
     let mut w = World {
-        rng: Rng(cfg.seed),
+        rng: SplitMix64(cfg.seed),
         cfg: cfg.clone(),
         now: 0,
         seq: 0,
@@ -711,11 +685,11 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let end = cfg.duration.as_millis() as u64;
     let window = end.saturating_sub(warm + 90_000).max(1);
     for _ in 0..cfg.lookups {
-        let at = warm + w.rng.next() % window;
+        let at = warm + w.rng.next_u64() % window;
         w.push(at, EventKind::Lookup);
     }
     for _ in 0..cfg.records {
-        let at = warm + w.rng.next() % window;
+        let at = warm + w.rng.next_u64() % window;
         w.push(at, EventKind::Put);
     }
     w.push(0, EventKind::Progress);

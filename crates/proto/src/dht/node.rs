@@ -19,6 +19,7 @@ use super::wire::{
     proof_message, DhtMessage, Request, RequestBody, Response, ResponseBody, WireError,
 };
 use super::NodeId;
+use crate::rng::SplitMix64;
 use crate::Keypair;
 
 /// Requests without a cookie are padded to this size so that a full answer
@@ -191,28 +192,6 @@ struct Pending<A> {
     purpose: Purpose,
 }
 
-/// SplitMix64: small, fast and good enough for txids and random targets.
-#[derive(Debug, Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn bytes32(&mut self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        for chunk in out.chunks_mut(8) {
-            chunk.copy_from_slice(&self.next().to_le_bytes());
-        }
-        out
-    }
-}
-
 /// A DHT node.
 #[derive(Debug)]
 pub struct Dht<A: Address> {
@@ -226,7 +205,7 @@ pub struct Dht<A: Address> {
     pending: HashMap<u64, Pending<A>>,
     lookups: HashMap<QueryId, Lookup<A>>,
     next_query: u64,
-    rng: Rng,
+    rng: SplitMix64,
     cookie_key: [u8; 32],
     cookies: HashMap<A, u64>,
     verifying: usize,
@@ -250,12 +229,12 @@ impl<A: Address> Dht<A> {
     /// A DHT node with identity `keypair`, randomness from `seed`.
     pub fn new(keypair: Keypair, config: DhtConfig, seed: u64, now: Duration) -> Self {
         let id = NodeId::of_peer(&keypair.peer_id());
-        let mut rng = Rng(seed ^ u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes")));
+        let mut rng = SplitMix64(seed ^ u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes")));
         let cookie_key = rng.bytes32();
         let maintenance = config.maintenance.as_millis() as u64;
         // Spread maintenance over the interval so nodes started together do
         // not all refresh at once.
-        let jitter = rng.next() % maintenance.max(1);
+        let jitter = rng.next_u64() % maintenance.max(1);
         Dht {
             table: RoutingTable::new(id, config.k, config.max_per_prefix),
             records: RecordStore::new(config.max_records, config.max_records_per_network),
@@ -488,7 +467,7 @@ impl<A: Address> Dht<A> {
             self.verifying += 1;
         }
         let txid = loop {
-            let t = self.rng.next();
+            let t = self.rng.next_u64();
             if t != 0 && !self.pending.contains_key(&t) {
                 break t;
             }
