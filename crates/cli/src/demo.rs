@@ -1,10 +1,12 @@
 //! `p2pos demo`: a small network of real nodes on loopback, shown live.
 //!
 //! Each node is a full p2pos node (its own identity, UDP socket, QUIC
-//! sessions) in a temporary data dir. Every pair dials each other at the
-//! same moment (so the demo also shows that exactly one session survives a
-//! simultaneous dial), then the nodes send streams of random bytes to each
-//! other's echo service and check that every byte comes back unchanged.
+//! sessions, DHT) in a temporary data dir. The nodes join the DHT through
+//! node 1 and publish their signed peer records; then every pair dials each
+//! other by key alone at the same moment (the addresses come from the DHT,
+//! and exactly one session survives each simultaneous dial); then the nodes
+//! send streams of random bytes to each other's echo service and check that
+//! every byte comes back unchanged.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,23 +76,42 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         for (i, n) in nodes.iter().enumerate() {
             println!("  node-{}  {}  udp {}", i + 1, n.peer_id(), n.local_addr());
         }
-        println!("every pair dials each other at the same moment...");
+        println!("the nodes join the DHT through node-1 and publish their peer records...");
+    }
+    let first = nodes[0].local_addr();
+    for n in &nodes[1..] {
+        if let Some(dht) = n.dht() {
+            dht.bootstrap(first);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while nodes
+        .iter()
+        .skip(1)
+        .any(|n| n.status().dht.is_none_or(|d| d.peer_record_seq == 0))
+    {
+        if Instant::now() > deadline {
+            bail!("the nodes did not join the DHT within 15 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !args.json {
+        println!("every pair now dials each other by key alone, at the same moment...");
     }
 
-    // Simultaneous dials: i -> j and j -> i at once for every pair.
+    // Simultaneous dials by key only: i -> j and j -> i at once for every
+    // pair; the addresses come from the peer records in the DHT.
     let mut dials = Vec::new();
     for (i, a) in nodes.iter().enumerate() {
         for (j, b) in nodes.iter().enumerate() {
             if i != j {
-                let (a, b_id, b_addr) = (a.clone(), b.peer_id(), b.local_addr());
-                dials.push(tokio::spawn(
-                    async move { a.connect(b_id, Some(b_addr)).await },
-                ));
+                let (a, b_id) = (a.clone(), b.peer_id());
+                dials.push(tokio::spawn(async move { a.connect(b_id, None).await }));
             }
         }
     }
     for d in dials {
-        d.await?.context("dial failed")?;
+        d.await?.context("dial by key failed")?;
     }
     let formed = started.elapsed();
     // Let the duplicate sessions close on both ends.
@@ -172,7 +193,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
         println!();
         println!(
-            "{} nodes: every pair holds exactly one session ({} simultaneous-dial twins closed); {} streams echoed byte-identical, {} moved, {} errors",
+            "{} nodes found each other by key through the DHT; every pair holds exactly one session ({} simultaneous-dial twins closed); {} streams echoed byte-identical, {} moved, {} errors",
             nodes.len(),
             duplicates,
             streams,
