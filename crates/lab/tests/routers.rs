@@ -228,24 +228,28 @@ fn full_cone_lets_anyone_in_once_mapped() {
     assert_eq!((s1, s2, s3), (true, true, true), "{got:?}");
 }
 
+/// The ports a router of `kind` maps one host socket to for three
+/// destinations (S1:9000, S1:9001, S2:9000).
+fn mapped_ports(lab: &mut Lab, w: &World, kind: RouterKind) -> Vec<u16> {
+    let r = lab.add_router(kind, opts(30)).unwrap();
+    let h = lab.add_host(r, "h").unwrap();
+    let targets = [
+        addr(lab, w.s1, 9000),
+        addr(lab, w.s1, 9001),
+        addr(lab, w.s2, 9000),
+    ];
+    let got = session(lab, h, 7001, &targets, 1000, |_| {});
+    targets
+        .iter()
+        .map(|t| observed(&got, *t).expect("reply").port())
+        .collect()
+}
+
 #[test]
 fn symmetric_random_maps_each_destination_to_a_random_port() {
     let Some(mut lab) = lab() else { return };
     let w = world(&mut lab);
-    let r = lab
-        .add_router(RouterKind::SymmetricRandom, opts(30))
-        .unwrap();
-    let h = lab.add_host(r, "h").unwrap();
-    let targets = [
-        addr(&lab, w.s1, 9000),
-        addr(&lab, w.s1, 9001),
-        addr(&lab, w.s2, 9000),
-    ];
-    let got = session(&mut lab, h, 7001, &targets, 1000, |_| {});
-    let ports: Vec<u16> = targets
-        .iter()
-        .map(|t| observed(&got, *t).expect("reply").port())
-        .collect();
+    let ports = mapped_ports(&mut lab, &w, RouterKind::SymmetricRandom);
     assert!(
         ports[0] != ports[1] && ports[1] != ports[2] && ports[0] != ports[2],
         "{ports:?}"
@@ -257,20 +261,7 @@ fn symmetric_random_maps_each_destination_to_a_random_port() {
 fn symmetric_sequential_allocates_ports_in_order() {
     let Some(mut lab) = lab() else { return };
     let w = world(&mut lab);
-    let r = lab
-        .add_router(RouterKind::SymmetricSequential, opts(30))
-        .unwrap();
-    let h = lab.add_host(r, "h").unwrap();
-    let targets = [
-        addr(&lab, w.s1, 9000),
-        addr(&lab, w.s1, 9001),
-        addr(&lab, w.s2, 9000),
-    ];
-    let got = session(&mut lab, h, 7001, &targets, 1000, |_| {});
-    let ports: Vec<u16> = targets
-        .iter()
-        .map(|t| observed(&got, *t).expect("reply").port())
-        .collect();
+    let ports = mapped_ports(&mut lab, &w, RouterKind::SymmetricSequential);
     assert_eq!(ports[1], ports[0] + 1, "{ports:?}");
     assert_eq!(ports[2], ports[1] + 1, "{ports:?}");
 }
