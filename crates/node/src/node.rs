@@ -873,6 +873,16 @@ impl Node {
             Some(a) => a,
             None => return self.dial_by_record(peer).await,
         };
+        let conn = self.handshake(peer, addr).await?;
+        Ok(self.install(conn, peer, self.peer_id()))
+    }
+
+    /// A QUIC handshake with `addr`, accepting only `peer` there.
+    async fn handshake(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, ConnectError> {
         let connecting = self
             .inner
             .endpoint
@@ -909,11 +919,13 @@ impl Node {
             }
             Ok(Ok(conn)) => conn,
         };
-        Ok(self.install(conn, peer, self.peer_id()))
+        Ok(conn)
     }
 
     /// Finds `peer`'s addresses through its peer record in the DHT and dials
-    /// them in turn.
+    /// all of them at once: the first handshake to complete wins and the
+    /// others are abandoned (a record often lists a LAN address that only
+    /// peers on that LAN can reach).
     async fn dial_by_record(&self, peer: PeerId) -> Result<Session, ConnectError> {
         let Some(dht) = self.inner.dht.get() else {
             return Err(ConnectError::NoAddress(peer));
@@ -922,11 +934,26 @@ impl Node {
             .lookup_peer(peer)
             .await
             .map_err(|_| ConnectError::NotFound(peer))?;
-        let mut last = ConnectError::NotFound(peer);
+        let mut attempts = tokio::task::JoinSet::new();
         for addr in found.addrs {
-            match Box::pin(self.dial(peer, Some(addr))).await {
-                Ok(session) => return Ok(session),
-                Err(e) => last = e,
+            let node = self.clone();
+            attempts.spawn(async move { node.handshake(peer, addr).await });
+        }
+        let mut last = ConnectError::NotFound(peer);
+        while let Some(result) = attempts.join_next().await {
+            match result {
+                Ok(Ok(conn)) => {
+                    // Dropping the set aborts the other handshakes.
+                    return Ok(self.install(conn, peer, self.peer_id()));
+                }
+                Ok(Err(e)) => {
+                    // Keep the most telling failure: a wrong key beats a
+                    // timeout.
+                    if !matches!(last, ConnectError::WrongPeer { .. }) {
+                        last = e;
+                    }
+                }
+                Err(_) => {}
             }
         }
         Err(last)
