@@ -85,9 +85,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(15);
+    // Every node, node-1 included (it publishes once others have reached
+    // it), must have its peer record out before anyone dials by key.
     while nodes
         .iter()
-        .skip(1)
         .any(|n| n.status().dht.is_none_or(|d| d.peer_record_seq == 0))
     {
         if Instant::now() > deadline {

@@ -26,6 +26,8 @@ use tokio::sync::{mpsc, oneshot};
 pub const PEER_RECORD: &[u8] = b"peer";
 /// How long a published record lives.
 const RECORD_TTL: Duration = Duration::from_secs(3600);
+/// How long to wait before publishing again after a put stored nowhere.
+const PEER_RECORD_RETRY: Duration = Duration::from_secs(10);
 /// How often the peer record is re-signed.
 const PEER_RECORD_REFRESH: Duration = Duration::from_secs(1800);
 
@@ -52,7 +54,8 @@ pub struct DhtStatus {
     pub malformed: u64,
     /// The address DHT peers last saw this node at.
     pub observed_addr: Option<String>,
-    /// Sequence number of the published peer record (0: not yet).
+    /// Sequence number of the peer record some node has confirmed storing
+    /// (0: not yet).
     pub peer_record_seq: u64,
 }
 
@@ -167,6 +170,11 @@ impl DhtHandle {
                 HashMap::new();
             let mut published: Option<(Vec<SocketAddr>, Duration)> = None;
             let mut seq = 0u64;
+            // The put of the peer record in flight, and the last sequence
+            // some node confirmed storing.
+            let mut peer_put: Option<QueryId> = None;
+            let mut stored_seq = 0u64;
+            let mut retry_at = Duration::ZERO;
             loop {
                 let sleep = dht
                     .poll_timeout()
@@ -207,7 +215,7 @@ impl DhtHandle {
                     let stale = published.as_ref().is_none_or(|(a, at)| {
                         *a != addrs || now.saturating_sub(*at) >= PEER_RECORD_REFRESH
                     });
-                    if stale {
+                    if stale && peer_put.is_none() && now >= retry_at {
                         seq = seq.max(now.as_millis() as u64);
                         let expires = (now + RECORD_TTL).as_secs();
                         if let Ok(record) = SignedRecord::sign(
@@ -217,7 +225,7 @@ impl DhtHandle {
                             expires,
                             &encode_peer_addrs(&addrs),
                         ) {
-                            dht.put(now, record);
+                            peer_put = Some(dht.put(now, record));
                             published = Some((addrs, now));
                         }
                     }
@@ -237,6 +245,19 @@ impl DhtHandle {
                         | DhtEvent::GetDone { query, .. }
                         | DhtEvent::PutDone { query, .. } => *query,
                     };
+                    if peer_put == Some(q) {
+                        peer_put = None;
+                        match event {
+                            DhtEvent::PutDone { stored, .. } if stored > 0 => stored_seq = seq,
+                            // Stored nowhere: publish again, not before
+                            // PEER_RECORD_RETRY.
+                            _ => {
+                                published = None;
+                                retry_at = unix_now() + PEER_RECORD_RETRY;
+                            }
+                        }
+                        continue;
+                    }
                     if let Some(tx) = waiting.remove(&q) {
                         let _ = tx.send(event);
                     }
@@ -254,7 +275,7 @@ impl DhtHandle {
                     timeouts: c.timeouts,
                     malformed: c.malformed,
                     observed_addr: dht.observed_addr().map(|a| a.to_string()),
-                    peer_record_seq: if published.is_some() { seq } else { 0 },
+                    peer_record_seq: stored_seq,
                 };
             }
         });
