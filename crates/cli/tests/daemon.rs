@@ -105,8 +105,7 @@ fn dialing_under_a_wrong_id_fails_clearly() {
         "--addr",
         &b.addr_string(),
     ]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("checksum"), "{}", stderr(&out));
+    assert_fails_with(&out, "checksum");
 }
 
 #[test]
@@ -379,8 +378,7 @@ fn tunnel_errors_reach_both_ends() {
     );
     // And `connect` to a missing service says so.
     let out = a.cmd(&["connect", &b.peer_id, "nothing", "--addr", &b.addr_string()]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("no such service"), "{}", stderr(&out));
+    assert_fails_with(&out, "no such service");
 }
 
 #[test]
@@ -419,8 +417,7 @@ fn corrupt_or_exposed_key_refuses_to_start_with_the_fix() {
         .args(["up", "--listen", "127.0.0.1:0"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
+    assert_fails_with(&out, "chmod 600");
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     std::fs::write(&key, "garbage").unwrap();
     let out = Command::new(bin())
@@ -429,8 +426,7 @@ fn corrupt_or_exposed_key_refuses_to_start_with_the_fix() {
         .args(["up", "--listen", "127.0.0.1:0"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
+    assert_fails_with(&out, "corrupt");
 }
 
 #[test]
@@ -442,12 +438,7 @@ fn commands_without_a_daemon_say_how_to_start_one() {
         .args(["status"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("p2pos up --data-dir"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_with(&out, "p2pos up --data-dir");
 }
 
 #[test]
@@ -470,8 +461,7 @@ fn config_prints_effective_values_and_rejects_typos() {
         .args(["config"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("listn"), "{}", stderr(&out));
+    assert_fails_with(&out, "listn");
 }
 
 #[test]
@@ -574,8 +564,7 @@ fn python_example_client_streams_and_datagrams() {
             &b.addr_string(),
         ],
     );
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("no such service"), "{}", stderr(&out));
+    assert_fails_with(&out, "no such service");
 }
 
 #[test]
@@ -607,12 +596,7 @@ fn bootstrap_peers_get_a_session_at_start() {
         .args(["config", "--bootstrap", "nonsense"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("<peer-id>@<ip:port>"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_with(&out, "<peer-id>@<ip:port>");
 }
 
 #[test]
@@ -662,13 +646,7 @@ fn ten_daemons_find_each_other_by_key() {
         .unwrap();
     let stranger = String::from_utf8(stranger.stdout).unwrap();
     let out = nodes[1].cmd(&["lookup", stranger.trim()]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("no record found"), "{}", stderr(&out));
+    assert_fails_with(&out, "no record found");
     let out = nodes[1].cmd(&["ping", stranger.trim(), "-c", "1"]);
-    assert!(!out.status.success());
-    assert!(
-        stderr(&out).contains("not found in the DHT"),
-        "{}",
-        stderr(&out)
-    );
+    assert_fails_with(&out, "not found in the DHT");
 }

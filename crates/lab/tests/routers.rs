@@ -124,6 +124,18 @@ fn send(lab: &Lab, from: HostId, bind: u16, to: SocketAddr, payload: &str) {
     );
 }
 
+/// Asserts that `host` reaches `dst` over IPv6 (one echo).
+fn assert_ping6(lab: &Lab, host: HostId, dst: &str) {
+    let out = lab
+        .exec(host, Path::new("ping"), &["-6", "-c", "1", "-W", "2", dst])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 fn observed(got: &[Received], from: SocketAddr) -> Option<SocketAddr> {
     got.iter()
         .find(|r| r.from == from)
@@ -168,14 +180,7 @@ fn public_hosts_are_reachable_unsolicited_on_ipv4_and_ipv6() {
     assert_eq!(observed(&got, addr(&lab, w.s1, 9000)), Some(own));
     assert_eq!((s1, s2, s3), (true, true, true), "{got:?}");
     let v6 = lab.host(w.s1).ipv6.unwrap().to_string();
-    let out = lab
-        .exec(h, Path::new("ping"), &["-6", "-c", "1", "-W", "2", &v6])
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_ping6(&lab, h, &v6);
 }
 
 #[test]
@@ -279,18 +284,7 @@ fn firewall_routes_public_addresses_and_admits_replies_only() {
     assert_eq!(observed(&got, addr(&lab, w.s1, 9000)), Some(own));
     assert_eq!((s1, s2, s3), (false, false, false), "{got:?}");
     // IPv6: the host reaches the internet's IPv6 side through the firewall.
-    let out = lab
-        .exec(
-            h,
-            Path::new("ping"),
-            &["-6", "-c", "1", "-W", "2", "2001:db8::1:1"],
-        )
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_ping6(&lab, h, "2001:db8::1:1");
 }
 
 #[test]

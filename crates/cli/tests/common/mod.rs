@@ -210,6 +210,12 @@ pub fn raw_http<S: Read + Write>(
     (status, body)
 }
 
+/// Asserts that a command failed and said `needle` on stderr.
+pub fn assert_fails_with(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "expected a failure, got success");
+    assert!(stderr(out).contains(needle), "{}", stderr(out));
+}
+
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
