@@ -75,6 +75,44 @@ impl ApiClient {
         Ok(serde_json::from_slice(&bytes)?)
     }
 
+    /// A server-sent event stream: calls `on_event(name, data)` for each
+    /// event until the daemon closes the stream.
+    pub async fn events(&self, path: &str, mut on_event: impl FnMut(&str, &str)) -> Result<()> {
+        let resp = self.send(Self::request(Method::GET, path, None)?).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            bail!("{}", error_message(status, &bytes));
+        }
+        let mut pending = Vec::new();
+        let (mut name, mut data) = (String::new(), String::new());
+        while let Some(frame) = body.frame().await {
+            let frame = frame.context("the daemon's event stream failed")?;
+            let Some(chunk) = frame.data_ref() else {
+                continue;
+            };
+            pending.extend_from_slice(chunk);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line);
+                let line = line.trim_end_matches(['\r', '\n']);
+                if line.is_empty() {
+                    if !data.is_empty() {
+                        on_event(&name, &data);
+                    }
+                    name.clear();
+                    data.clear();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim_start().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// An upgrade request: returns the raw stream and the peer header.
     pub async fn upgrade(&self, method: Method, path: &str) -> Result<(RawStream, Option<String>)> {
         let mut req = Self::request(method, path, None)?;

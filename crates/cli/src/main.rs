@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 use hyper::Method;
 use p2pos_node::config::Config;
 use p2pos_node::data_dir::DataDir;
+use p2pos_node::services::Visibility;
 use p2pos_node::PeerId;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,6 +78,25 @@ enum Command {
         /// Keep accepting streams one after another (stdin is not sent).
         #[arg(short, long)]
         keep_open: bool,
+        /// A short description peers see in their service lists.
+        #[arg(short, long, default_value = "")]
+        description: String,
+        /// Who sees the service in this node's list: lan (peers on the LAN),
+        /// public (every connected peer), hidden, or peers:<id>,<id>...
+        #[arg(long, default_value = "lan", value_parser = parse_visibility)]
+        visibility: Visibility,
+    },
+    /// List the services of peers on the LAN and of connected peers.
+    Services {
+        /// Only peers on the LAN.
+        #[arg(long)]
+        lan: bool,
+        /// Print JSON (with --watch: one JSON object per line).
+        #[arg(long)]
+        json: bool,
+        /// Keep running and print services as they appear and disappear.
+        #[arg(long)]
+        watch: bool,
     },
     /// Open a stream to a peer's service: stdin to the stream, the stream to stdout.
     Connect {
@@ -223,6 +243,9 @@ struct UpArgs {
     /// Only query the DHT, do not serve it (for nodes not reachable from outside).
     #[arg(long)]
     dht_client: bool,
+    /// Do not announce this node or look for peers on the LAN (mDNS).
+    #[arg(long)]
+    no_mdns: bool,
 }
 
 fn data_dir(cli: &Cli) -> PathBuf {
@@ -261,6 +284,9 @@ fn effective_config(dir: &Path, args: &UpArgs) -> Result<Config> {
     config.bootstrap.extend(args.bootstrap.iter().cloned());
     if args.dht_client {
         config.dht.server = false;
+    }
+    if args.no_mdns {
+        config.lan.mdns = false;
     }
     config.validate()?;
     Ok(config)
@@ -355,7 +381,16 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Command::Listen { service, keep_open } => listen(&api, &service, keep_open).await?,
+        Command::Listen {
+            service,
+            keep_open,
+            description,
+            visibility,
+        } => {
+            let registration = json!({ "description": description, "visibility": visibility });
+            listen(&api, &service, &registration, keep_open).await?
+        }
+        Command::Services { lan, json, watch } => services(&api, lan, json, watch).await?,
         Command::Connect {
             peer,
             service,
@@ -600,9 +635,75 @@ async fn hold_until_signal(api: &ApiClient, delete_path: &str) -> Result<()> {
     Ok(())
 }
 
-async fn listen(api: &ApiClient, service: &str, keep_open: bool) -> Result<()> {
+fn parse_visibility(s: &str) -> std::result::Result<Visibility, String> {
+    Visibility::parse(s)
+}
+
+async fn services(api: &ApiClient, lan: bool, json: bool, watch: bool) -> Result<()> {
+    let query = if lan { "?lan=true" } else { "" };
+    if watch {
+        let path = format!("/v1/peer-services/events{query}");
+        let printing = api.events(&path, |name, data| {
+            if json {
+                println!("{data}");
+                return;
+            }
+            let v: Value = serde_json::from_str(data).unwrap_or_default();
+            let sign = match name {
+                "appeared" => "+",
+                "disappeared" => "-",
+                _ => "?",
+            };
+            println!("{sign} {}", service_line(&v));
+        });
+        return tokio::select! {
+            r = printing => r,
+            _ = wait_for_signal() => Ok(()),
+        };
+    }
+    let list = api
+        .call(Method::GET, &format!("/v1/peer-services{query}"), None)
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    let list = list.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        eprintln!(
+            "no services found{}: peers show their services once a session with them is up",
+            if lan { " on the LAN" } else { "" }
+        );
+    }
+    for s in &list {
+        println!("{}", service_line(s));
+    }
+    Ok(())
+}
+
+/// `PEER  SERVICE  [lan]  DESCRIPTION`.
+fn service_line(v: &Value) -> String {
+    format!(
+        "{}  {:<16} {:<4} {}",
+        v["peer"].as_str().unwrap_or("?"),
+        v["name"].as_str().unwrap_or("?"),
+        if v["lan"].as_bool() == Some(true) {
+            "lan"
+        } else {
+            ""
+        },
+        v["description"].as_str().unwrap_or("")
+    )
+}
+
+async fn listen(
+    api: &ApiClient,
+    service: &str,
+    registration: &Value,
+    keep_open: bool,
+) -> Result<()> {
     let path = format!("/v1/services/{}", query_value(service));
-    api.call(Method::PUT, &path, None).await?;
+    api.call(Method::PUT, &path, Some(registration)).await?;
     let accept_path = format!("{path}/accept");
     let result = async {
         loop {
@@ -666,6 +767,12 @@ fn print_status(s: &Value) {
             .as_array()
             .map(|a| a.iter().map(str_of).collect::<Vec<_>>().join(", "))
             .unwrap_or_default()
+    );
+    let lan_peers = s["lan"]["peers"].as_array().map_or(0, Vec::len);
+    println!(
+        "lan:       mdns {}, {lan_peers} peer{} found",
+        str_of(&s["lan"]["mdns"]),
+        if lan_peers == 1 { "" } else { "s" }
     );
     let sessions = s["sessions"].as_array().cloned().unwrap_or_default();
     println!("sessions:  {}", sessions.len());

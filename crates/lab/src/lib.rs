@@ -41,6 +41,36 @@ pub fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// For lab tests: a new lab, or `None` (with a loud SKIPPED) when not
+/// root. Under CI (`CI` set) a missing root fails the test instead.
+pub fn lab_for_test() -> Option<Lab> {
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "lab tests must run as root in CI"
+        );
+        eprintln!("SKIPPED: lab tests need root to create network namespaces; run the suite as root to include them");
+        return None;
+    }
+    Some(Lab::new().expect("lab"))
+}
+
+/// For lab tests: the `p2pos` binary cargo built next to the test binary.
+pub fn p2pos_next_to_tests() -> std::path::PathBuf {
+    // target/debug/deps/<test>-… -> target/debug/p2pos
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir")
+        .join("p2pos");
+    assert!(
+        bin.exists(),
+        "the p2pos binary is not built next to the tests: run cargo test --workspace"
+    );
+    bin
+}
+
 /// Removes every lab namespace (all runs), e.g. after a killed run.
 /// Returns how many were removed.
 pub fn clean_all() -> usize {

@@ -84,6 +84,10 @@ pub struct LabNode {
     pub data_dir: PathBuf,
     /// Its peer ID.
     pub peer_id: String,
+    /// Its process, for [`Lab::stop_child`].
+    pub child: usize,
+    /// The arguments it was started with, for [`restart_node`].
+    pub args: Vec<String>,
 }
 
 /// Starts `p2pos up` on `host`, listening on UDP `port`, with `bootstrap`
@@ -123,22 +127,38 @@ pub fn start_node(
         args.push("--bootstrap");
         args.push(b);
     }
-    lab.spawn(host, p2pos, &args, Some(&log))?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while api(&data_dir, "GET", "/v1/status", None).0 != 200 {
-        if Instant::now() > deadline {
-            return Err(LabError::Command {
-                command: format!("p2pos up in {}", lab.host(host).ns),
-                stderr: std::fs::read_to_string(&log).unwrap_or_default(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let child = lab.spawn(host, p2pos, &args, Some(&log))?;
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    wait_for_api(lab, host, &data_dir, &log)?;
     Ok(LabNode {
         host,
         data_dir,
         peer_id,
+        child,
+        args,
     })
+}
+
+/// Starts a stopped node again with the same identity and arguments.
+pub fn restart_node(lab: &mut Lab, node: &mut LabNode, p2pos: &Path) -> Result<(), LabError> {
+    let log = node.data_dir.join("daemon.log");
+    let args: Vec<&str> = node.args.iter().map(String::as_str).collect();
+    node.child = lab.spawn(node.host, p2pos, &args, Some(&log))?;
+    wait_for_api(lab, node.host, &node.data_dir, &log)
+}
+
+fn wait_for_api(lab: &Lab, host: HostId, data_dir: &Path, log: &Path) -> Result<(), LabError> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while api(data_dir, "GET", "/v1/status", None).0 != 200 {
+        if Instant::now() > deadline {
+            return Err(LabError::Command {
+                command: format!("p2pos up in {}", lab.host(host).ns),
+                stderr: std::fs::read_to_string(log).unwrap_or_default(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 /// One request to a node's local API: (status, body). Status 0: no daemon.

@@ -63,6 +63,9 @@ pub struct Router {
     pub lan_net: Ipv4Addr,
     /// Its options.
     pub options: RouterOptions,
+    /// Whether it connects its LAN to the internet (`false`: a plain
+    /// switch, see [`Lab::add_switch`]).
+    pub uplink: bool,
     hosts: u8,
 }
 
@@ -355,6 +358,27 @@ impl Lab {
             wan_ip: home_wan,
             lan_net,
             options,
+            uplink: true,
+            hosts: 0,
+        });
+        Ok(RouterId(self.routers.len() - 1))
+    }
+
+    /// Adds a LAN segment with no uplink: a switch (a bridge in its own
+    /// namespace) and no router; its hosts get 10.77.N.0/24 addresses, no
+    /// default route and no internet. Use [`Lab::add_host`] to fill it.
+    pub fn add_switch(&mut self) -> Result<RouterId, LabError> {
+        let i = u8::try_from(self.routers.len() + 1).map_err(|_| LabError::Full("routers"))?;
+        let ns = self.add_ns(&format!("s{i}"))?;
+        self.sh(&ns, "ip link add lan type bridge && ip link set lan up")?;
+        self.routers.push(Router {
+            kind: RouterKind::Public,
+            ns,
+            public_ip: Ipv4Addr::UNSPECIFIED,
+            wan_ip: Ipv4Addr::UNSPECIFIED,
+            lan_net: Ipv4Addr::new(10, 77, i, 0),
+            options: RouterOptions::default(),
+            uplink: false,
             hosts: 0,
         });
         Ok(RouterId(self.routers.len() - 1))
@@ -385,7 +409,7 @@ impl Lab {
             .filter(|h| *h < 200)
             .ok_or(LabError::Full("hosts on one LAN"))?;
         let h = r.hosts;
-        let (rns, lan_net, kind) = (r.ns.clone(), r.lan_net, r.kind);
+        let (rns, lan_net, kind, uplink) = (r.ns.clone(), r.lan_net, r.kind, r.uplink);
         let idx = self.hosts.len() + 1;
         let ns = self.add_ns(&format!("h{idx}"))?;
         let o = lan_net.octets();
@@ -409,9 +433,17 @@ impl Lab {
             &rns,
             &format!("ip link set h{h} master lan && ip link set h{h} up"),
         )?;
-        self.sh(&ns, &format!("ip link set eth0 up && ip addr add {ip}/24 dev eth0 && ip route add default via {gw}"))?;
+        let route = if uplink {
+            format!(" && ip route add default via {gw}")
+        } else {
+            String::new()
+        };
+        self.sh(
+            &ns,
+            &format!("ip link set eth0 up && ip addr add {ip}/24 dev eth0{route}"),
+        )?;
         let mut ipv6 = None;
-        if kind == RouterKind::Firewall {
+        if kind == RouterKind::Firewall && uplink {
             let i = router.0 + 1;
             let v6: Ipv6Addr = format!("2001:db8:{i:x}::{:x}", 9 + h)
                 .parse()
@@ -474,6 +506,25 @@ impl Lab {
         }
         self.children.push(cmd.spawn()?);
         Ok(self.children.len() - 1)
+    }
+
+    /// Stops a spawned program the way Ctrl-C would (SIGTERM) and waits up
+    /// to `grace` for it to exit before killing it.
+    pub fn stop_child(&mut self, index: usize, grace: std::time::Duration) {
+        let child = &mut self.children[index];
+        // The child is `ip netns exec …`, which execs the program: same pid.
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// Waits for a spawned program and returns its output (if piped).

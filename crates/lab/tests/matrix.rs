@@ -1,31 +1,16 @@
 //! The matrix runs real daemons in the lab and reports every pair, with the
 //! cause of each failure.
 
-use std::path::PathBuf;
-
 use p2pos_lab::matrix::{self, MatrixOptions};
 use p2pos_lab::RouterKind;
 
-fn p2pos_binary() -> Option<PathBuf> {
-    // target/debug/deps/matrix-… -> target/debug/p2pos
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("p2pos");
-    bin.exists().then_some(bin)
-}
-
 #[test]
 fn matrix_reports_every_pair_with_causes() {
-    if !p2pos_lab::is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "lab tests must run as root in CI"
-        );
-        eprintln!("SKIPPED: the matrix needs root to create network namespaces");
+    let Some(lab) = p2pos_lab::lab_for_test() else {
         return;
-    }
-    let Some(p2pos) = p2pos_binary() else {
-        panic!("the p2pos binary is not built next to the tests: run cargo test --workspace");
     };
+    drop(lab); // the matrix builds its own labs
+    let p2pos = p2pos_lab::p2pos_next_to_tests();
     let kinds = vec![
         RouterKind::Public,
         RouterKind::PortRestricted,

@@ -14,15 +14,7 @@ use p2pos_lab::{HostId, Lab, RouterKind, RouterOptions};
 const PROBE: &str = env!("CARGO_BIN_EXE_p2pos-lab");
 
 fn lab() -> Option<Lab> {
-    if !p2pos_lab::is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "lab tests must run as root in CI"
-        );
-        eprintln!("SKIPPED: lab tests need root to create network namespaces; run the suite as root to include them");
-        return None;
-    }
-    Some(Lab::new().expect("lab"))
+    p2pos_lab::lab_for_test()
 }
 
 fn opts(udp_timeout_s: u32) -> RouterOptions {

@@ -72,7 +72,15 @@ pub struct BoundEndpoint {
     pub dht_inbox: Arc<std::sync::Mutex<Option<mpsc::Receiver<crate::socket::OverlayDatagram>>>>,
     tls: TlsIdentity,
     transport: Arc<quinn::TransportConfig>,
+    lan_transport: Arc<quinn::TransportConfig>,
 }
+
+/// Idle timeout of sessions dialed over the LAN at most: a device that
+/// leaves the LAN without a goodbye is noticed within it.
+pub const LAN_IDLE_TIMEOUT: Duration = Duration::from_secs(9);
+/// Keepalive interval of sessions dialed over the LAN at most (unicast on
+/// the LAN is cheap; it never crosses a router).
+pub const LAN_KEEPALIVE: Duration = Duration::from_secs(3);
 
 impl BoundEndpoint {
     /// Binds the socket and starts QUIC and the overlay on it. Must run in a
@@ -108,6 +116,11 @@ impl BoundEndpoint {
         let tls = TlsIdentity::new(keypair)?;
         let transport = transport_config(options);
         let transport = Arc::new(transport);
+        let lan_transport = Arc::new(transport_config(&EndpointOptions {
+            idle_timeout: options.idle_timeout.min(LAN_IDLE_TIMEOUT),
+            keepalive: options.keepalive.min(LAN_KEEPALIVE),
+            ..options.clone()
+        }));
 
         let quic_server = QuicServerConfig::try_from(tls.server_config()?)
             .map_err(|e| TlsSetupError::from_display(&e))?;
@@ -139,14 +152,18 @@ impl BoundEndpoint {
             dht_inbox: Arc::new(std::sync::Mutex::new(Some(dht_rx))),
             tls,
             transport,
+            lan_transport,
         })
     }
 
     /// Starts a QUIC handshake with `addr`, accepting only `peer` there.
+    /// `lan`: the peer was found on this node's LAN, so the session gets
+    /// the short LAN timers ([`LAN_IDLE_TIMEOUT`], [`LAN_KEEPALIVE`]).
     pub fn connect(
         &self,
         peer: PeerId,
         addr: SocketAddr,
+        lan: bool,
     ) -> Result<quinn::Connecting, quinn::ConnectError> {
         let tls = self
             .tls
@@ -155,7 +172,11 @@ impl BoundEndpoint {
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|_| quinn::ConnectError::EndpointStopping)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(self.transport.clone());
+        config.transport_config(if lan {
+            self.lan_transport.clone()
+        } else {
+            self.transport.clone()
+        });
         let addr = match (self.local_addr, addr) {
             // A dual-stack socket reaches IPv4 peers by mapped addresses.
             (SocketAddr::V6(_), SocketAddr::V4(v4)) => {

@@ -199,6 +199,8 @@ fn router_with_state(state: ApiState, token: Option<String>) -> Router {
         )
         .route("/v1/services/{name}/accept", post(accept_stream))
         .route("/v1/services/{name}/datagrams", get(poll_datagrams))
+        .route("/v1/peer-services", get(peer_services))
+        .route("/v1/peer-services/events", get(peer_service_events))
         .route("/v1/streams", post(open_stream))
         .route("/v1/datagrams", post(send_datagram))
         .route("/v1/lookup", post(lookup))
@@ -365,6 +367,8 @@ async fn list_services(State(s): State<ApiState>) -> impl IntoResponse {
 struct RegisterBody {
     #[serde(default)]
     description: String,
+    #[serde(default)]
+    visibility: crate::services::Visibility,
 }
 
 async fn register_service(
@@ -393,7 +397,9 @@ async fn register_service(
     if listeners.contains_key(&name) {
         return Ok(StatusCode::OK.into_response());
     }
-    let listener = s.node.listen(&name, &reg.description)?;
+    let listener = s
+        .node
+        .listen_with(&name, &reg.description, reg.visibility)?;
     listeners.insert(name, Arc::new(Mutex::new(listener)));
     Ok(StatusCode::CREATED.into_response())
 }
@@ -408,6 +414,77 @@ async fn unregister_service(
             "service {name:?} is not registered through the API"
         ))),
     }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PeerServicesQuery {
+    /// Only services of peers on the LAN.
+    #[serde(default)]
+    lan: bool,
+}
+
+async fn peer_services(
+    State(s): State<ApiState>,
+    Query(q): Query<PeerServicesQuery>,
+) -> impl IntoResponse {
+    Json(s.node.remote_services(q.lan))
+}
+
+/// Server-sent events: one `appeared` event per service known now, then an
+/// event for every service that appears or disappears.
+async fn peer_service_events(
+    State(s): State<ApiState>,
+    Query(q): Query<PeerServicesQuery>,
+) -> impl IntoResponse {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    // Subscribe before taking the snapshot so nothing falls in between.
+    let live = s.node.service_events();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let snapshot: std::collections::VecDeque<crate::services::ServiceEvent> = s
+        .node
+        .remote_services(q.lan)
+        .into_iter()
+        .map(|service| crate::services::ServiceEvent {
+            event: "appeared".to_owned(),
+            service,
+            at_ms: now,
+        })
+        .collect();
+    let lan_only = q.lan;
+    let stream = futures_util::stream::unfold(
+        (snapshot, live),
+        move |(mut snapshot, mut live)| async move {
+            let event = match snapshot.pop_front() {
+                Some(e) => e,
+                None => loop {
+                    match live.recv().await {
+                        Ok(e) if lan_only && !e.service.lan => continue,
+                        Ok(e) => break e,
+                        // A slow reader missed events: say so, and go on.
+                        Err(RecvError::Lagged(n)) => {
+                            let lagged = Event::default()
+                                .event("lagged")
+                                .data(format!("{{\"missed\":{n}}}"));
+                            return Some((
+                                Ok::<_, std::convert::Infallible>(lagged),
+                                (snapshot, live),
+                            ));
+                        }
+                        Err(RecvError::Closed) => return None,
+                    }
+                },
+            };
+            let data = serde_json::to_string(&event).unwrap_or_default();
+            let sse = Event::default().event(event.event.clone()).data(data);
+            Some((Ok(sse), (snapshot, live)))
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 fn wants_upgrade(headers: &HeaderMap) -> Result<(), ApiError> {

@@ -25,6 +25,8 @@ pub struct Config {
     pub session: SessionConfig,
     /// DHT settings.
     pub dht: DhtSection,
+    /// LAN settings.
+    pub lan: LanSection,
     /// Peers to open sessions with at start, as `<peer-id>@<ip:port>`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bootstrap: Vec<String>,
@@ -101,6 +103,21 @@ impl Default for DhtSection {
     }
 }
 
+/// LAN settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LanSection {
+    /// Announce this node and find peers on the LAN with mDNS
+    /// (`_p2pos._udp.local`). Ignored when the node listens on loopback.
+    pub mdns: bool,
+}
+
+impl Default for LanSection {
+    fn default() -> Self {
+        LanSection { mdns: true }
+    }
+}
+
 /// A TCP service to expose.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -119,6 +136,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             session: SessionConfig::default(),
             dht: DhtSection::default(),
+            lan: LanSection::default(),
             bootstrap: Vec::new(),
             expose: Vec::new(),
         }

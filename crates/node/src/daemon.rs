@@ -141,6 +141,7 @@ impl Daemon {
         let lock = DaemonLock::acquire(&dir)?;
         let mut builder = Node::builder()
             .dht(true, config.dht.server)
+            .mdns(config.lan.mdns)
             .data_dir(dir.path())
             .listen(config.listen)
             .session_timers(

@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use p2pos_net::{BoundEndpoint, EndpointOptions};
+use p2pos_proto::lan::{
+    decode_service_list, encode_service_list, service_list_frame_len, ServiceAd, MAX_DESCRIPTION,
+};
 use p2pos_proto::network::NetworkKey;
 use p2pos_proto::session::{new_session_wins, PathKind};
 use p2pos_proto::stream::{
@@ -38,6 +41,8 @@ use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::mpsc;
 
 use crate::data_dir::{DataDir, IdentityError};
+use crate::lan::{LanDiscovery, LanStatus};
+use crate::services::{RemoteService, RemoteServices, ServiceEvent, Visibility, SERVICES_SERVICE};
 use crate::status::{CountersStatus, NodeStatus, ServiceStatus, SessionStatus};
 use crate::store::PeerStore;
 use crate::tunnel::TunnelRegistry;
@@ -166,6 +171,9 @@ pub enum ListenError {
     /// The name is reserved for the node.
     #[error("service names starting with p2pos/ are reserved")]
     Reserved,
+    /// The description is too long.
+    #[error("a service description has at most {MAX_DESCRIPTION} bytes, this one has {0}")]
+    Description(usize),
 }
 
 /// Why a datagram could not be sent.
@@ -304,6 +312,7 @@ impl Drop for ServiceListener {
             let mut services = lock(&inner.services);
             if services.get(&self.name).map(|s| s.generation) == Some(self.generation) {
                 services.remove(&self.name);
+                inner.services_changed.send_modify(|v| *v += 1);
             }
         }
     }
@@ -313,6 +322,7 @@ impl Drop for ServiceListener {
 struct ServiceEntry {
     generation: u64,
     description: String,
+    visibility: Visibility,
     streams: mpsc::Sender<IncomingStream>,
     datagrams: mpsc::Sender<(PeerId, Bytes)>,
 }
@@ -339,7 +349,7 @@ struct NodeCounters {
 pub(crate) struct Inner {
     keypair: Keypair,
     endpoint: BoundEndpoint,
-    network: Option<NetworkKey>,
+    pub(crate) network: Option<NetworkKey>,
     sessions: Mutex<HashMap<PeerId, Session>>,
     /// Last address of recent peers: lets a node redial a peer whose
     /// session just closed (e.g. the losing twin of a simultaneous dial)
@@ -348,6 +358,12 @@ pub(crate) struct Inner {
     dialing: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>,
     services: Mutex<HashMap<String, ServiceEntry>>,
     service_generation: AtomicU64,
+    /// Bumped whenever a service is registered or removed.
+    services_changed: tokio::sync::watch::Sender<u64>,
+    remote_services: RemoteServices,
+    lan: std::sync::OnceLock<LanDiscovery>,
+    /// Why LAN discovery is not running (`off` or `failed: …`).
+    lan_off: Mutex<String>,
     pending_handshakes: AtomicU64,
     store: Option<PeerStore>,
     data_dir: Option<DataDir>,
@@ -387,6 +403,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// ```
 #[derive(Debug)]
 pub struct NodeBuilder {
+    mdns: bool,
     dht_enabled: bool,
     dht_server: bool,
     data_dir: Option<PathBuf>,
@@ -400,6 +417,7 @@ pub struct NodeBuilder {
 impl Default for NodeBuilder {
     fn default() -> Self {
         NodeBuilder {
+            mdns: false,
             dht_enabled: true,
             dht_server: true,
             data_dir: None,
@@ -418,6 +436,14 @@ impl NodeBuilder {
     pub fn dht(mut self, enabled: bool, server: bool) -> Self {
         self.dht_enabled = enabled;
         self.dht_server = server;
+        self
+    }
+
+    /// Whether the node announces itself and looks for peers on its LAN
+    /// with mDNS (default: no; the daemon turns it on unless configured
+    /// off). A node bound to a loopback address never does.
+    pub fn mdns(mut self, enabled: bool) -> Self {
+        self.mdns = enabled;
         self
     }
 
@@ -493,6 +519,10 @@ impl NodeBuilder {
             dialing: Mutex::default(),
             services: Mutex::default(),
             service_generation: AtomicU64::new(0),
+            services_changed: tokio::sync::watch::channel(0).0,
+            remote_services: RemoteServices::default(),
+            lan: std::sync::OnceLock::new(),
+            lan_off: Mutex::new("off".to_owned()),
             pending_handshakes: AtomicU64::new(0),
             store,
             data_dir,
@@ -530,6 +560,17 @@ impl NodeBuilder {
                     node.local_addr().is_ipv6(),
                 );
                 let _ = node.inner.dht.set(handle);
+            }
+        }
+        if self.mdns && !node.local_addr().ip().is_loopback() {
+            match LanDiscovery::start(&node, node.local_addr()) {
+                Ok(lan) => {
+                    let _ = node.inner.lan.set(lan);
+                }
+                Err(e) => {
+                    tracing::warn!("LAN discovery (mDNS) is off: {e}");
+                    *lock(&node.inner.lan_off) = format!("failed: {e}");
+                }
             }
         }
         tracing::info!(peer_id = %node.peer_id(), addr = %node.local_addr(), "node started");
@@ -677,7 +718,9 @@ impl Node {
                 }
             });
         }
-        self.spawn_session_tasks(peer, conn);
+        self.spawn_session_tasks(peer, conn.clone());
+        let node = self.clone();
+        tokio::spawn(async move { node.subscribe_services(peer, conn).await });
         new
     }
 
@@ -743,6 +786,10 @@ impl Node {
                 return;
             }
         };
+        if open.service == SERVICES_SERVICE {
+            self.serve_services(peer, send, recv).await;
+            return;
+        }
         if open.service == PING_SERVICE {
             if send
                 .write_all(&StreamReply::accepted().encode())
@@ -869,11 +916,20 @@ impl Node {
                 .and_then(|s| s.get(&peer).ok().flatten())
                 .map(|e| e.last_addr)
         };
+        if addr.is_none() {
+            // LAN first: a peer found on the LAN is dialed there.
+            if let Some(lan_addrs) = self.inner.lan.get().and_then(|l| l.addrs_of(&peer)) {
+                match self.handshake_any(peer, lan_addrs, true).await {
+                    Ok(conn) => return Ok(self.install(conn, peer, self.peer_id())),
+                    Err(e) => tracing::debug!(peer = %peer.short(), "LAN dial failed: {e}"),
+                }
+            }
+        }
         let addr = match addr.or_else(remembered).or_else(stored) {
             Some(a) => a,
             None => return self.dial_by_record(peer).await,
         };
-        let conn = self.handshake(peer, addr).await?;
+        let conn = self.handshake(peer, addr, false).await?;
         Ok(self.install(conn, peer, self.peer_id()))
     }
 
@@ -882,11 +938,12 @@ impl Node {
         &self,
         peer: PeerId,
         addr: SocketAddr,
+        lan: bool,
     ) -> Result<quinn::Connection, ConnectError> {
         let connecting = self
             .inner
             .endpoint
-            .connect(peer, addr)
+            .connect(peer, addr, lan)
             .map_err(|e| match e {
                 quinn::ConnectError::EndpointStopping => ConnectError::Shutdown,
                 other => ConnectError::Handshake {
@@ -934,17 +991,29 @@ impl Node {
             .lookup_peer(peer)
             .await
             .map_err(|_| ConnectError::NotFound(peer))?;
+        let conn = self.handshake_any(peer, found.addrs, false).await?;
+        Ok(self.install(conn, peer, self.peer_id()))
+    }
+
+    /// Handshakes with `peer` at all of `addrs` at once; the first to
+    /// complete wins and the others are abandoned.
+    async fn handshake_any(
+        &self,
+        peer: PeerId,
+        addrs: Vec<SocketAddr>,
+        lan: bool,
+    ) -> Result<quinn::Connection, ConnectError> {
         let mut attempts = tokio::task::JoinSet::new();
-        for addr in found.addrs {
+        for addr in addrs {
             let node = self.clone();
-            attempts.spawn(async move { node.handshake(peer, addr).await });
+            attempts.spawn(async move { node.handshake(peer, addr, lan).await });
         }
         let mut last = ConnectError::NotFound(peer);
         while let Some(result) = attempts.join_next().await {
             match result {
                 Ok(Ok(conn)) => {
                     // Dropping the set aborts the other handshakes.
-                    return Ok(self.install(conn, peer, self.peer_id()));
+                    return Ok(conn);
                 }
                 Ok(Err(e)) => {
                     // Keep the most telling failure: a wrong key beats a
@@ -976,7 +1045,7 @@ impl Node {
         let mut last = None;
         for _ in 0..3 {
             let session = self.session(peer, addr).await?;
-            match self.open_on(&session, peer, service).await {
+            match self.open_on(&session.conn, peer, service).await {
                 Ok(stream) => {
                     self.inner
                         .counters
@@ -994,16 +1063,12 @@ impl Node {
 
     async fn open_on(
         &self,
-        session: &Session,
+        conn: &quinn::Connection,
         peer: PeerId,
         service: &str,
     ) -> Result<BiStream, OpenStreamError> {
         let lost = |reason: String| OpenStreamError::Session { peer, reason };
-        let (mut send, mut recv) = session
-            .conn
-            .open_bi()
-            .await
-            .map_err(|e| lost(e.to_string()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
         let open = StreamOpen {
             service: service.to_owned(),
         };
@@ -1039,10 +1104,25 @@ impl Node {
 
     /// Registers a service; peers' streams and datagrams for it arrive at
     /// the returned listener until it is dropped.
+    /// It is shown to peers on the LAN (see [`Node::listen_with`]).
     pub fn listen(&self, service: &str, description: &str) -> Result<ServiceListener, ListenError> {
+        self.listen_with(service, description, Visibility::default())
+    }
+
+    /// Registers a service shown in this node's service list to the peers
+    /// `visibility` names.
+    pub fn listen_with(
+        &self,
+        service: &str,
+        description: &str,
+        visibility: Visibility,
+    ) -> Result<ServiceListener, ListenError> {
         validate_service_name(service)?;
         if service.starts_with("p2pos/") {
             return Err(ListenError::Reserved);
+        }
+        if description.len() > MAX_DESCRIPTION {
+            return Err(ListenError::Description(description.len()));
         }
         let mut services = lock(&self.inner.services);
         if services.contains_key(service) {
@@ -1059,10 +1139,13 @@ impl Node {
             ServiceEntry {
                 generation,
                 description: description.to_owned(),
+                visibility,
                 streams: streams_tx,
                 datagrams: datagrams_tx,
             },
         );
+        drop(services);
+        self.inner.services_changed.send_modify(|v| *v += 1);
         Ok(ServiceListener {
             name: service.to_owned(),
             generation,
@@ -1129,6 +1212,160 @@ impl Node {
         Ok(rtts)
     }
 
+    /// Whether `peer` is on this node's LAN: found by mDNS, or its session
+    /// runs over a LAN path.
+    pub fn is_lan_peer(&self, peer: &PeerId) -> bool {
+        self.inner.lan.get().is_some_and(|l| l.knows(peer))
+            || self.live_session(peer).is_some_and(|s| {
+                PathKind::for_remote(canonical(s.conn.remote_address())) == PathKind::Lan
+            })
+    }
+
+    /// LAN discovery's state.
+    pub fn lan_status(&self) -> LanStatus {
+        match self.inner.lan.get() {
+            Some(lan) => lan.status(),
+            None => LanStatus {
+                mdns: lock(&self.inner.lan_off).clone(),
+                ..LanStatus::default()
+            },
+        }
+    }
+
+    /// Called by LAN discovery: `peer` announced itself at `addrs`.
+    pub(crate) fn lan_peer_found(&self, peer: PeerId, addrs: &[SocketAddr]) {
+        if let (Some(dht), Some(addr)) = (self.inner.dht.get(), addrs.first()) {
+            dht.bootstrap(*addr);
+        }
+        if self.live_session(&peer).is_some() {
+            return;
+        }
+        let node = self.clone();
+        let me = self.peer_id();
+        tokio::spawn(async move {
+            if me > peer {
+                // The smaller ID dials; this side only steps in if it did not.
+                tokio::time::sleep(crate::lan::SECOND_DIAL_DELAY).await;
+                if node.live_session(&peer).is_some() {
+                    return;
+                }
+            }
+            if let Err(e) = node.connect(peer, None).await {
+                tracing::debug!(peer = %peer.short(), "could not connect to LAN peer: {e}");
+            }
+        });
+    }
+
+    /// The services this node shows to `peer` (`lan`: whether its session
+    /// runs over the LAN).
+    fn services_for(&self, peer: &PeerId, lan: bool) -> Vec<ServiceAd> {
+        let mut out: Vec<ServiceAd> = lock(&self.inner.services)
+            .iter()
+            .filter(|(_, s)| s.visibility.shows_to(peer, lan))
+            .map(|(name, s)| ServiceAd {
+                name: name.clone(),
+                description: s.description.clone(),
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Serves `peer`'s subscription to this node's service list: the list
+    /// now, and again on every change, until the peer closes the stream.
+    async fn serve_services(&self, peer: PeerId, mut send: SendStream, mut recv: RecvStream) {
+        if send
+            .write_all(&StreamReply::accepted().encode())
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let mut changes = self.inner.services_changed.subscribe();
+        let mut last: Option<Vec<u8>> = None;
+        let mut byte = [0u8; 1];
+        loop {
+            let lan = self.is_lan_peer(&peer);
+            let frame = encode_service_list(&self.services_for(&peer, lan));
+            if last.as_ref() != Some(&frame) {
+                if send.write_all(&frame).await.is_err() {
+                    return;
+                }
+                last = Some(frame);
+            }
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                // The subscriber sends nothing: any read result means it is
+                // gone (or misbehaving).
+                _ = recv.read(&mut byte) => {
+                    let _ = send.finish();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Subscribes to `peer`'s service list over session `conn`, until the
+    /// stream or the session ends.
+    async fn subscribe_services(&self, peer: PeerId, conn: quinn::Connection) {
+        let id = conn.stable_id();
+        let mut stream = match self.open_on(&conn, peer, SERVICES_SERVICE).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(peer = %peer.short(), "no service list from peer: {e}");
+                return;
+            }
+        };
+        loop {
+            let mut prefix = [0u8; 4];
+            if stream.recv.read_exact(&mut prefix).await.is_err() {
+                break;
+            }
+            let Ok(len) = service_list_frame_len(prefix) else {
+                self.inner
+                    .counters
+                    .bad_stream_headers
+                    .fetch_add(1, Ordering::Relaxed);
+                break;
+            };
+            let mut body = vec![0u8; len];
+            if stream.recv.read_exact(&mut body).await.is_err() {
+                break;
+            }
+            match decode_service_list(&body) {
+                Ok(list) => {
+                    let lan = self.is_lan_peer(&peer);
+                    self.inner.remote_services.update(peer, id, lan, list);
+                }
+                Err(e) => {
+                    self.inner
+                        .counters
+                        .bad_stream_headers
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(peer = %peer.short(), "bad service list: {e}");
+                    break;
+                }
+            }
+        }
+        let _ = stream.send.reset(VarInt::from_u32(0));
+        self.inner.remote_services.forget(peer, id);
+    }
+
+    /// The services peers show this node (`lan_only`: only LAN peers').
+    pub fn remote_services(&self, lan_only: bool) -> Vec<RemoteService> {
+        self.inner
+            .remote_services
+            .list()
+            .into_iter()
+            .filter(|s| !lan_only || s.lan)
+            .collect()
+    }
+
+    /// Events about peers' services from now on.
+    pub fn service_events(&self) -> tokio::sync::broadcast::Receiver<ServiceEvent> {
+        self.inner.remote_services.subscribe()
+    }
+
     /// A snapshot of the node for `p2pos status` and the API.
     pub fn status(&self) -> NodeStatus {
         let me = self.peer_id();
@@ -1161,6 +1398,7 @@ impl Node {
             .map(|(name, s)| ServiceStatus {
                 name: name.clone(),
                 description: s.description.clone(),
+                visibility: s.visibility.clone(),
             })
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1181,6 +1419,7 @@ impl Node {
             services,
             tunnels: self.inner.tunnels.status(),
             dht: self.inner.dht.get().map(|d| d.status()),
+            lan: self.lan_status(),
             counters: CountersStatus {
                 sessions_opened: get(&c.sessions_opened),
                 duplicate_sessions_closed: get(&c.duplicate_sessions_closed),
@@ -1235,6 +1474,9 @@ impl Node {
     /// Closes every session and the socket; waits briefly for peers to be
     /// told.
     pub async fn shutdown(&self) {
+        if let Some(lan) = self.inner.lan.get() {
+            lan.stop().await;
+        }
         self.inner.tunnels.stop_all();
         self.inner
             .endpoint

@@ -24,6 +24,8 @@ pub struct NodeStatus {
     pub tunnels: TunnelsStatus,
     /// The DHT: routing table size, traffic, the published peer record.
     pub dht: Option<crate::dht::DhtStatus>,
+    /// LAN discovery: mDNS state and the peers found on the LAN.
+    pub lan: crate::lan::LanStatus,
     /// Counters, including every kind of dropped input.
     pub counters: CountersStatus,
 }
@@ -57,6 +59,8 @@ pub struct ServiceStatus {
     pub name: String,
     /// What it offers.
     pub description: String,
+    /// Who sees it in this node's service list.
+    pub visibility: crate::services::Visibility,
 }
 
 /// Tunnels.

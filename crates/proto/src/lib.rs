@@ -15,11 +15,14 @@
 //!   other network.
 //! - [`stream`]: the header that opens an application stream or datagram for
 //!   a named service inside a QUIC session.
+//! - [`lan`]: the mDNS announcement of a node on its LAN and the service
+//!   lists peers exchange.
 //! - [`session`]: rules shared by both ends of a session (which of two
 //!   simultaneous sessions survives, how a path is named).
 
 pub mod dht;
 pub mod identity;
+pub mod lan;
 pub mod network;
 pub mod overlay;
 pub mod packet;

@@ -94,6 +94,18 @@ impl NetworkKey {
         self.id
     }
 
+    /// The tag a member of this network puts in `peer`'s LAN announcement:
+    /// members recognise each other by it, while to anyone else every
+    /// member's tag is a different random-looking value that names no
+    /// network and links no two members.
+    pub fn lan_tag(&self, peer: &crate::PeerId) -> [u8; 8] {
+        let key = blake3::derive_key("p2pos lan announcement tag v1", &self.mac_key);
+        let hash = blake3::keyed_hash(&key, peer.as_bytes());
+        let mut tag = [0u8; 8];
+        tag.copy_from_slice(&hash.as_bytes()[..8]);
+        tag
+    }
+
     fn tag(&self, inner: &[u8]) -> [u8; 16] {
         let hash = blake3::keyed_hash(&self.mac_key, inner);
         let mut tag = [0u8; 16];

@@ -65,7 +65,7 @@ pub fn validate_service_name(name: &str) -> Result<(), ServiceNameError> {
 
 /// Reads `name length (1) | name` and checks the name; returns it and the
 /// bytes after it.
-fn read_service_name(buf: &[u8]) -> Result<(&str, &[u8]), HeaderError> {
+pub(crate) fn read_service_name(buf: &[u8]) -> Result<(&str, &[u8]), HeaderError> {
     let (&len, rest) = buf.split_first().ok_or(HeaderError::Incomplete)?;
     let len = usize::from(len);
     if len == 0 || len > MAX_SERVICE_NAME {
