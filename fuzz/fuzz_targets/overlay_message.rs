@@ -1,14 +1,19 @@
-//! Overlay datagrams arrive from anyone on the node's UDP port.
+//! Overlay datagrams arrive from anyone on the node's UDP port: probes and
+//! reachability (dial-back) messages.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use p2pos_proto::overlay::Message;
 use p2pos_proto::packet::classify;
+use p2pos_proto::reach;
 
 fuzz_target!(|data: &[u8]| {
     let _ = classify(data);
     if let Ok(message) = Message::decode(data) {
         // Whatever decodes must encode back to the same bytes.
+        assert_eq!(message.encode(), data);
+    }
+    if let Ok(message) = reach::Message::decode(data) {
         assert_eq!(message.encode(), data);
     }
 });

@@ -3,6 +3,7 @@
 
 mod client;
 mod demo;
+mod doctor;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,6 +46,13 @@ enum Command {
     Up(UpArgs),
     /// Print the effective configuration (config file plus defaults).
     Config(UpArgs),
+    /// Check this node's connectivity and say what to fix: NAT, reachability,
+    /// DHT, LAN.
+    Doctor {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show identity, addresses, sessions and their paths.
     Status {
         /// Print one JSON object.
@@ -240,9 +248,13 @@ struct UpArgs {
     /// Open a session to this peer at start, as <peer-id>@<ip:port> (repeatable).
     #[arg(long, value_name = "ID@ADDR")]
     bootstrap: Vec<String>,
-    /// Only query the DHT, do not serve it (for nodes not reachable from outside).
-    #[arg(long)]
+    /// Only query the DHT, never serve it.
+    #[arg(long, conflicts_with = "dht_server")]
     dht_client: bool,
+    /// Always serve the DHT, even when reachability checks say this node is
+    /// not reachable (default: decided by the checks).
+    #[arg(long)]
+    dht_server: bool,
     /// Do not announce this node or look for peers on the LAN (mDNS).
     #[arg(long)]
     no_mdns: bool,
@@ -283,7 +295,10 @@ fn effective_config(dir: &Path, args: &UpArgs) -> Result<Config> {
     }
     config.bootstrap.extend(args.bootstrap.iter().cloned());
     if args.dht_client {
-        config.dht.server = false;
+        config.dht.mode = p2pos_node::dht::DhtMode::Client;
+    }
+    if args.dht_server {
+        config.dht.mode = p2pos_node::dht::DhtMode::Server;
     }
     if args.no_mdns {
         config.lan.mdns = false;
@@ -326,6 +341,15 @@ async fn run(cli: Cli) -> Result<()> {
             init_logging(cli.verbose);
             let config = effective_config(&dir, &args)?;
             up(&dir, &config).await?;
+        }
+        Command::Doctor { json } => {
+            let status = api.call(Method::GET, "/v1/status", None).await?;
+            let report = doctor::diagnose(&status);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", doctor::render(&report));
+            }
         }
         Command::Status { json } => {
             let status = api.call(Method::GET, "/v1/status", None).await?;
@@ -768,6 +792,32 @@ fn print_status(s: &Value) {
             .map(|a| a.iter().map(str_of).collect::<Vec<_>>().join(", "))
             .unwrap_or_default()
     );
+    let nat = &s["nat"];
+    if !nat.is_null() {
+        println!(
+            "reachable: {}   (dht {})",
+            match s["reachable"].as_bool() {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "not known yet",
+            },
+            if s["dht"]["server"].as_bool() == Some(true) {
+                "server"
+            } else {
+                "client"
+            }
+        );
+        println!(
+            "nat:       mapping {}, filtering {}; seen as {}",
+            str_of(&nat["mapping"]),
+            str_of(&nat["filtering"]),
+            nat["observed_addrs"]
+                .as_array()
+                .filter(|a| !a.is_empty())
+                .map(|a| a.iter().map(str_of).collect::<Vec<_>>().join(", "))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
     let lan_peers = s["lan"]["peers"].as_array().map_or(0, Vec::len);
     println!(
         "lan:       mdns {}, {lan_peers} peer{} found",

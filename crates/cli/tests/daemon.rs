@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -649,4 +649,94 @@ fn ten_daemons_find_each_other_by_key() {
     assert_fails_with(&out, "no record found");
     let out = nodes[1].cmd(&["ping", stranger.trim(), "-c", "1"]);
     assert_fails_with(&out, "not found in the DHT");
+}
+
+#[test]
+fn peers_see_the_services_their_owner_shows_them_and_are_told_of_changes() {
+    let owner = Daemon::start(&[]);
+    let friend = Daemon::start(&[]);
+    let stranger = Daemon::start(&[]);
+    let reg = |name: &str, body: &str| {
+        let (status, resp) = owner.api("PUT", &format!("/v1/services/{name}"), Some(body));
+        assert_eq!(status, 201, "{resp}");
+    };
+    reg("chat", r#"{"description":"say hi","visibility":"public"}"#);
+    reg("diary", r#"{"visibility":"hidden"}"#);
+    reg(
+        "vip",
+        &format!(r#"{{"visibility":{{"peers":["{}"]}}}}"#, friend.peer_id),
+    );
+    let (status, resp) = owner.api(
+        "PUT",
+        "/v1/services/bad",
+        Some(r#"{"visibility":"everyone"}"#),
+    );
+    assert_eq!(status, 400, "{resp}");
+    assert!(
+        resp.contains("visibility") || resp.contains("everyone"),
+        "{resp}"
+    );
+
+    // The friend watches before it connects: it is told of what appears.
+    let mut watch = std::process::Command::new(bin())
+        .arg("--data-dir")
+        .arg(friend.path())
+        .args(["services", "--watch", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for peer in [&friend, &stranger] {
+        let out = peer.cmd(&[
+            "ping",
+            &owner.peer_id,
+            "--addr",
+            &owner.addr_string(),
+            "-c",
+            "1",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut seen: Vec<String> = Vec::new();
+    while seen.len() < 2 {
+        let line = lines.next().expect("watch ended").unwrap();
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(event["event"], "appeared", "{event}");
+        assert_eq!(event["peer"], owner.peer_id.as_str());
+        seen.push(event["name"].as_str().unwrap().to_owned());
+    }
+    seen.sort();
+    assert_eq!(seen, ["chat", "vip"]);
+
+    let list = |d: &Daemon| -> Vec<String> {
+        let out = d.cmd(&["services", "--json"]);
+        assert!(out.status.success());
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(list(&friend), ["chat", "vip"]);
+    assert_eq!(list(&stranger), ["chat"]);
+    let human = friend.cmd(&["services"]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains("say hi"));
+
+    // Removing a service is seen at once.
+    let (status, _) = owner.api("DELETE", "/v1/services/chat", None);
+    assert_eq!(status, 204);
+    let line = lines.next().expect("watch ended").unwrap();
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (event["event"].as_str(), event["name"].as_str()),
+        (Some("disappeared"), Some("chat"))
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
 }

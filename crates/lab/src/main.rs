@@ -44,6 +44,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The LAN figures: discovery and reconnect times over many restarts,
+    /// and the mDNS traffic of an idle node.
+    LanBench {
+        /// Restarts (samples per figure).
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Idle window for the traffic count, in seconds.
+        #[arg(long, default_value_t = 300)]
+        idle: u64,
+        /// The p2pos binary (default: next to this one).
+        #[arg(long)]
+        p2pos: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove every namespace a lab left behind (after a killed run).
     Clean,
     /// UDP probe used inside lab namespaces.
@@ -91,6 +107,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// Ctrl-C or SIGTERM: remove this run's namespaces, then exit.
+fn clean_on_interrupt() -> Result<(), ctrlc::Error> {
+    let prefix = format!("{}{}x", p2pos_lab::NS_PREFIX, std::process::id());
+    ctrlc::set_handler(move || {
+        let n = p2pos_lab::clean_prefix(&prefix);
+        eprintln!("\ninterrupted: removed {n} lab namespaces");
+        std::process::exit(130);
+    })
+}
+
+/// `--p2pos`, or the p2pos binary next to this one.
+fn p2pos_binary(given: Option<PathBuf>) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    match given {
+        Some(p) => Ok(p),
+        None => Ok(std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("p2pos"))
+            .filter(|p| p.exists())
+            .ok_or(
+                "p2pos binary not found next to p2pos-lab: build the workspace, or pass --p2pos",
+            )?),
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.command {
         Command::Matrix {
@@ -101,21 +141,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             p2pos,
             json,
         } => {
-            // Ctrl-C or SIGTERM: remove this run's namespaces, then exit.
-            let prefix = format!("{}{}x", p2pos_lab::NS_PREFIX, std::process::id());
-            ctrlc::set_handler(move || {
-                let n = p2pos_lab::clean_prefix(&prefix);
-                eprintln!("\ninterrupted: removed {n} lab namespaces");
-                std::process::exit(130);
-            })?;
-            let p2pos = match p2pos {
-                Some(p) => p,
-                None => std::env::current_exe()?
-                    .parent()
-                    .map(|d| d.join("p2pos"))
-                    .filter(|p| p.exists())
-                    .ok_or("p2pos binary not found next to p2pos-lab: build the workspace, or pass --p2pos")?,
-            };
+            clean_on_interrupt()?;
+            let p2pos = p2pos_binary(p2pos)?;
             let kinds = kinds.unwrap_or_else(|| RouterKind::ALL.to_vec());
             let options = MatrixOptions {
                 kinds: kinds.clone(),
@@ -129,6 +156,25 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", matrix::render(&report, &kinds));
+            }
+        }
+        Command::LanBench {
+            runs,
+            idle,
+            p2pos,
+            json,
+        } => {
+            clean_on_interrupt()?;
+            let options = p2pos_lab::lanbench::LanBenchOptions {
+                runs,
+                idle: Duration::from_secs(idle),
+                p2pos: p2pos_binary(p2pos)?,
+            };
+            let report = p2pos_lab::lanbench::run(&options, &mut |msg| eprintln!("… {msg}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", p2pos_lab::lanbench::render(&report));
             }
         }
         Command::Clean => {

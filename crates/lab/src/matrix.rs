@@ -99,6 +99,18 @@ pub fn start_node(
     p2pos: &Path,
     bootstrap: &[String],
 ) -> Result<LabNode, LabError> {
+    start_node_with(lab, host, port, p2pos, bootstrap, &[])
+}
+
+/// [`start_node`] with extra `p2pos up` arguments.
+pub fn start_node_with(
+    lab: &mut Lab,
+    host: HostId,
+    port: u16,
+    p2pos: &Path,
+    bootstrap: &[String],
+    extra: &[&str],
+) -> Result<LabNode, LabError> {
     let data_dir = lab.file(&format!("node-{}", host.0));
     std::fs::create_dir_all(&data_dir)?;
     let id = std::process::Command::new(p2pos)
@@ -127,6 +139,7 @@ pub fn start_node(
         args.push("--bootstrap");
         args.push(b);
     }
+    args.extend_from_slice(extra);
     let child = lab.spawn(host, p2pos, &args, Some(&log))?;
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     wait_for_api(lab, host, &data_dir, &log)?;

@@ -527,6 +527,13 @@ impl Lab {
         let _ = child.wait();
     }
 
+    /// Kills a spawned program at once (SIGKILL: no goodbye of any kind).
+    pub fn kill_child(&mut self, index: usize) {
+        let child = &mut self.children[index];
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Waits for a spawned program and returns its output (if piped).
     pub fn wait_child(&mut self, index: usize) -> Result<Output, LabError> {
         let child = std::mem::replace(&mut self.children[index], Command::new("true").spawn()?);

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use p2pos_lab::matrix::{api, start_node, LabNode};
+use p2pos_lab::matrix::{api, start_node, start_node_with, LabNode};
 use p2pos_lab::{RouterKind, RouterOptions};
 use serde_json::Value;
 
@@ -76,6 +76,20 @@ fn three_hosts_on_a_lan_without_uplink_form_a_network() {
         .iter()
         .map(|h| start_node(&mut lab, *h, 7447, &p2pos, &[]).expect("node"))
         .collect();
+    // A guest of another (private) network on the same LAN.
+    let guest_host = lab.add_host(switch, "guest").expect("host");
+    let secret = lab.file("guest.secret");
+    std::fs::write(&secret, "guest network secret, 32 bytes!!").unwrap();
+    let secret_arg = secret.to_string_lossy().into_owned();
+    let guest = start_node_with(
+        &mut lab,
+        guest_host,
+        7447,
+        &p2pos,
+        &[],
+        &["--network-secret", &secret_arg],
+    )
+    .expect("guest node");
 
     // Everyone finds everyone, with no bootstrap and no internet.
     for n in &nodes {
@@ -85,6 +99,20 @@ fn three_hosts_on_a_lan_without_uplink_form_a_network() {
             n.peer_id,
             lan_peers(n)
         );
+    }
+    // The guest's network and the public one ignore each other.
+    assert!(
+        within(Duration::from_secs(10), || {
+            get(&guest, "/v1/status")["lan"]["ignored_other_network"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 3
+        }),
+        "the guest did not see (and ignore) the others' announcements"
+    );
+    assert!(lan_peers(&guest).is_empty());
+    for n in &nodes {
+        assert!(!lan_peers(n).contains(&guest.peer_id));
     }
     // Every ordered pair connects by key, over the LAN.
     for a in &nodes {
@@ -187,12 +215,14 @@ fn hosts_behind_one_home_router_talk_over_the_lan() {
     // Both also learn their public address from the bootstrap node.
     for n in [&na, &nb] {
         assert!(
-            within(Duration::from_secs(10), || get(n, "/v1/status")["dht"]
-                ["observed_addr"]
-                .as_str()
-                .is_some_and(
+            within(Duration::from_secs(10), || get(n, "/v1/status")["nat"]
+                ["observed_addrs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|a| a.as_str().is_some_and(
                     |a| a.starts_with(&lab.router(router).public_ip.to_string())
-                )),
+                ))),
             "no observed public address"
         );
     }

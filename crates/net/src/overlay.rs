@@ -60,8 +60,9 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// Starts the overlay task on `rx`, the socket's overlay queue. DHT
-    /// datagrams (overlay types 10 and 11) go on to `dht`.
+    /// Starts the overlay task on `rx`, the socket's overlay queue. DHT and
+    /// reachability datagrams (overlay types 10, 11 and 20–23) go on to
+    /// `dht`, the DHT task's queue.
     pub fn spawn(
         socket: Arc<OverlaySocket>,
         mut rx: mpsc::Receiver<OverlayDatagram>,
@@ -79,7 +80,9 @@ impl Overlay {
             let mut window = Instant::now();
             let mut replies_in_window = 0u32;
             while let Some((src, datagram)) = rx.recv().await {
-                if matches!(datagram.get(2), Some(&TYPE_REQUEST) | Some(&TYPE_RESPONSE)) {
+                if matches!(datagram.get(2), Some(&TYPE_REQUEST) | Some(&TYPE_RESPONSE))
+                    || p2pos_proto::reach::Message::is_reach(&datagram)
+                {
                     if dht.try_send((src, datagram)).is_err() {
                         task.counters.dht_queue_full.fetch_add(1, Ordering::Relaxed);
                     }

@@ -88,19 +88,13 @@ pub struct SessionConfig {
 }
 
 /// DHT settings.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DhtSection {
-    /// Serve DHT routing and storage. Only nodes reachable from outside
-    /// should (NAT traversal will decide this by itself); `false` makes the
-    /// node a DHT client that only queries.
-    pub server: bool,
-}
-
-impl Default for DhtSection {
-    fn default() -> Self {
-        DhtSection { server: true }
-    }
+    /// `auto` (serve DHT routing and storage while reachability checks say
+    /// nodes that were never contacted can reach this one), `server`
+    /// (always) or `client` (only query).
+    pub mode: crate::dht::DhtMode,
 }
 
 /// LAN settings.

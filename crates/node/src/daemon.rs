@@ -140,7 +140,7 @@ impl Daemon {
         let dir = DataDir::open(data_dir)?;
         let lock = DaemonLock::acquire(&dir)?;
         let mut builder = Node::builder()
-            .dht(true, config.dht.server)
+            .dht(true, config.dht.mode)
             .mdns(config.lan.mdns)
             .data_dir(dir.path())
             .listen(config.listen)

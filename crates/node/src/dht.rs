@@ -8,6 +8,15 @@
 //! It is published once the node has joined, again whenever the observed
 //! address changes, and re-signed every 30 minutes (it expires after an
 //! hour).
+//!
+//! And it runs the node's **reachability** checks (`p2pos_proto::reach`):
+//! observed addresses from DHT responses classify the NAT's mapping,
+//! dial-backs through DHT peers decide filtering and whether the node is
+//! reachable, and in `auto` mode that verdict makes the node a DHT server
+//! or a client. It serves other nodes' dial-back requests too. Every
+//! [`NETWORK_CHECK`] it looks at the host's addresses (and at jumps of the
+//! clock, i.e. sleep and wake): on a change it forgets what it learned,
+//! checks again and republishes the peer record.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,7 +26,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use p2pos_net::overlay::Overlay;
 use p2pos_proto::dht::{record_key, Dht, DhtConfig, DhtEvent, NodeId, QueryId, SignedRecord};
+use p2pos_proto::network::NetworkKey;
 use p2pos_proto::overlay::{decode_addr, encode_addr};
+use p2pos_proto::reach::{self, DialBackService, ReachConfig, ReachEvent, Reachability};
 use p2pos_proto::{Keypair, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -31,11 +42,97 @@ const PEER_RECORD_RETRY: Duration = Duration::from_secs(10);
 /// How often the peer record is re-signed.
 const PEER_RECORD_REFRESH: Duration = Duration::from_secs(1800);
 
+/// How often the task looks for network changes.
+pub const NETWORK_CHECK: Duration = Duration::from_secs(10);
+/// Dial-back requests and relays this node serves per second at most.
+const DIAL_BACKS_PER_SECOND: u32 = 20;
+
+/// IPs this node sent anything to (bounded, oldest forgotten first): a
+/// dial-back probe from one of them says less than one from a stranger.
+#[derive(Debug, Default)]
+pub struct ContactedIps {
+    order: std::collections::VecDeque<std::net::IpAddr>,
+    set: std::collections::HashSet<std::net::IpAddr>,
+}
+
+/// IPs remembered in [`ContactedIps`].
+pub const CONTACTED_IPS: usize = 4096;
+
+impl ContactedIps {
+    /// Notes that this node sent to `ip`.
+    pub fn note(&mut self, ip: std::net::IpAddr) {
+        let ip = ip.to_canonical();
+        if self.set.insert(ip) {
+            self.order.push_back(ip);
+            if self.order.len() > CONTACTED_IPS {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Whether this node sent to `ip`.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        self.set.contains(&ip.to_canonical())
+    }
+
+    /// The most recent of them as a Bloom filter for dial-back requests.
+    pub fn filter(&self) -> reach::IpFilter {
+        let mut f = reach::IpFilter::default();
+        for ip in self.order.iter().rev().take(64) {
+            f.insert(*ip);
+        }
+        f
+    }
+}
+
+/// Whether the node serves the DHT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DhtMode {
+    /// Serve while reachability checks say the node is reachable (it starts
+    /// as a server, and turns client when a check says it is not).
+    #[default]
+    Auto,
+    /// Always serve.
+    Server,
+    /// Never serve, only query.
+    Client,
+}
+
+/// What the node knows about its reachability and NAT.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReachStatus {
+    /// Whether nodes it never contacted can reach it (null: not known yet).
+    pub reachable: Option<bool>,
+    /// NAT mapping: none, endpoint-independent,
+    /// endpoint-dependent-sequential, endpoint-dependent-random or unknown.
+    pub mapping: String,
+    /// NAT filtering: endpoint-independent, address-dependent,
+    /// address-and-port-dependent or unknown.
+    pub filtering: String,
+    /// Whether the node sits behind carrier-grade NAT (null: not known).
+    pub cgn: Option<bool>,
+    /// The addresses peers see this node at, most frequent first.
+    pub observed_addrs: Vec<String>,
+    /// Dial-back checks run.
+    pub checks: u64,
+    /// Network changes noticed (addresses, sleep and wake).
+    pub network_changes: u64,
+    /// Dial-back requests served for other nodes.
+    pub dial_backs_served: u64,
+    /// Dial-back requests and relays refused by the rate limit.
+    pub dial_backs_rate_limited: u64,
+}
+
 /// What `status` shows of the DHT.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DhtStatus {
     /// Whether this node serves routing and storage.
     pub server: bool,
+    /// auto, server or client.
+    pub mode: String,
     /// Contacts in the routing table.
     pub routing_table_size: usize,
     /// Records held for others.
@@ -104,7 +201,20 @@ enum Command {
 pub struct DhtHandle {
     commands: mpsc::Sender<Command>,
     status: Arc<Mutex<DhtStatus>>,
+    reach: Arc<Mutex<ReachStatus>>,
+    contacted: Arc<Mutex<ContactedIps>>,
     keypair: Keypair,
+}
+
+/// How the DHT task is set up.
+#[derive(Debug, Clone)]
+pub struct DhtOptions {
+    /// Server, client, or decided by reachability.
+    pub mode: DhtMode,
+    /// The private network, for datagrams sent from other ports.
+    pub network: Option<NetworkKey>,
+    /// The node's bound socket address.
+    pub bound: SocketAddr,
 }
 
 fn unix_now() -> Duration {
@@ -136,26 +246,55 @@ pub fn decode_peer_addrs(mut value: &[u8]) -> Option<Vec<SocketAddr>> {
 }
 
 impl DhtHandle {
-    /// Starts the DHT task. `inbox`: the socket's DHT datagrams; `local`:
-    /// addresses to publish besides the observed one; `v6_socket`: whether
-    /// the socket is IPv6 (IPv4 peers are then reached by mapped addresses).
+    /// Starts the DHT task. `inbox`: the socket's DHT and reachability
+    /// datagrams.
     pub fn spawn(
         keypair: Keypair,
-        config: DhtConfig,
+        mut config: DhtConfig,
         overlay: Overlay,
         mut inbox: mpsc::Receiver<(SocketAddr, Bytes)>,
-        local: Vec<SocketAddr>,
-        v6_socket: bool,
+        options: DhtOptions,
     ) -> DhtHandle {
+        config.server = options.mode != DhtMode::Client;
+        config.track_peers = true;
+        let v6_socket = options.bound.is_ipv6();
+        let mut local = publishable_addrs(options.bound);
         let (commands, mut rx) = mpsc::channel(256);
+        let mode_name = serde_json::to_value(options.mode)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
         let status = Arc::new(Mutex::new(DhtStatus {
             server: config.server,
+            mode: mode_name.clone(),
             ..DhtStatus::default()
+        }));
+        let reach_status = Arc::new(Mutex::new(ReachStatus {
+            mapping: "unknown".into(),
+            filtering: "unknown".into(),
+            ..ReachStatus::default()
         }));
         let handle = DhtHandle {
             commands,
             status: status.clone(),
+            reach: reach_status.clone(),
+            contacted: Arc::default(),
             keypair: keypair.clone(),
+        };
+        let contacted = handle.contacted.clone();
+        let send = {
+            let overlay = overlay.clone();
+            let contacted = contacted.clone();
+            move |to: SocketAddr, bytes: Vec<u8>| {
+                let overlay = overlay.clone();
+                contacted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .note(to.ip());
+                async move {
+                    let _ = overlay.send(mapped(v6_socket, to), &bytes).await;
+                }
+            }
         };
         let mut seed = [0u8; 8];
         let _ = getrandom::fill(&mut seed);
@@ -165,9 +304,18 @@ impl DhtHandle {
             u64::from_le_bytes(seed),
             unix_now(),
         );
+        let mut reach = Reachability::new(
+            ReachConfig::default(),
+            local.clone(),
+            u64::from_le_bytes(seed).rotate_left(17),
+        );
+        let mut dial_backs = DialBackService::new(DIAL_BACKS_PER_SECOND);
+        let mut network_changes = 0u64;
         tokio::spawn(async move {
             let mut waiting: HashMap<QueryId, oneshot::Sender<DhtEvent<SocketAddr>>> =
                 HashMap::new();
+            let mut next_network_check = tokio::time::Instant::now() + NETWORK_CHECK;
+            let mut last_wall = unix_now();
             let mut published: Option<(Vec<SocketAddr>, Duration)> = None;
             let mut seq = 0u64;
             // The put of the peer record in flight, and the last sequence
@@ -176,8 +324,11 @@ impl DhtHandle {
             let mut stored_seq = 0u64;
             let mut retry_at = Duration::ZERO;
             loop {
-                let sleep = dht
-                    .poll_timeout()
+                let wake = [dht.poll_timeout(), reach.poll_timeout()]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                let sleep = wake
                     .map(|t| t.saturating_sub(unix_now()))
                     .unwrap_or(Duration::from_secs(60))
                     .min(Duration::from_secs(60));
@@ -185,9 +336,39 @@ impl DhtHandle {
                     msg = inbox.recv() => match msg {
                         Some((src, bytes)) => {
                             let src = crate::node::canonical(src);
-                            let _ = dht.handle_datagram(unix_now(), src, &bytes);
+                            if reach::Message::is_reach(&bytes) {
+                                let contacted_ip = contacted.lock().unwrap_or_else(|p| p.into_inner()).contains(src.ip());
+                                let actions = handle_reach_datagram(&mut dht, &mut reach, &mut dial_backs, src, &bytes, contacted_ip);
+                                for (to, datagram) in actions.send {
+                                    send(to, datagram).await;
+                                }
+                                if let Some((to, datagram)) = actions.send_from_alt_port {
+                                    send_from_other_port(options.network.as_ref(), v6_socket, to, datagram).await;
+                                }
+                            } else {
+                                let _ = dht.handle_datagram(unix_now(), src, &bytes);
+                            }
                         }
                         None => break,
+                    },
+                    _ = tokio::time::sleep_until(next_network_check) => {
+                        next_network_check = tokio::time::Instant::now() + NETWORK_CHECK;
+                        let now_wall = unix_now();
+                        // The clock jumped well past the check interval: the
+                        // host slept, and its NAT bindings are likely gone.
+                        let woke = now_wall.saturating_sub(last_wall) > NETWORK_CHECK * 3;
+                        last_wall = now_wall;
+                        let addrs = publishable_addrs(options.bound);
+                        if addrs != local || woke {
+                            network_changes += 1;
+                            tracing::info!(?addrs, woke, "network changed: checking reachability again");
+                            local = addrs;
+                            reach.network_changed(local.clone());
+                            published = None;
+                            for c in dht.table().closest(&dht.id(), 8) {
+                                dht.add_bootstrap(unix_now(), c.addr);
+                            }
+                        }
                     },
                     cmd = rx.recv() => match cmd {
                         Some(Command::Bootstrap(addr)) => dht.add_bootstrap(unix_now(), crate::node::canonical(addr)),
@@ -201,7 +382,42 @@ impl DhtHandle {
                         }
                         None => break,
                     },
-                    _ = tokio::time::sleep(sleep) => dht.handle_timeout(unix_now()),
+                    _ = tokio::time::sleep(sleep) => {
+                        dht.handle_timeout(unix_now());
+                        reach.handle_timeout(unix_now());
+                    }
+                }
+                // Reachability: observations in, checks out, verdicts to
+                // the DHT mode.
+                while let Some((responder, observed)) = dht.poll_observation() {
+                    reach.observe(responder, observed);
+                }
+                let now = unix_now();
+                if reach.check_due(now) {
+                    let helpers: Vec<SocketAddr> = dht
+                        .table()
+                        .closest(&dht.id(), 8)
+                        .into_iter()
+                        .map(|c| c.addr)
+                        .chain(dht.recent_sources())
+                        .collect();
+                    let filter = contacted.lock().unwrap_or_else(|p| p.into_inner()).filter();
+                    reach.start_check(now, &dedup(helpers), filter);
+                }
+                while let Some((to, bytes)) = reach.poll_transmit() {
+                    send(to, bytes).await;
+                }
+                while let Some(ReachEvent::Reachable(verdict)) = reach.poll_event() {
+                    tracing::info!(reachable = ?verdict, mapping = reach.mapping().as_str(), filtering = reach.filtering().as_str(), "reachability");
+                    if let (DhtMode::Auto, Some(reachable)) = (options.mode, verdict) {
+                        if dht.is_server() != reachable {
+                            tracing::info!(
+                                "DHT mode: {}",
+                                if reachable { "server" } else { "client" }
+                            );
+                            dht.set_server(reachable);
+                        }
+                    }
                 }
                 // Keep the peer record current once the node has contacts.
                 let now = unix_now();
@@ -231,13 +447,7 @@ impl DhtHandle {
                     }
                 }
                 while let Some((to, bytes)) = dht.poll_transmit() {
-                    let to = match (v6_socket, to) {
-                        (true, SocketAddr::V4(v4)) => {
-                            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-                        }
-                        _ => to,
-                    };
-                    let _ = overlay.send(to, &bytes).await;
+                    send(to, bytes).await;
                 }
                 while let Some(event) = dht.poll_event() {
                     let q = match &event {
@@ -264,8 +474,24 @@ impl DhtHandle {
                 }
                 let c = dht.counters();
                 let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+                *reach_status.lock().unwrap_or_else(|p| p.into_inner()) = ReachStatus {
+                    reachable: reach.reachable(),
+                    mapping: reach.mapping().as_str().to_owned(),
+                    filtering: reach.filtering().as_str().to_owned(),
+                    cgn: None,
+                    observed_addrs: reach
+                        .observed_addrs()
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect(),
+                    checks: reach.checks(),
+                    network_changes,
+                    dial_backs_served: dial_backs.served,
+                    dial_backs_rate_limited: dial_backs.rate_limited,
+                };
                 *s = DhtStatus {
                     server: dht.is_server(),
+                    mode: mode_name.clone(),
                     routing_table_size: dht.table().len(),
                     records_held: dht.records().len(),
                     sent: c.sent,
@@ -285,6 +511,19 @@ impl DhtHandle {
     /// Contacts a node at `addr` to join the DHT through it.
     pub fn bootstrap(&self, addr: SocketAddr) {
         let _ = self.commands.try_send(Command::Bootstrap(addr));
+    }
+
+    /// Notes that this node sent to `ip` (e.g. a session's peer).
+    pub fn note_contacted(&self, ip: std::net::IpAddr) {
+        self.contacted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(ip);
+    }
+
+    /// Reachability and NAT, as far as known.
+    pub fn reach_status(&self) -> ReachStatus {
+        self.reach.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The DHT's status.
@@ -357,6 +596,90 @@ impl DhtHandle {
             hops,
             elapsed_ms,
         })
+    }
+}
+
+/// A dual-stack socket reaches IPv4 peers by mapped addresses.
+fn mapped(v6_socket: bool, to: SocketAddr) -> SocketAddr {
+    match (v6_socket, to) {
+        (true, SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        _ => to,
+    }
+}
+
+fn dedup(mut addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let mut seen = std::collections::HashSet::new();
+    addrs.retain(|a| seen.insert(*a));
+    addrs
+}
+
+/// The addresses to publish in the peer record besides the observed ones:
+/// the host's interface addresses on the bound port (loopback ones only
+/// for a loopback-bound node).
+pub fn publishable_addrs(bound: SocketAddr) -> Vec<SocketAddr> {
+    crate::node::listen_addrs_for(bound)
+        .into_iter()
+        .filter(|a| !a.ip().is_loopback() || bound.ip().is_loopback())
+        .collect()
+}
+
+/// Handles a reachability datagram: as the requester (acks, probes), the
+/// helper (requests) or the third node (relays). Returns what to send.
+fn handle_reach_datagram(
+    dht: &mut Dht<SocketAddr>,
+    reach: &mut Reachability,
+    service: &mut DialBackService,
+    src: SocketAddr,
+    bytes: &[u8],
+    contacted_ip: bool,
+) -> reach::DialBackActions {
+    let Ok(message) = reach::Message::decode(bytes) else {
+        return reach::DialBackActions::default();
+    };
+    let now = unix_now();
+    match message {
+        reach::Message::DialBackRequest { id, contacted } => {
+            // Third-node candidates: nodes this one talks to.
+            let candidates: Vec<SocketAddr> = dedup(
+                dht.table()
+                    .closest(&dht.id(), 16)
+                    .into_iter()
+                    .map(|c| c.addr)
+                    .chain(dht.recent_sources())
+                    .collect(),
+            )
+            .into_iter()
+            .filter(|a| *a != src)
+            .collect();
+            service.handle_request(now, src, id, &contacted, &candidates)
+        }
+        reach::Message::DialBackRelay { id, target } => service.handle_relay(now, id, target),
+        other => {
+            reach.handle_reply(now, src, &other, contacted_ip);
+            reach::DialBackActions::default()
+        }
+    }
+}
+
+/// Sends one datagram from a fresh ephemeral port (framed for the private
+/// network, if any): a port the receiver never sent to.
+async fn send_from_other_port(
+    network: Option<&NetworkKey>,
+    v6_socket: bool,
+    to: SocketAddr,
+    datagram: Vec<u8>,
+) {
+    let datagram = match network {
+        Some(key) => key.seal(&datagram),
+        None => datagram,
+    };
+    let any: SocketAddr = if v6_socket {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    if let Ok(socket) = tokio::net::UdpSocket::bind(any).await {
+        let _ = socket.send_to(&datagram, mapped(v6_socket, to)).await;
     }
 }
 

@@ -34,7 +34,9 @@ use crate::Node;
 
 /// How long the node with the larger ID waits for the other one's dial
 /// before dialing itself.
-pub const SECOND_DIAL_DELAY: Duration = Duration::from_secs(1);
+pub const SECOND_DIAL_DELAY: Duration = Duration::from_millis(300);
+/// Longest wait between dials of a LAN peer that cannot be reached.
+pub const MAX_REDIAL_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a stopping node waits for its mDNS goodbye to be sent.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
 
@@ -59,6 +61,8 @@ pub struct LanDiscovery {
     daemon: ServiceDaemon,
     fullname: String,
     peers: Arc<Mutex<HashMap<PeerId, LanPeer>>>,
+    /// LAN peers a dial task is working on.
+    dialing: Mutex<std::collections::HashSet<PeerId>>,
     counters: Arc<LanCounters>,
 }
 
@@ -115,6 +119,7 @@ impl LanDiscovery {
                     daemon,
                     fullname,
                     peers: Arc::default(),
+                    dialing: Mutex::default(),
                     counters: Arc::default(),
                 };
                 discovery.spawn_browser(Arc::downgrade(&node.inner), receiver, bound);
@@ -160,6 +165,10 @@ impl LanDiscovery {
         )
         .map_err(e)?
         .enable_addr_auto();
+        // The instance name is the peer ID: only this node's own key can
+        // claim it, so probing for conflicts (750 ms) is skipped.
+        let mut info = info;
+        info.set_requires_probe(false);
         let fullname = info.get_fullname().to_owned();
         daemon.register(info).map_err(e)?;
         let receiver = daemon.browse(SERVICE_TYPE).map_err(e)?;
@@ -250,6 +259,16 @@ impl LanDiscovery {
     /// The LAN addresses of `peer`, if it was found on the LAN.
     pub fn addrs_of(&self, peer: &PeerId) -> Option<Vec<SocketAddr>> {
         lock(&self.peers).get(peer).map(|p| p.addrs.clone())
+    }
+
+    /// Claims the dial task of `peer`: false if one runs already.
+    pub(crate) fn start_dialing(&self, peer: PeerId) -> bool {
+        lock(&self.dialing).insert(peer)
+    }
+
+    /// The dial task of `peer` ended.
+    pub(crate) fn done_dialing(&self, peer: &PeerId) {
+        lock(&self.dialing).remove(peer);
     }
 
     /// Whether `peer` was found on the LAN.

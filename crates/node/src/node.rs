@@ -15,7 +15,10 @@
 //! Simultaneous dials are resolved by `p2pos_proto::session::new_session_wins`:
 //! both ends keep the same session and close the other with
 //! [`CLOSE_DUPLICATE`]; a stream that was opened on the closed one is
-//! retried on the survivor.
+//! retried on the survivor. A session dialed by the same end as the one it
+//! duplicates, or arriving more than [`TWIN_WINDOW`] after it, is no twin:
+//! the peer lost the old one (it crashed and restarted, or its address
+//! changed), and the new one replaces it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -70,6 +73,11 @@ const MAX_PENDING_HANDSHAKES: usize = 256;
 pub const MAX_SESSIONS: usize = 4096;
 /// Peers whose last address is kept in memory (in front of the store).
 const MAX_ADDRESS_BOOK: usize = 4096;
+
+/// Sessions with one peer, dialed by different ends and established within
+/// this time of each other, are twins of a simultaneous dial (see the module
+/// docs); otherwise the later one replaces the earlier.
+pub const TWIN_WINDOW: Duration = Duration::from_secs(5);
 
 /// The built-in echo service used by [`Node::ping`].
 pub const PING_SERVICE: &str = "p2pos/ping";
@@ -350,6 +358,7 @@ pub(crate) struct Inner {
     keypair: Keypair,
     endpoint: BoundEndpoint,
     pub(crate) network: Option<NetworkKey>,
+    keepalive: Duration,
     sessions: Mutex<HashMap<PeerId, Session>>,
     /// Last address of recent peers: lets a node redial a peer whose
     /// session just closed (e.g. the losing twin of a simultaneous dial)
@@ -405,7 +414,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct NodeBuilder {
     mdns: bool,
     dht_enabled: bool,
-    dht_server: bool,
+    dht_mode: crate::dht::DhtMode,
     data_dir: Option<PathBuf>,
     keypair: Option<Keypair>,
     listen: Option<SocketAddr>,
@@ -419,7 +428,7 @@ impl Default for NodeBuilder {
         NodeBuilder {
             mdns: false,
             dht_enabled: true,
-            dht_server: true,
+            dht_mode: crate::dht::DhtMode::Auto,
             data_dir: None,
             keypair: None,
             listen: None,
@@ -432,10 +441,10 @@ impl Default for NodeBuilder {
 
 impl NodeBuilder {
     /// Whether the node runs the DHT (default: yes), and whether it serves
-    /// routing and storage (default: yes; only reachable nodes should).
-    pub fn dht(mut self, enabled: bool, server: bool) -> Self {
+    /// routing and storage (default: `auto`, decided by reachability).
+    pub fn dht(mut self, enabled: bool, mode: crate::dht::DhtMode) -> Self {
         self.dht_enabled = enabled;
-        self.dht_server = server;
+        self.dht_mode = mode;
         self
     }
 
@@ -514,6 +523,7 @@ impl NodeBuilder {
             keypair,
             endpoint,
             network: self.network,
+            keepalive: options.keepalive,
             sessions: Mutex::default(),
             address_book: Mutex::default(),
             dialing: Mutex::default(),
@@ -542,22 +552,16 @@ impl NodeBuilder {
                 .unwrap_or_else(|p| p.into_inner())
                 .take();
             if let Some(inbox) = inbox {
-                let config = p2pos_proto::dht::DhtConfig {
-                    server: self.dht_server,
-                    ..Default::default()
-                };
-                let local: Vec<SocketAddr> = node
-                    .listen_addrs()
-                    .into_iter()
-                    .filter(|a| !a.ip().is_loopback() || node.local_addr().ip().is_loopback())
-                    .collect();
                 let handle = crate::dht::DhtHandle::spawn(
                     node.inner.keypair.clone(),
-                    config,
+                    p2pos_proto::dht::DhtConfig::default(),
                     node.inner.endpoint.overlay.clone(),
                     inbox,
-                    local,
-                    node.local_addr().is_ipv6(),
+                    crate::dht::DhtOptions {
+                        mode: self.dht_mode,
+                        network: node.inner.network.clone(),
+                        bound: node.local_addr(),
+                    },
                 );
                 let _ = node.inner.dht.set(handle);
             }
@@ -608,22 +612,7 @@ impl Node {
     /// Addresses peers can dial: the bound address, or with a wildcard
     /// bind, the address of every interface on the bound port.
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        let local = self.local_addr();
-        if !local.ip().is_unspecified() {
-            return vec![local];
-        }
-        let v6_bound = local.is_ipv6();
-        let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|i| i.ip())
-            .filter(|ip| v6_bound || ip.is_ipv4())
-            .filter(|ip| !matches!(ip, std::net::IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80))
-            .map(|ip| SocketAddr::new(ip, local.port()))
-            .collect();
-        out.sort();
-        out.dedup();
-        out
+        listen_addrs_for(self.local_addr())
     }
 
     fn spawn_accept_loop(&self) {
@@ -681,7 +670,14 @@ impl Node {
                         .counters
                         .duplicate_sessions_closed
                         .fetch_add(1, Ordering::Relaxed);
-                    if !new_session_wins(existing.dialer, dialer) {
+                    // Two sessions made within TWIN_WINDOW are simultaneous
+                    // dials: both ends keep the same one. A session to a
+                    // peer that already has an older one means the peer
+                    // lost that one (e.g. it restarted): the new one wins.
+                    // The same dialer twice is never a twin either.
+                    let twins =
+                        existing.dialer != dialer && existing.established.elapsed() < TWIN_WINDOW;
+                    if twins && !new_session_wins(existing.dialer, dialer) {
                         tracing::debug!(peer = %peer.short(), "closing duplicate session (twin kept)");
                         conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate session");
                         return existing.clone();
@@ -709,6 +705,9 @@ impl Node {
             book.insert(peer, conn.remote_address());
         }
         tracing::info!(peer = %peer, %remote, direction = if dialer == self.peer_id() { "outbound" } else { "inbound" }, "session established");
+        if let Some(dht) = self.inner.dht.get() {
+            dht.note_contacted(remote.ip());
+        }
         if self.inner.store.is_some() {
             // A store write syncs to disk: keep it off the async workers.
             let inner = self.inner.clone();
@@ -753,7 +752,16 @@ impl Node {
                 let mut sessions = lock(&inner.sessions);
                 if sessions.get(&peer).map(|s| s.conn.stable_id()) == Some(conn.stable_id()) {
                     sessions.remove(&peer);
+                    drop(sessions);
                     tracing::info!(peer = %peer, "session closed: {reason}");
+                    // A LAN peer that did not say it is leaving is dialed
+                    // again (e.g. it restarted, or a timeout cut a working
+                    // session).
+                    let leaving = matches!(&reason, quinn::ConnectionError::ApplicationClosed(c)
+                        if c.error_code == VarInt::from_u32(CLOSE_SHUTDOWN));
+                    if !leaving {
+                        Node { inner }.keep_lan_session(peer);
+                    }
                 }
             }
         });
@@ -1237,21 +1245,45 @@ impl Node {
         if let (Some(dht), Some(addr)) = (self.inner.dht.get(), addrs.first()) {
             dht.bootstrap(*addr);
         }
-        if self.live_session(&peer).is_some() {
+        self.keep_lan_session(peer);
+    }
+
+    /// Makes sure a session with LAN peer `peer` exists, and keeps trying
+    /// (with backoff) while the peer is on the LAN and has none: one task
+    /// per peer.
+    pub(crate) fn keep_lan_session(&self, peer: PeerId) {
+        let Some(lan) = self.inner.lan.get() else {
+            return;
+        };
+        if self.live_session(&peer).is_some() || !lan.start_dialing(peer) {
             return;
         }
         let node = self.clone();
         let me = self.peer_id();
         tokio::spawn(async move {
-            if me > peer {
-                // The smaller ID dials; this side only steps in if it did not.
-                tokio::time::sleep(crate::lan::SECOND_DIAL_DELAY).await;
-                if node.live_session(&peer).is_some() {
-                    return;
+            let mut backoff = crate::lan::SECOND_DIAL_DELAY;
+            // The smaller ID dials; the other side steps in only if it did not.
+            let mut wait_first = me > peer;
+            loop {
+                if wait_first {
+                    tokio::time::sleep(crate::lan::SECOND_DIAL_DELAY).await;
+                    wait_first = false;
+                }
+                let lan = node.inner.lan.get().expect("set before the first dial");
+                if node.live_session(&peer).is_some() || !lan.knows(&peer) {
+                    break;
+                }
+                match node.connect(peer, None).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::debug!(peer = %peer.short(), "could not connect to LAN peer (retry in {backoff:?}): {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(crate::lan::MAX_REDIAL_BACKOFF);
+                    }
                 }
             }
-            if let Err(e) = node.connect(peer, None).await {
-                tracing::debug!(peer = %peer.short(), "could not connect to LAN peer: {e}");
+            if let Some(lan) = node.inner.lan.get() {
+                lan.done_dialing(&peer);
             }
         });
     }
@@ -1419,6 +1451,13 @@ impl Node {
             services,
             tunnels: self.inner.tunnels.status(),
             dht: self.inner.dht.get().map(|d| d.status()),
+            reachable: self
+                .inner
+                .dht
+                .get()
+                .and_then(|d| d.reach_status().reachable),
+            nat: self.inner.dht.get().map(|d| d.reach_status()),
+            keepalive_interval_s: self.inner.keepalive.as_secs_f64(),
             lan: self.lan_status(),
             counters: CountersStatus {
                 sessions_opened: get(&c.sessions_opened),
@@ -1485,6 +1524,29 @@ impl Node {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.endpoint.quic.wait_idle())
             .await;
     }
+}
+
+/// Addresses peers can dial for a socket bound at `local`: the bound
+/// address, or with a wildcard bind, the address of every interface on the
+/// bound port (IPv6 link-local ones left out: they need a scope).
+pub fn listen_addrs_for(local: SocketAddr) -> Vec<SocketAddr> {
+    if !local.ip().is_unspecified() {
+        return vec![local];
+    }
+    let v6_bound = local.is_ipv6();
+    let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| i.ip())
+        .filter(|ip| v6_bound || ip.is_ipv4())
+        .filter(
+            |ip| !matches!(ip, std::net::IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80),
+        )
+        .map(|ip| SocketAddr::new(ip, local.port()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Maps an IPv4-mapped IPv6 address back to IPv4.

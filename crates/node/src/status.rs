@@ -24,6 +24,13 @@ pub struct NodeStatus {
     pub tunnels: TunnelsStatus,
     /// The DHT: routing table size, traffic, the published peer record.
     pub dht: Option<crate::dht::DhtStatus>,
+    /// Whether nodes this one never contacted can reach it (null: not known
+    /// yet; decided by dial-backs through DHT peers).
+    pub reachable: Option<bool>,
+    /// The NAT as peers see it: mapping, filtering, observed addresses.
+    pub nat: Option<crate::dht::ReachStatus>,
+    /// Seconds between keepalives on idle sessions.
+    pub keepalive_interval_s: f64,
     /// LAN discovery: mDNS state and the peers found on the LAN.
     pub lan: crate::lan::LanStatus,
     /// Counters, including every kind of dropped input.

@@ -17,6 +17,8 @@
 //!   a named service inside a QUIC session.
 //! - [`lan`]: the mDNS announcement of a node on its LAN and the service
 //!   lists peers exchange.
+//! - [`reach`]: reachability from peers only — NAT mapping from observed
+//!   addresses, filtering and reachability from dial-backs.
 //! - [`session`]: rules shared by both ends of a session (which of two
 //!   simultaneous sessions survives, how a path is named).
 
@@ -26,6 +28,7 @@ pub mod lan;
 pub mod network;
 pub mod overlay;
 pub mod packet;
+pub mod reach;
 pub mod rng;
 pub mod session;
 pub mod stream;

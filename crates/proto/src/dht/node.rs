@@ -70,7 +70,13 @@ pub struct DhtConfig {
     pub max_pending: usize,
     /// Whether this node serves routing and storage (reachable nodes only).
     pub server: bool,
+    /// Keep the last few (responder, observed address) pairs and request
+    /// sources for the node's reachability checks (off in the simulator).
+    pub track_peers: bool,
 }
+
+/// Observations and request sources kept with `track_peers`.
+pub const TRACKED_PEERS: usize = 16;
 
 impl Default for DhtConfig {
     fn default() -> Self {
@@ -90,6 +96,7 @@ impl Default for DhtConfig {
             max_records_per_network: 256,
             max_pending: 512,
             server: true,
+            track_peers: false,
         }
     }
 }
@@ -218,6 +225,10 @@ pub struct Dht<A: Address> {
     srtt_ms: f64,
     rttvar_ms: f64,
     observed: Option<A>,
+    /// (responder, observed) pairs not yet polled (with `track_peers`).
+    observations: VecDeque<(A, A)>,
+    /// Recent sources of requests, newest last (with `track_peers`).
+    recent_sources: VecDeque<A>,
     counters: DhtCounters,
 }
 
@@ -258,6 +269,8 @@ impl<A: Address> Dht<A> {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             observed: None,
+            observations: VecDeque::new(),
+            recent_sources: VecDeque::new(),
             counters: DhtCounters::default(),
         }
     }
@@ -285,6 +298,18 @@ impl<A: Address> Dht<A> {
     /// The address the last responder saw this node at.
     pub fn observed_addr(&self) -> Option<A> {
         self.observed
+    }
+
+    /// The next (responder, observed address) pair from a response (with
+    /// `track_peers`).
+    pub fn poll_observation(&mut self) -> Option<(A, A)> {
+        self.observations.pop_front()
+    }
+
+    /// Nodes that recently sent this node requests, newest first (with
+    /// `track_peers`).
+    pub fn recent_sources(&self) -> Vec<A> {
+        self.recent_sources.iter().rev().copied().collect()
     }
 
     /// Whether this node serves routing and storage.
@@ -603,6 +628,14 @@ impl<A: Address> Dht<A> {
         let verified = req.cookie != 0
             && (req.cookie == self.cookie_for(&from, epoch)
                 || req.cookie == self.cookie_for(&from, epoch.saturating_sub(1)));
+        // Only sources that proved their address (a cookie) are remembered.
+        if self.config.track_peers && verified {
+            self.recent_sources.retain(|a| *a != from);
+            if self.recent_sources.len() >= TRACKED_PEERS {
+                self.recent_sources.pop_front();
+            }
+            self.recent_sources.push_back(from);
+        }
         let k = self.config.k;
         let nodes_for = |table: &RoutingTable<A>, target: &NodeId| -> Vec<(NodeId, A)> {
             table
@@ -717,6 +750,12 @@ impl<A: Address> Dht<A> {
         }
         self.cookies.insert(from, resp.cookie);
         self.observed = Some(resp.observed);
+        if self.config.track_peers {
+            if self.observations.len() >= TRACKED_PEERS {
+                self.observations.pop_front();
+            }
+            self.observations.push_back((from, resp.observed));
+        }
         let was_empty = self.table.is_empty();
         if pending.request.want_proof {
             let contact = Contact {
