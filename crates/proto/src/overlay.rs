@@ -88,20 +88,7 @@ impl Message {
 
     /// Decodes a datagram.
     pub fn decode(datagram: &[u8]) -> Result<Self, DecodeError> {
-        if datagram.len() > MAX_OVERLAY_DATAGRAM {
-            return Err(DecodeError::Length);
-        }
-        let (&tag, rest) = datagram.split_first().ok_or(DecodeError::NotOverlay)?;
-        if tag != OVERLAY_TAG {
-            return Err(DecodeError::NotOverlay);
-        }
-        let (&version, rest) = rest.split_first().ok_or(DecodeError::Length)?;
-        if version != OVERLAY_VERSION {
-            return Err(DecodeError::Version(version));
-        }
-        let (&kind, body) = rest.split_first().ok_or(DecodeError::Length)?;
-        let id = read_u64(body)?;
-        let body = &body[8..];
+        let (kind, id, body) = split_header(datagram)?;
         match kind {
             TYPE_PROBE => {
                 // The padding must be present (anti-amplification) and zero.
@@ -123,6 +110,25 @@ impl Message {
             other => Err(DecodeError::UnknownType(other)),
         }
     }
+}
+
+/// Checks an overlay datagram's tag, version and size, and splits it into
+/// `(type, id, body)`: every overlay message starts with a 64-bit id.
+pub fn split_header(datagram: &[u8]) -> Result<(u8, u64, &[u8]), DecodeError> {
+    if datagram.len() > MAX_OVERLAY_DATAGRAM {
+        return Err(DecodeError::Length);
+    }
+    let (&tag, rest) = datagram.split_first().ok_or(DecodeError::NotOverlay)?;
+    if tag != OVERLAY_TAG {
+        return Err(DecodeError::NotOverlay);
+    }
+    let (&version, rest) = rest.split_first().ok_or(DecodeError::Length)?;
+    if version != OVERLAY_VERSION {
+        return Err(DecodeError::Version(version));
+    }
+    let (&kind, body) = rest.split_first().ok_or(DecodeError::Length)?;
+    let id = read_u64(body)?;
+    Ok((kind, id, &body[8..]))
 }
 
 fn read_u64(bytes: &[u8]) -> Result<u64, DecodeError> {

@@ -37,7 +37,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::overlay::{decode_addr, encode_addr, DecodeError, OVERLAY_VERSION};
+use crate::overlay::{decode_addr, encode_addr, split_header, DecodeError, OVERLAY_VERSION};
 use crate::packet::OVERLAY_TAG;
 
 /// Overlay type of a dial-back request.
@@ -126,22 +126,7 @@ impl Message {
 
     /// Decodes a datagram.
     pub fn decode(datagram: &[u8]) -> Result<Self, DecodeError> {
-        let (&tag, rest) = datagram.split_first().ok_or(DecodeError::NotOverlay)?;
-        if tag != OVERLAY_TAG {
-            return Err(DecodeError::NotOverlay);
-        }
-        let (&version, rest) = rest.split_first().ok_or(DecodeError::Length)?;
-        if version != OVERLAY_VERSION {
-            return Err(DecodeError::Version(version));
-        }
-        let (&kind, body) = rest.split_first().ok_or(DecodeError::Length)?;
-        let id: [u8; 8] = body
-            .get(..8)
-            .ok_or(DecodeError::Length)?
-            .try_into()
-            .map_err(|_| DecodeError::Length)?;
-        let id = u64::from_be_bytes(id);
-        let body = &body[8..];
+        let (kind, id, body) = split_header(datagram)?;
         let flag = |body: &[u8]| match body {
             [b] => Ok(*b),
             _ => Err(DecodeError::Length),
