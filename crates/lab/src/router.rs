@@ -206,6 +206,19 @@ pub fn ruleset(kind: RouterKind, wan: Ipv4Addr, lan_net: Ipv4Addr, opts: &Router
     }
 
     if kind.is_nat() {
+        // The router itself: like every home router's firewall, nothing
+        // unsolicited from the WAN side. (A dropped packet's conntrack entry
+        // is never confirmed; an accepted one would take the port a LAN
+        // host's later outbound flow to the same peer needs, and the NAT
+        // would map that flow to another port.)
+        let _ = writeln!(r, "  chain input {{");
+        let _ = writeln!(
+            r,
+            "    type filter hook input priority filter; policy accept;"
+        );
+        let _ = writeln!(r, "    iifname \"wan\" ct state established,related accept");
+        let _ = writeln!(r, "    iifname \"wan\" drop");
+        let _ = writeln!(r, "  }}");
         // Inbound: DNAT where the kind's filtering allows it.
         let _ = writeln!(r, "  chain prerouting {{");
         let _ = writeln!(

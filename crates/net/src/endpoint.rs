@@ -73,7 +73,26 @@ pub struct BoundEndpoint {
     tls: TlsIdentity,
     transport: Arc<quinn::TransportConfig>,
     lan_transport: Arc<quinn::TransportConfig>,
+    punch_transport: Arc<quinn::TransportConfig>,
 }
+
+/// What a dial is for; it decides the session's timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialKind {
+    /// A peer's published or remembered address.
+    Normal,
+    /// A peer found on the LAN: the short LAN timers ([`LAN_IDLE_TIMEOUT`],
+    /// [`LAN_KEEPALIVE`]).
+    Lan,
+    /// Through a NAT being punched at the same moment: the first Initial
+    /// may be dropped before the peer's punch opens its NAT, so the
+    /// handshake starts with a short initial RTT ([`PUNCH_INITIAL_RTT`]) and
+    /// retransmits sooner.
+    Punch,
+}
+
+/// Initial RTT estimate of punched dials.
+pub const PUNCH_INITIAL_RTT: Duration = Duration::from_millis(100);
 
 /// Idle timeout of sessions dialed over the LAN at most: a device that
 /// leaves the LAN without a goodbye is noticed within it.
@@ -116,6 +135,9 @@ impl BoundEndpoint {
         let tls = TlsIdentity::new(keypair)?;
         let transport = transport_config(options);
         let transport = Arc::new(transport);
+        let mut punch = transport_config(options);
+        punch.initial_rtt(PUNCH_INITIAL_RTT);
+        let punch_transport = Arc::new(punch);
         let lan_transport = Arc::new(transport_config(&EndpointOptions {
             idle_timeout: options.idle_timeout.min(LAN_IDLE_TIMEOUT),
             keepalive: options.keepalive.min(LAN_KEEPALIVE),
@@ -153,17 +175,16 @@ impl BoundEndpoint {
             tls,
             transport,
             lan_transport,
+            punch_transport,
         })
     }
 
     /// Starts a QUIC handshake with `addr`, accepting only `peer` there.
-    /// `lan`: the peer was found on this node's LAN, so the session gets
-    /// the short LAN timers ([`LAN_IDLE_TIMEOUT`], [`LAN_KEEPALIVE`]).
     pub fn connect(
         &self,
         peer: PeerId,
         addr: SocketAddr,
-        lan: bool,
+        kind: DialKind,
     ) -> Result<quinn::Connecting, quinn::ConnectError> {
         let tls = self
             .tls
@@ -172,10 +193,10 @@ impl BoundEndpoint {
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|_| quinn::ConnectError::EndpointStopping)?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(if lan {
-            self.lan_transport.clone()
-        } else {
-            self.transport.clone()
+        config.transport_config(match kind {
+            DialKind::Normal => self.transport.clone(),
+            DialKind::Lan => self.lan_transport.clone(),
+            DialKind::Punch => self.punch_transport.clone(),
         });
         let addr = match (self.local_addr, addr) {
             // A dual-stack socket reaches IPv4 peers by mapped addresses.

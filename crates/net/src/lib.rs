@@ -14,5 +14,5 @@ pub mod overlay;
 pub mod socket;
 pub mod tls;
 
-pub use endpoint::{transport_config, BindError, BoundEndpoint, EndpointOptions};
+pub use endpoint::{transport_config, BindError, BoundEndpoint, DialKind, EndpointOptions};
 pub use socket::SocketCounters;

@@ -47,6 +47,8 @@ pub struct OverlayCounters {
     pub malformed: AtomicU64,
     /// DHT datagrams dropped because the DHT's queue was full.
     pub dht_queue_full: AtomicU64,
+    /// Punch datagrams received (they only open NAT bindings: dropped).
+    pub punches_received: AtomicU64,
 }
 
 /// Handle to the overlay: send probes, read counters.
@@ -86,6 +88,12 @@ impl Overlay {
                     if dht.try_send((src, datagram)).is_err() {
                         task.counters.dht_queue_full.fetch_add(1, Ordering::Relaxed);
                     }
+                    continue;
+                }
+                if p2pos_proto::traversal::decode_punch(&datagram).is_ok() {
+                    task.counters
+                        .punches_received
+                        .fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 match Message::decode(&datagram) {

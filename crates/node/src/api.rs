@@ -74,9 +74,9 @@ impl From<ConnectError> for ApiError {
             ConnectError::NotFound(_) => StatusCode::NOT_FOUND,
             ConnectError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ConnectError::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
-            ConnectError::WrongPeer { .. } | ConnectError::Handshake { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ConnectError::WrongPeer { .. }
+            | ConnectError::Handshake { .. }
+            | ConnectError::Traversal { .. } => StatusCode::BAD_GATEWAY,
         };
         ApiError(status, e.to_string())
     }

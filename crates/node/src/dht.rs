@@ -27,8 +27,8 @@ use bytes::Bytes;
 use p2pos_net::overlay::Overlay;
 use p2pos_proto::dht::{record_key, Dht, DhtConfig, DhtEvent, NodeId, QueryId, SignedRecord};
 use p2pos_proto::network::NetworkKey;
-use p2pos_proto::overlay::{decode_addr, encode_addr};
 use p2pos_proto::reach::{self, DialBackService, ReachConfig, ReachEvent, Reachability};
+use p2pos_proto::traversal::{Home, PeerInfo};
 use p2pos_proto::{Keypair, PeerId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -180,6 +180,14 @@ pub struct PeerLookup {
     pub peer: String,
     /// Addresses from its record.
     pub addrs: Vec<SocketAddr>,
+    /// Its homes: reachable nodes that forward connect requests to it.
+    pub homes: Vec<HomeStatus>,
+    /// Its NAT's mapping, as it measured.
+    pub mapping: String,
+    /// Its NAT's filtering, as it measured.
+    pub filtering: String,
+    /// Whether nodes it never contacted can reach it.
+    pub reachable: bool,
     /// The record's sequence number.
     pub seq: u64,
     /// When the record expires (Unix seconds).
@@ -190,8 +198,30 @@ pub struct PeerLookup {
     pub elapsed_ms: u64,
 }
 
+/// A home, as status and lookups show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HomeStatus {
+    /// The home's peer ID.
+    pub peer: String,
+    /// Its address.
+    pub addr: String,
+}
+
+impl From<&Home> for HomeStatus {
+    fn from(h: &Home) -> Self {
+        HomeStatus {
+            peer: h.peer.to_string(),
+            addr: h.addr.to_string(),
+        }
+    }
+}
+
+/// Servers whose keys were verified, remembered as home candidates.
+const KNOWN_SERVERS: usize = 64;
+
 enum Command {
     Bootstrap(SocketAddr),
+    SetHomes(Vec<Home>),
     Get(NodeId, oneshot::Sender<DhtEvent<SocketAddr>>),
     Put(SignedRecord, oneshot::Sender<DhtEvent<SocketAddr>>),
 }
@@ -203,6 +233,7 @@ pub struct DhtHandle {
     status: Arc<Mutex<DhtStatus>>,
     reach: Arc<Mutex<ReachStatus>>,
     contacted: Arc<Mutex<ContactedIps>>,
+    known_servers: Arc<Mutex<std::collections::VecDeque<(PeerId, SocketAddr)>>>,
     keypair: Keypair,
 }
 
@@ -221,28 +252,6 @@ fn unix_now() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
-}
-
-/// Encodes a list of addresses as a peer record value.
-pub fn encode_peer_addrs(addrs: &[SocketAddr]) -> Vec<u8> {
-    let mut out = vec![addrs.len().min(32) as u8];
-    for a in addrs.iter().take(32) {
-        encode_addr(a, &mut out);
-    }
-    out
-}
-
-/// Decodes a peer record value.
-pub fn decode_peer_addrs(mut value: &[u8]) -> Option<Vec<SocketAddr>> {
-    let (&n, rest) = value.split_first()?;
-    value = rest;
-    let mut out = Vec::with_capacity(usize::from(n));
-    for _ in 0..n {
-        let (a, rest) = decode_addr(value).ok()?;
-        out.push(a);
-        value = rest;
-    }
-    value.is_empty().then_some(out)
 }
 
 impl DhtHandle {
@@ -279,8 +288,11 @@ impl DhtHandle {
             status: status.clone(),
             reach: reach_status.clone(),
             contacted: Arc::default(),
+            known_servers: Arc::default(),
             keypair: keypair.clone(),
         };
+        let known_servers = handle.known_servers.clone();
+        let mut homes: Vec<Home> = Vec::new();
         let contacted = handle.contacted.clone();
         let send = {
             let overlay = overlay.clone();
@@ -316,7 +328,7 @@ impl DhtHandle {
                 HashMap::new();
             let mut next_network_check = tokio::time::Instant::now() + NETWORK_CHECK;
             let mut last_wall = unix_now();
-            let mut published: Option<(Vec<SocketAddr>, Duration)> = None;
+            let mut published: Option<(Vec<u8>, Duration)> = None;
             let mut seq = 0u64;
             // The put of the peer record in flight, and the last sequence
             // some node confirmed storing.
@@ -372,6 +384,7 @@ impl DhtHandle {
                     },
                     cmd = rx.recv() => match cmd {
                         Some(Command::Bootstrap(addr)) => dht.add_bootstrap(unix_now(), crate::node::canonical(addr)),
+                        Some(Command::SetHomes(h)) => homes = h,
                         Some(Command::Get(key, tx)) => {
                             let q = dht.get(unix_now(), key);
                             waiting.insert(q, tx);
@@ -391,6 +404,14 @@ impl DhtHandle {
                 // the DHT mode.
                 while let Some((responder, observed)) = dht.poll_observation() {
                     reach.observe(responder, observed);
+                }
+                while let Some((addr, peer)) = dht.poll_verified() {
+                    let mut known = known_servers.lock().unwrap_or_else(|p| p.into_inner());
+                    known.retain(|(p, _)| *p != peer);
+                    if known.len() >= KNOWN_SERVERS {
+                        known.pop_front();
+                    }
+                    known.push_back((peer, addr));
                 }
                 let now = unix_now();
                 if reach.check_due(now) {
@@ -422,27 +443,33 @@ impl DhtHandle {
                 // Keep the peer record current once the node has contacts.
                 let now = unix_now();
                 if !dht.table().is_empty() {
-                    let mut addrs = local.clone();
-                    if let Some(o) = dht.observed_addr() {
-                        if !addrs.contains(&o) {
-                            addrs.insert(0, o);
+                    // Public addresses first, then the host's own (LAN).
+                    let mut addrs = reach.public_addrs();
+                    addrs.truncate(4);
+                    for a in &local {
+                        if !addrs.contains(a) {
+                            addrs.push(*a);
                         }
                     }
-                    let stale = published.as_ref().is_none_or(|(a, at)| {
-                        *a != addrs || now.saturating_sub(*at) >= PEER_RECORD_REFRESH
+                    let value = PeerInfo {
+                        addrs,
+                        homes: homes.clone(),
+                        mapping: reach.mapping(),
+                        filtering: reach.filtering(),
+                        reachable: reach.reachable() == Some(true),
+                    }
+                    .encode();
+                    let stale = published.as_ref().is_none_or(|(v, at)| {
+                        *v != value || now.saturating_sub(*at) >= PEER_RECORD_REFRESH
                     });
                     if stale && peer_put.is_none() && now >= retry_at {
                         seq = seq.max(now.as_millis() as u64);
                         let expires = (now + RECORD_TTL).as_secs();
-                        if let Ok(record) = SignedRecord::sign(
-                            &keypair,
-                            PEER_RECORD,
-                            seq,
-                            expires,
-                            &encode_peer_addrs(&addrs),
-                        ) {
+                        if let Ok(record) =
+                            SignedRecord::sign(&keypair, PEER_RECORD, seq, expires, &value)
+                        {
                             peer_put = Some(dht.put(now, record));
-                            published = Some((addrs, now));
+                            published = Some((value, now));
                         }
                     }
                 }
@@ -511,6 +538,23 @@ impl DhtHandle {
     /// Contacts a node at `addr` to join the DHT through it.
     pub fn bootstrap(&self, addr: SocketAddr) {
         let _ = self.commands.try_send(Command::Bootstrap(addr));
+    }
+
+    /// Servers whose keys were verified recently, newest first: the
+    /// candidates for homes.
+    pub fn known_servers(&self) -> Vec<(PeerId, SocketAddr)> {
+        self.known_servers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .rev()
+            .copied()
+            .collect()
+    }
+
+    /// Publishes these homes in the peer record.
+    pub fn set_homes(&self, homes: Vec<Home>) {
+        let _ = self.commands.try_send(Command::SetHomes(homes));
     }
 
     /// Notes that this node sent to `ip` (e.g. a session's peer).
@@ -585,17 +629,27 @@ impl DhtHandle {
 
     /// Finds a peer's addresses through its peer record.
     pub async fn lookup_peer(&self, peer: PeerId) -> Result<PeerLookup, DhtError> {
+        self.lookup_peer_info(peer).await.map(|(lookup, _)| lookup)
+    }
+
+    /// Finds a peer's record: for display, and as the record itself.
+    pub async fn lookup_peer_info(&self, peer: PeerId) -> Result<(PeerLookup, PeerInfo), DhtError> {
         let (record, hops, elapsed_ms) = self.get(peer, PEER_RECORD).await?;
-        let addrs = decode_peer_addrs(&record.value)
-            .ok_or_else(|| DhtError::Malformed(peer.to_string()))?;
-        Ok(PeerLookup {
+        let info =
+            PeerInfo::decode(&record.value).map_err(|_| DhtError::Malformed(peer.to_string()))?;
+        let lookup = PeerLookup {
             peer: peer.to_string(),
-            addrs,
+            addrs: info.addrs.clone(),
+            homes: info.homes.iter().map(HomeStatus::from).collect(),
+            mapping: info.mapping.as_str().to_owned(),
+            filtering: info.filtering.as_str().to_owned(),
+            reachable: info.reachable,
             seq: record.seq,
             expires: record.expires,
             hops,
             elapsed_ms,
-        })
+        };
+        Ok((lookup, info))
     }
 }
 
@@ -688,13 +742,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn peer_addrs_round_trip_and_reject_garbage() {
-        let addrs: Vec<SocketAddr> = vec![
-            "192.0.2.1:7447".parse().unwrap(),
-            "[2001:db8::1]:7447".parse().unwrap(),
-        ];
-        assert_eq!(decode_peer_addrs(&encode_peer_addrs(&addrs)), Some(addrs));
-        assert_eq!(decode_peer_addrs(&[3, 4, 1]), None);
-        assert_eq!(decode_peer_addrs(&[]), None);
+    fn contacted_ips_are_bounded_and_filtered() {
+        let mut c = ContactedIps::default();
+        for i in 0..(CONTACTED_IPS as u32 + 10) {
+            c.note(std::net::Ipv4Addr::from(0x0b00_0000 + i).into());
+        }
+        assert_eq!(c.order.len(), CONTACTED_IPS);
+        assert!(!c.contains(std::net::Ipv4Addr::from(0x0b00_0000).into()));
+        let newest: std::net::IpAddr =
+            std::net::Ipv4Addr::from(0x0b00_0000 + CONTACTED_IPS as u32 + 9).into();
+        assert!(c.contains(newest));
+        assert!(c.filter().may_contain(newest));
     }
 }

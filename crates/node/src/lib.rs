@@ -41,6 +41,7 @@ pub mod node;
 pub mod services;
 pub mod status;
 pub mod store;
+pub mod traversal;
 pub mod tunnel;
 
 pub use node::{

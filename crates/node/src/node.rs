@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use p2pos_net::{BoundEndpoint, EndpointOptions};
+use p2pos_net::{BoundEndpoint, DialKind, EndpointOptions};
 use p2pos_proto::lan::{
     decode_service_list, encode_service_list, service_list_frame_len, ServiceAd, MAX_DESCRIPTION,
 };
@@ -121,6 +121,14 @@ pub enum ConnectError {
     /// The node is shutting down.
     #[error("the node is shutting down")]
     Shutdown,
+    /// The peer is behind a NAT and hole punching through its homes failed.
+    #[error("could not reach {peer} through NAT: {reason}")]
+    Traversal {
+        /// The peer.
+        peer: PeerId,
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// Why a stream could not be opened.
@@ -336,10 +344,12 @@ struct ServiceEntry {
 }
 
 #[derive(Debug, Clone)]
-struct Session {
-    conn: quinn::Connection,
+pub(crate) struct Session {
+    pub(crate) conn: quinn::Connection,
     dialer: PeerId,
     established: Instant,
+    /// Made by hole punching (path `punched` unless it runs over the LAN).
+    punched: bool,
 }
 
 #[derive(Debug, Default)]
@@ -373,6 +383,11 @@ pub(crate) struct Inner {
     lan: std::sync::OnceLock<LanDiscovery>,
     /// Why LAN discovery is not running (`off` or `failed: …`).
     lan_off: Mutex<String>,
+    /// Peers a hole-punching attempt runs with, since when: a session with
+    /// one of them made in the next seconds is a punched one.
+    pub(crate) punching: Mutex<HashMap<PeerId, Instant>>,
+    /// This node's homes (when it is not reachable).
+    pub(crate) homes: Mutex<Vec<p2pos_proto::traversal::Home>>,
     pending_handshakes: AtomicU64,
     store: Option<PeerStore>,
     data_dir: Option<DataDir>,
@@ -533,6 +548,8 @@ impl NodeBuilder {
             remote_services: RemoteServices::default(),
             lan: std::sync::OnceLock::new(),
             lan_off: Mutex::new("off".to_owned()),
+            punching: Mutex::default(),
+            homes: Mutex::default(),
             pending_handshakes: AtomicU64::new(0),
             store,
             data_dir,
@@ -564,6 +581,7 @@ impl NodeBuilder {
                     },
                 );
                 let _ = node.inner.dht.set(handle);
+                crate::traversal::spawn_homes(&node);
             }
         }
         if self.mdns && !node.local_addr().ip().is_loopback() {
@@ -654,11 +672,27 @@ impl Node {
 
     /// Records a new session; returns the session that survives (the new one
     /// or its twin, see the module docs).
-    fn install(&self, conn: quinn::Connection, peer: PeerId, dialer: PeerId) -> Session {
+    pub(crate) fn install(&self, conn: quinn::Connection, peer: PeerId, dialer: PeerId) -> Session {
+        self.install_with(conn, peer, dialer, false)
+    }
+
+    /// [`Self::install`], saying whether hole punching made the session.
+    pub(crate) fn install_with(
+        &self,
+        conn: quinn::Connection,
+        peer: PeerId,
+        dialer: PeerId,
+        punched: bool,
+    ) -> Session {
+        let punched = punched
+            || lock(&self.inner.punching)
+                .get(&peer)
+                .is_some_and(|at| at.elapsed() < crate::traversal::PUNCH_WINDOW);
         let new = Session {
             conn: conn.clone(),
             dialer,
             established: Instant::now(),
+            punched,
         };
         {
             let mut sessions = lock(&self.inner.sessions);
@@ -798,6 +832,10 @@ impl Node {
             self.serve_services(peer, send, recv).await;
             return;
         }
+        if open.service == crate::traversal::SIGNAL_SERVICE {
+            crate::traversal::serve_signal(self, peer, send, recv).await;
+            return;
+        }
         if open.service == PING_SERVICE {
             if send
                 .write_all(&StreamReply::accepted().encode())
@@ -869,7 +907,7 @@ impl Node {
         }
     }
 
-    fn live_session(&self, peer: &PeerId) -> Option<Session> {
+    pub(crate) fn live_session(&self, peer: &PeerId) -> Option<Session> {
         lock(&self.inner.sessions)
             .get(peer)
             .filter(|s| s.conn.close_reason().is_none())
@@ -927,7 +965,7 @@ impl Node {
         if addr.is_none() {
             // LAN first: a peer found on the LAN is dialed there.
             if let Some(lan_addrs) = self.inner.lan.get().and_then(|l| l.addrs_of(&peer)) {
-                match self.handshake_any(peer, lan_addrs, true).await {
+                match self.handshake_any(peer, lan_addrs, DialKind::Lan).await {
                     Ok(conn) => return Ok(self.install(conn, peer, self.peer_id())),
                     Err(e) => tracing::debug!(peer = %peer.short(), "LAN dial failed: {e}"),
                 }
@@ -937,7 +975,21 @@ impl Node {
             Some(a) => a,
             None => return self.dial_by_record(peer).await,
         };
-        let conn = self.handshake(peer, addr, false).await?;
+        let conn = self.handshake(peer, addr, DialKind::Normal).await?;
+        Ok(self.install(conn, peer, self.peer_id()))
+    }
+
+    /// Makes sure a session with `peer` exists, dialing exactly `addr` if
+    /// there is none (never the DHT: signalling uses it to reach homes).
+    pub(crate) async fn connect_at(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Result<Session, ConnectError> {
+        if let Some(s) = self.live_session(&peer) {
+            return Ok(s);
+        }
+        let conn = self.handshake(peer, addr, DialKind::Normal).await?;
         Ok(self.install(conn, peer, self.peer_id()))
     }
 
@@ -946,12 +998,12 @@ impl Node {
         &self,
         peer: PeerId,
         addr: SocketAddr,
-        lan: bool,
+        kind: DialKind,
     ) -> Result<quinn::Connection, ConnectError> {
         let connecting = self
             .inner
             .endpoint
-            .connect(peer, addr, lan)
+            .connect(peer, addr, kind)
             .map_err(|e| match e {
                 quinn::ConnectError::EndpointStopping => ConnectError::Shutdown,
                 other => ConnectError::Handshake {
@@ -995,26 +1047,25 @@ impl Node {
         let Some(dht) = self.inner.dht.get() else {
             return Err(ConnectError::NoAddress(peer));
         };
-        let found = dht
-            .lookup_peer(peer)
+        let (_, found) = dht
+            .lookup_peer_info(peer)
             .await
             .map_err(|_| ConnectError::NotFound(peer))?;
-        let conn = self.handshake_any(peer, found.addrs, false).await?;
-        Ok(self.install(conn, peer, self.peer_id()))
+        crate::traversal::connect_by_record(self, peer, found).await
     }
 
     /// Handshakes with `peer` at all of `addrs` at once; the first to
     /// complete wins and the others are abandoned.
-    async fn handshake_any(
+    pub(crate) async fn handshake_any(
         &self,
         peer: PeerId,
         addrs: Vec<SocketAddr>,
-        lan: bool,
+        kind: DialKind,
     ) -> Result<quinn::Connection, ConnectError> {
         let mut attempts = tokio::task::JoinSet::new();
         for addr in addrs {
             let node = self.clone();
-            attempts.spawn(async move { node.handshake(peer, addr, lan).await });
+            attempts.spawn(async move { node.handshake(peer, addr, kind).await });
         }
         let mut last = ConnectError::NotFound(peer);
         while let Some(result) = attempts.join_next().await {
@@ -1034,6 +1085,11 @@ impl Node {
             }
         }
         Err(last)
+    }
+
+    /// The overlay of the node's socket (probes, punches).
+    pub(crate) fn inner_overlay(&self) -> p2pos_net::overlay::Overlay {
+        self.inner.endpoint.overlay.clone()
     }
 
     /// The node's DHT, if it runs one.
@@ -1069,7 +1125,7 @@ impl Node {
         Err(last.unwrap_or(OpenStreamError::Connect(ConnectError::Shutdown)))
     }
 
-    async fn open_on(
+    pub(crate) async fn open_on(
         &self,
         conn: &quinn::Connection,
         peer: PeerId,
@@ -1409,7 +1465,7 @@ impl Node {
                 let remote = canonical(s.conn.remote_address());
                 SessionStatus {
                     peer: peer.to_string(),
-                    path: PathKind::for_remote(remote).as_str().to_owned(),
+                    path: PathKind::for_session(remote, s.punched).as_str().to_owned(),
                     rtt_ms: s.conn.rtt().as_secs_f64() * 1000.0,
                     remote_addr: remote.to_string(),
                     direction: if s.dialer == me {
@@ -1457,6 +1513,10 @@ impl Node {
                 .get()
                 .and_then(|d| d.reach_status().reachable),
             nat: self.inner.dht.get().map(|d| d.reach_status()),
+            homes: lock(&self.inner.homes)
+                .iter()
+                .map(crate::dht::HomeStatus::from)
+                .collect(),
             keepalive_interval_s: self.inner.keepalive.as_secs_f64(),
             lan: self.lan_status(),
             counters: CountersStatus {
@@ -1473,6 +1533,7 @@ impl Node {
                 overlay_malformed: get(&overlay.malformed),
                 probes_answered: get(&overlay.probes_answered),
                 probes_rate_limited: get(&overlay.probes_rate_limited),
+                punches_received: get(&overlay.punches_received),
                 unknown_datagrams_dropped: get(&socket.unknown_dropped),
                 foreign_network_dropped: get(&socket.foreign_network_dropped),
                 bad_frame_dropped: get(&socket.bad_frame_dropped),

@@ -27,6 +27,9 @@ pub struct NodeStatus {
     /// Whether nodes this one never contacted can reach it (null: not known
     /// yet; decided by dial-backs through DHT peers).
     pub reachable: Option<bool>,
+    /// Reachable nodes this one keeps sessions with so that peers can
+    /// reach it through them (only while it is not reachable itself).
+    pub homes: Vec<crate::dht::HomeStatus>,
     /// The NAT as peers see it: mapping, filtering, observed addresses.
     pub nat: Option<crate::dht::ReachStatus>,
     /// Seconds between keepalives on idle sessions.
@@ -140,6 +143,8 @@ pub struct CountersStatus {
     pub probes_answered: u64,
     /// Probes dropped by the rate limit.
     pub probes_rate_limited: u64,
+    /// Punch datagrams received (hole punching).
+    pub punches_received: u64,
     /// Datagrams with an unknown first byte.
     pub unknown_datagrams_dropped: u64,
     /// Datagrams from nodes of another network.

@@ -19,6 +19,8 @@
 //!   lists peers exchange.
 //! - [`reach`]: reachability from peers only — NAT mapping from observed
 //!   addresses, filtering and reachability from dial-backs.
+//! - [`traversal`]: the peer record (addresses, homes, NAT class), the
+//!   signalling homes forward, and the punch datagram.
 //! - [`session`]: rules shared by both ends of a session (which of two
 //!   simultaneous sessions survives, how a path is named).
 
@@ -32,5 +34,6 @@ pub mod reach;
 pub mod rng;
 pub mod session;
 pub mod stream;
+pub mod traversal;
 
 pub use identity::{Keypair, PeerId, PeerIdParseError};

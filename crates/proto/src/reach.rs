@@ -372,6 +372,20 @@ impl Reachability {
         out.into_iter().map(|(a, _)| a).collect()
     }
 
+    /// The addresses public responders (not on the node's LAN) see, most
+    /// frequent first: the node's public addresses.
+    pub fn public_addrs(&self) -> Vec<SocketAddr> {
+        let mut counts: HashMap<SocketAddr, usize> = HashMap::new();
+        for (r, o) in &self.observations {
+            if !crate::session::is_local_ip(r.ip()) {
+                *counts.entry(*o).or_default() += 1;
+            }
+        }
+        let mut out: Vec<(SocketAddr, usize)> = counts.into_iter().collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        out.into_iter().map(|(a, _)| a).collect()
+    }
+
     /// How the NAT maps, judged from the observations of public responders
     /// (responders on the node's own LAN see its LAN address and say
     /// nothing about the NAT).

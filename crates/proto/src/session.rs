@@ -28,6 +28,9 @@ pub enum PathKind {
     Lan,
     /// A public address reached without NAT traversal.
     Direct,
+    /// A public address reached by hole punching, coordinated through the
+    /// peer's home.
+    Punched,
 }
 
 impl PathKind {
@@ -36,13 +39,22 @@ impl PathKind {
         match self {
             PathKind::Lan => "lan",
             PathKind::Direct => "direct",
+            PathKind::Punched => "punched",
         }
     }
 
     /// Classifies the path to a remote address.
     pub fn for_remote(addr: SocketAddr) -> Self {
+        Self::for_session(addr, false)
+    }
+
+    /// Classifies a session's path: `punched` when it was made by hole
+    /// punching, unless it runs over the LAN anyway.
+    pub fn for_session(addr: SocketAddr, punched: bool) -> Self {
         if is_local_ip(addr.ip()) {
             PathKind::Lan
+        } else if punched {
+            PathKind::Punched
         } else {
             PathKind::Direct
         }

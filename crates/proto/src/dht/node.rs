@@ -229,6 +229,9 @@ pub struct Dht<A: Address> {
     observations: VecDeque<(A, A)>,
     /// Recent sources of requests, newest last (with `track_peers`).
     recent_sources: VecDeque<A>,
+    /// Servers whose key a proof verified, not yet polled (with
+    /// `track_peers`).
+    verified: VecDeque<(A, crate::PeerId)>,
     counters: DhtCounters,
 }
 
@@ -271,6 +274,7 @@ impl<A: Address> Dht<A> {
             observed: None,
             observations: VecDeque::new(),
             recent_sources: VecDeque::new(),
+            verified: VecDeque::new(),
             counters: DhtCounters::default(),
         }
     }
@@ -304,6 +308,12 @@ impl<A: Address> Dht<A> {
     /// `track_peers`).
     pub fn poll_observation(&mut self) -> Option<(A, A)> {
         self.observations.pop_front()
+    }
+
+    /// The next server whose peer key a proof verified, with its address
+    /// (with `track_peers`): candidates for homes.
+    pub fn poll_verified(&mut self) -> Option<(A, crate::PeerId)> {
+        self.verified.pop_front()
     }
 
     /// Nodes that recently sent this node requests, newest first (with
@@ -741,6 +751,12 @@ impl<A: Address> Dht<A> {
                 self.counters.bad_proofs += 1;
                 self.fail(now, pending.purpose, pending.to_id);
                 return;
+            }
+            if let (true, Some((key, _))) = (self.config.track_peers, &resp.proof) {
+                if self.verified.len() >= TRACKED_PEERS {
+                    self.verified.pop_front();
+                }
+                self.verified.push_back((from, *key));
             }
         }
         if self.cookies.len() >= MAX_COOKIES && !self.cookies.contains_key(&from) {

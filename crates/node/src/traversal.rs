@@ -1,0 +1,466 @@
+//! Reaching peers behind NATs with no server of ours: homes, signalling
+//! and hole punching (wire formats in `p2pos_proto::traversal`).
+//!
+//! - **Homes.** A node that is not reachable (its reachability check says
+//!   so, or has not said yet) keeps sessions with [`HOMES`] reachable
+//!   nodes — DHT servers whose keys it verified — and publishes them in
+//!   its peer record. Its sessions with them keep its NAT binding open.
+//! - **Signalling.** To reach such a peer B, a node A looks up B's record,
+//!   opens a session with one of B's homes H and asks it, on the built-in
+//!   stream service [`SIGNAL_SERVICE`], to introduce it. H forwards the
+//!   request over its session with B (adding the address it sees A at),
+//!   and B's answer back (adding the address it sees B at).
+//! - **Punching.** B, on the introduction, sends punch datagrams to A's
+//!   candidates from its own port, so that its NAT lets A in; A, on the
+//!   answer, punches B's candidates and dials them all (QUIC with a short
+//!   initial RTT, so a first Initial dropped before B's punch is retried
+//!   soon). A side whose NAT maps per destination dials too: only its own
+//!   packets create the mapping the other side can answer. The first
+//!   handshake to complete wins; a simultaneous pair is settled by the twin
+//!   rule.
+//!
+//! A direct dial of the record's addresses runs at the same time, so a
+//! reachable peer costs no signalling.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use p2pos_net::DialKind;
+use p2pos_proto::reach::Mapping;
+use p2pos_proto::stream::StreamReply;
+use p2pos_proto::traversal::{answerer_dials, encode_punch, Home, PeerInfo, Signal};
+use p2pos_proto::PeerId;
+use quinn::{RecvStream, SendStream};
+
+use crate::node::{ConnectError, Session};
+use crate::Node;
+
+/// The built-in stream service that carries signalling.
+pub const SIGNAL_SERVICE: &str = "p2pos/signal";
+/// Homes a node that is not reachable keeps.
+pub const HOMES: usize = 2;
+/// How often the homes are checked.
+const HOME_CHECK: Duration = Duration::from_secs(5);
+/// How long a dial to a home candidate may take.
+const HOME_DIAL: Duration = Duration::from_secs(3);
+/// How long a signalling exchange may take.
+const SIGNAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a punched dial may take.
+const PUNCH_DIAL: Duration = Duration::from_secs(6);
+/// Punch rounds per attempt, and the time between them.
+const PUNCH_ROUNDS: u32 = 5;
+const PUNCH_INTERVAL: Duration = Duration::from_millis(40);
+/// A session made within this time of a punching attempt is a punched one.
+pub const PUNCH_WINDOW: Duration = Duration::from_secs(15);
+/// Candidates a node offers at most.
+const MAX_OWN_CANDIDATES: usize = 8;
+/// Introductions a node handles at once, at most.
+const MAX_INTRODUCTIONS: usize = 32;
+
+/// Starts the task that keeps this node's homes while it is not reachable.
+pub(crate) fn spawn_homes(node: &Node) {
+    let weak = Arc::downgrade(&node.inner);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(HOME_CHECK).await;
+            let Some(inner) = weak.upgrade() else { break };
+            let node = Node { inner };
+            keep_homes(&node).await;
+        }
+    });
+}
+
+async fn keep_homes(node: &Node) {
+    let Some(dht) = node.dht() else { return };
+    let reachable = dht.reach_status().reachable == Some(true);
+    let mut homes = node
+        .inner
+        .homes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let before = homes.clone();
+    if reachable {
+        homes.clear();
+    } else {
+        homes.retain(|h| node.live_session(&h.peer).is_some());
+        for (peer, addr) in dht.known_servers() {
+            if homes.len() >= HOMES {
+                break;
+            }
+            if peer == node.peer_id() || homes.iter().any(|h| h.peer == peer) {
+                continue;
+            }
+            // A home must be reachable by everyone, not only by this node
+            // (a NATed node this one happens to have a path to is no use
+            // to others): its own record says so.
+            match dht.lookup_peer_info(peer).await {
+                Ok((_, info)) if info.reachable => {}
+                _ => continue,
+            }
+            if let Ok(Ok(())) =
+                tokio::time::timeout(HOME_DIAL, node.connect(peer, Some(addr))).await
+            {
+                tracing::info!(home = %peer, %addr, "new home");
+                homes.push(Home { peer, addr });
+            }
+        }
+    }
+    if homes != before {
+        *node.inner.homes.lock().unwrap_or_else(|p| p.into_inner()) = homes.clone();
+        dht.set_homes(homes);
+    }
+}
+
+/// The addresses this node offers a peer: the public ones peers see first,
+/// then its own.
+fn own_candidates(node: &Node) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = node
+        .dht()
+        .map(|d| d.reach_status().observed_addrs)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|a| a.parse().ok())
+        .filter(|a: &SocketAddr| !p2pos_proto::session::is_local_ip(a.ip()))
+        .collect();
+    for a in crate::dht::publishable_addrs(node.local_addr()) {
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out.truncate(MAX_OWN_CANDIDATES);
+    out
+}
+
+fn own_mapping(node: &Node) -> Mapping {
+    match node.dht().map(|d| d.reach_status().mapping) {
+        Some(m) if m == Mapping::EndpointDependentRandom.as_str() => {
+            Mapping::EndpointDependentRandom
+        }
+        Some(m) if m == Mapping::EndpointDependentSequential.as_str() => {
+            Mapping::EndpointDependentSequential
+        }
+        _ => Mapping::EndpointIndependent,
+    }
+}
+
+/// Sends punch datagrams for attempt `nonce` to every candidate, a few
+/// rounds apart.
+fn punch(node: &Node, candidates: Vec<SocketAddr>, nonce: u64) {
+    let overlay = node.inner_overlay();
+    let v6 = node.local_addr().is_ipv6();
+    tokio::spawn(async move {
+        let datagram = encode_punch(nonce);
+        for round in 0..PUNCH_ROUNDS {
+            if round > 0 {
+                tokio::time::sleep(PUNCH_INTERVAL).await;
+            }
+            for to in &candidates {
+                let to = match (v6, to) {
+                    (true, SocketAddr::V4(v4)) => {
+                        SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+                    }
+                    _ => *to,
+                };
+                let _ = overlay.send(to, &datagram).await;
+            }
+        }
+    });
+}
+
+fn mark_punching(node: &Node, peer: PeerId) {
+    let mut punching = node
+        .inner
+        .punching
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    punching.retain(|_, at| at.elapsed() < PUNCH_WINDOW);
+    punching.insert(peer, Instant::now());
+}
+
+async fn write_signal(send: &mut SendStream, signal: &Signal) -> Result<(), String> {
+    send.write_all(&signal.encode())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn read_signal(recv: &mut RecvStream) -> Result<Signal, String> {
+    let io = async {
+        let mut prefix = [0u8; 2];
+        recv.read_exact(&mut prefix)
+            .await
+            .map_err(|e| e.to_string())?;
+        let len = Signal::frame_len(prefix).map_err(|e| e.to_string())?;
+        let mut body = vec![0u8; len];
+        recv.read_exact(&mut body)
+            .await
+            .map_err(|e| e.to_string())?;
+        Signal::decode(&body).map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(SIGNAL_TIMEOUT, io)
+        .await
+        .map_err(|_| format!("no signalling answer within {}s", SIGNAL_TIMEOUT.as_secs()))?
+}
+
+/// Connects to `peer` using its record: a direct dial of its addresses and,
+/// when it is not reachable, signalling through its homes, at once.
+pub(crate) async fn connect_by_record(
+    node: &Node,
+    peer: PeerId,
+    info: PeerInfo,
+) -> Result<Session, ConnectError> {
+    let direct = async {
+        match node
+            .handshake_any(peer, info.addrs.clone(), DialKind::Normal)
+            .await
+        {
+            Ok(conn) => Ok(node.install(conn, peer, node.peer_id())),
+            Err(e) => Err(e),
+        }
+    };
+    if info.reachable || info.homes.is_empty() {
+        return direct.await;
+    }
+    let via_homes = through_homes(node, peer, &info.homes);
+    tokio::pin!(direct);
+    tokio::pin!(via_homes);
+    tokio::select! {
+        r = &mut direct => match r {
+            Ok(s) => Ok(s),
+            Err(_) => via_homes.await,
+        },
+        r = &mut via_homes => match r {
+            Ok(s) => Ok(s),
+            Err(e) => direct.await.map_err(|_| e),
+        },
+    }
+}
+
+async fn through_homes(node: &Node, peer: PeerId, homes: &[Home]) -> Result<Session, ConnectError> {
+    let mut last = ConnectError::Traversal {
+        peer,
+        reason: "its record lists no home".into(),
+    };
+    for home in homes.iter().filter(|h| h.peer != node.peer_id()) {
+        match through_home(node, peer, home).await {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                tracing::debug!(peer = %peer.short(), home = %home.peer.short(), "signalling failed: {e}");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn through_home(node: &Node, peer: PeerId, home: &Home) -> Result<Session, ConnectError> {
+    let fail = |reason: String| ConnectError::Traversal { peer, reason };
+    if node.live_session(&home.peer).is_none() {
+        tokio::time::timeout(HOME_DIAL, node.connect_at(home.peer, home.addr))
+            .await
+            .map_err(|_| fail(format!("its home {} did not answer", home.addr)))?
+            .map_err(|e| fail(format!("its home is unreachable: {e}")))?;
+    }
+    let session = node
+        .live_session(&home.peer)
+        .ok_or_else(|| fail("the session with its home closed".into()))?;
+    let mut stream = node
+        .open_on(&session.conn, home.peer, SIGNAL_SERVICE)
+        .await
+        .map_err(|e| fail(format!("its home refused signalling: {e}")))?;
+    let mut nonce_bytes = [0u8; 8];
+    let _ = getrandom::fill(&mut nonce_bytes);
+    let nonce = u64::from_le_bytes(nonce_bytes);
+    let request = Signal::ConnectRequest {
+        target: peer,
+        nonce,
+        candidates: own_candidates(node),
+    };
+    // From here on, a session with the peer (even the direct dial's,
+    // which the peer's punches may let through) is a punched one.
+    mark_punching(node, peer);
+    write_signal(&mut stream.send, &request)
+        .await
+        .map_err(fail)?;
+    let answer = read_signal(&mut stream.recv).await.map_err(fail)?;
+    let _ = stream.send.finish();
+    let (candidates, peer_dials) = match answer {
+        Signal::Answer {
+            nonce: n,
+            dial,
+            candidates,
+        } if n == nonce => (candidates, dial),
+        Signal::Refused { reason } => return Err(fail(reason)),
+        other => return Err(fail(format!("unexpected signalling answer {other:?}"))),
+    };
+    punch(node, candidates.clone(), nonce);
+    // Dial every candidate; if the peer dials too, its session may arrive
+    // first as an inbound one.
+    let dial = node.handshake_any(peer, candidates, DialKind::Punch);
+    tokio::pin!(dial);
+    let deadline = tokio::time::sleep(PUNCH_DIAL);
+    tokio::pin!(deadline);
+    let mut dial_done = false;
+    loop {
+        tokio::select! {
+            r = &mut dial, if !dial_done => match r {
+                Ok(conn) => return Ok(node.install_with(conn, peer, node.peer_id(), true)),
+                Err(e) => {
+                    dial_done = true;
+                    if !peer_dials {
+                        return Err(fail(format!("hole punching failed: {e}")));
+                    }
+                }
+            },
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if let Some(s) = node.live_session(&peer) {
+                    return Ok(s);
+                }
+            }
+            _ = &mut deadline => return Err(fail(format!("hole punching found no path within {}s", PUNCH_DIAL.as_secs()))),
+        }
+    }
+}
+
+static INTRODUCTIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Serves a `p2pos/signal` stream from `peer`: as a home (a connect
+/// request for one of its nodes) or as the target (an introduction).
+pub(crate) async fn serve_signal(
+    node: &Node,
+    peer: PeerId,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    use std::sync::atomic::Ordering;
+    if INTRODUCTIONS.fetch_add(1, Ordering::Relaxed) >= MAX_INTRODUCTIONS {
+        INTRODUCTIONS.fetch_sub(1, Ordering::Relaxed);
+        let _ = send
+            .write_all(
+                &StreamReply {
+                    status: p2pos_proto::stream::StreamStatus::Busy,
+                    message: "too many signalling requests".into(),
+                }
+                .encode(),
+            )
+            .await;
+        return;
+    }
+    if send
+        .write_all(&StreamReply::accepted().encode())
+        .await
+        .is_ok()
+    {
+        let answer = match read_signal(&mut recv).await {
+            Ok(Signal::ConnectRequest {
+                target,
+                nonce,
+                candidates,
+            }) => forward(node, peer, target, nonce, candidates).await,
+            Ok(Signal::Introduce {
+                from,
+                nonce,
+                candidates,
+            }) if node.live_session(&peer).is_some() => introduced(node, from, nonce, candidates),
+            Ok(_) => Signal::Refused {
+                reason: "unexpected signalling message".into(),
+            },
+            Err(e) => Signal::Refused { reason: e },
+        };
+        let _ = write_signal(&mut send, &answer).await;
+        let _ = send.finish();
+    }
+    INTRODUCTIONS.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// As a home: forwards `from`'s request to `target` and returns its answer.
+async fn forward(
+    node: &Node,
+    from: PeerId,
+    target: PeerId,
+    nonce: u64,
+    mut candidates: Vec<SocketAddr>,
+) -> Signal {
+    let refused = |reason: &str| Signal::Refused {
+        reason: reason.to_owned(),
+    };
+    let Some(session) = node.live_session(&target) else {
+        return refused(
+            "this node is not (or no longer) a home of that peer: look its record up again",
+        );
+    };
+    // The address this home sees the requester at: its NAT's mapping.
+    if let Some(s) = node.live_session(&from) {
+        let seen = crate::node::canonical(s.conn.remote_address());
+        candidates.retain(|c| *c != seen);
+        candidates.insert(0, seen);
+    }
+    let Ok(mut stream) = node.open_on(&session.conn, target, SIGNAL_SERVICE).await else {
+        return refused("the peer did not accept signalling from its home");
+    };
+    let intro = Signal::Introduce {
+        from,
+        nonce,
+        candidates,
+    };
+    if write_signal(&mut stream.send, &intro).await.is_err() {
+        return refused("the session with the peer failed");
+    }
+    let answer = read_signal(&mut stream.recv).await;
+    let _ = stream.send.finish();
+    match answer {
+        Ok(Signal::Answer {
+            nonce,
+            dial,
+            mut candidates,
+        }) => {
+            let seen = crate::node::canonical(session.conn.remote_address());
+            candidates.retain(|c| *c != seen);
+            candidates.insert(0, seen);
+            Signal::Answer {
+                nonce,
+                dial,
+                candidates,
+            }
+        }
+        Ok(other @ Signal::Refused { .. }) => other,
+        Ok(_) => refused("the peer answered something unexpected"),
+        Err(e) => refused(&e),
+    }
+}
+
+/// As the target: punches toward `from`, dials it too if this node's NAT
+/// maps per destination, and answers with this node's candidates.
+fn introduced(node: &Node, from: PeerId, nonce: u64, candidates: Vec<SocketAddr>) -> Signal {
+    if from == node.peer_id() {
+        return Signal::Refused {
+            reason: "a node cannot connect to itself".into(),
+        };
+    }
+    let candidates: Vec<SocketAddr> = candidates
+        .into_iter()
+        .take(p2pos_proto::traversal::MAX_CANDIDATES)
+        .collect();
+    mark_punching(node, from);
+    punch(node, candidates.clone(), nonce);
+    let dial = answerer_dials(own_mapping(node));
+    if dial && node.live_session(&from).is_none() {
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Ok(Ok(conn)) = tokio::time::timeout(
+                PUNCH_DIAL,
+                node.handshake_any(from, candidates, DialKind::Punch),
+            )
+            .await
+            {
+                node.install_with(conn, from, node.peer_id(), true);
+            }
+        });
+    }
+    Signal::Answer {
+        nonce,
+        dial,
+        candidates: own_candidates(node),
+    }
+}
