@@ -1,11 +1,11 @@
-//! Overlay datagrams arrive from anyone on the node's UDP port: probes and
-//! reachability (dial-back) messages.
+//! Overlay datagrams arrive from anyone on the node's UDP port: probes,
+//! reachability (dial-back) and binding-measurement messages.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use p2pos_proto::overlay::Message;
 use p2pos_proto::packet::classify;
-use p2pos_proto::reach;
+use p2pos_proto::{keepalive, reach};
 
 fuzz_target!(|data: &[u8]| {
     let _ = classify(data);
@@ -14,6 +14,9 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(message.encode(), data);
     }
     if let Ok(message) = reach::Message::decode(data) {
+        assert_eq!(message.encode(), data);
+    }
+    if let Ok(message) = keepalive::Message::decode(data) {
         assert_eq!(message.encode(), data);
     }
 });

@@ -266,6 +266,39 @@ fn host_behind(
     }
 }
 
+/// How long the matrix waits for nodes to settle before trying pairs.
+pub const SETTLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Whether a node has settled: it knows whether it is reachable, has homes
+/// if it is not, and its peer record is stored somewhere.
+pub fn is_settled(node: &LabNode) -> bool {
+    let (status, body) = api(&node.data_dir, "GET", "/v1/status", None);
+    if status != 200 {
+        return false;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let homes = v["homes"].as_array().is_some_and(|h| !h.is_empty());
+    let published = v["dht"]["peer_record_seq"].as_u64().unwrap_or(0) > 0;
+    match v["reachable"].as_bool() {
+        Some(true) => published,
+        Some(false) => homes && published,
+        None => false,
+    }
+}
+
+/// Waits up to `limit` for `nodes` to settle; returns how many did not.
+pub fn settle<'a>(nodes: impl Iterator<Item = &'a LabNode>, limit: Duration) -> usize {
+    let nodes: Vec<&LabNode> = nodes.collect();
+    let deadline = Instant::now() + limit;
+    loop {
+        let unsettled = nodes.iter().filter(|n| !is_settled(n)).count();
+        if unsettled == 0 || Instant::now() > deadline {
+            return unsettled;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// Runs the matrix. `progress` is told what is happening.
 pub fn run(
     options: &MatrixOptions,
@@ -300,6 +333,14 @@ pub fn run(
         let na = start_node(&mut lab, a, next_port(), &options.p2pos, &bootstrap_list)?;
         let nb = start_node(&mut lab, b, next_port(), &options.p2pos, &bootstrap_list)?;
         nodes.push((kind, [na, nb]));
+    }
+    progress("waiting for every node to settle (reachability verdict, homes, peer record)");
+    let unsettled = settle(nodes.iter().flat_map(|(_, n)| n.iter()), SETTLE_LIMIT);
+    if unsettled > 0 {
+        progress(&format!(
+            "{unsettled} nodes did not settle within {} s; going on",
+            SETTLE_LIMIT.as_secs()
+        ));
     }
     let mut pairs = Vec::new();
     let total = nodes.len() * nodes.len();

@@ -27,7 +27,15 @@ pub struct EndpointOptions {
     pub keepalive: Duration,
     /// Concurrent streams a peer may open in one session.
     pub max_streams: u32,
+    /// The node keeps sessions alive itself (at the interval its NAT
+    /// needs) and judges their liveness: QUIC keepalives are off and the
+    /// QUIC idle timeout is [`APP_KEEPALIVE_IDLE_LIMIT`] (LAN dials keep
+    /// their short QUIC timers).
+    pub app_keepalive: bool,
 }
+
+/// QUIC idle timeout when the node keeps sessions alive itself.
+pub const APP_KEEPALIVE_IDLE_LIMIT: Duration = Duration::from_secs(20 * 60);
 
 impl Default for EndpointOptions {
     fn default() -> Self {
@@ -37,6 +45,7 @@ impl Default for EndpointOptions {
             idle_timeout: Duration::from_secs(30),
             keepalive: Duration::from_secs(10),
             max_streams: 1024,
+            app_keepalive: false,
         }
     }
 }
@@ -70,6 +79,10 @@ pub struct BoundEndpoint {
     pub local_addr: SocketAddr,
     /// DHT datagrams received (taken once by the node's DHT task).
     pub dht_inbox: Arc<std::sync::Mutex<Option<mpsc::Receiver<crate::socket::OverlayDatagram>>>>,
+    /// Binding-measurement datagrams received (taken once by the node's
+    /// keepalive task).
+    pub binding_inbox:
+        Arc<std::sync::Mutex<Option<mpsc::Receiver<crate::socket::OverlayDatagram>>>>,
     tls: TlsIdentity,
     transport: Arc<quinn::TransportConfig>,
     lan_transport: Arc<quinn::TransportConfig>,
@@ -141,6 +154,7 @@ impl BoundEndpoint {
         let lan_transport = Arc::new(transport_config(&EndpointOptions {
             idle_timeout: options.idle_timeout.min(LAN_IDLE_TIMEOUT),
             keepalive: options.keepalive.min(LAN_KEEPALIVE),
+            app_keepalive: false,
             ..options.clone()
         }));
 
@@ -165,13 +179,21 @@ impl BoundEndpoint {
         let mut seed = [0u8; 8];
         seed.copy_from_slice(&keypair.peer_id().as_bytes()[..8]);
         let (dht_tx, dht_rx) = mpsc::channel(OVERLAY_QUEUE);
-        let overlay = Overlay::spawn(socket, overlay_rx, u64::from_le_bytes(seed), dht_tx);
+        let (binding_tx, binding_rx) = mpsc::channel(OVERLAY_QUEUE);
+        let overlay = Overlay::spawn(
+            socket,
+            overlay_rx,
+            u64::from_le_bytes(seed),
+            dht_tx,
+            binding_tx,
+        );
         Ok(BoundEndpoint {
             quic,
             overlay,
             counters,
             local_addr,
             dht_inbox: Arc::new(std::sync::Mutex::new(Some(dht_rx))),
+            binding_inbox: Arc::new(std::sync::Mutex::new(Some(binding_rx))),
             tls,
             transport,
             lan_transport,
@@ -214,14 +236,17 @@ impl BoundEndpoint {
 /// benchmarks' plain-quinn baseline, so both run with the same settings).
 pub fn transport_config(options: &EndpointOptions) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
+    let (idle, keepalive) = if options.app_keepalive {
+        (APP_KEEPALIVE_IDLE_LIMIT, None)
+    } else {
+        (options.idle_timeout, Some(options.keepalive))
+    };
     transport
         .max_idle_timeout(Some(
-            options
-                .idle_timeout
-                .try_into()
+            idle.try_into()
                 .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000))),
         ))
-        .keep_alive_interval(Some(options.keepalive))
+        .keep_alive_interval(keepalive)
         .max_concurrent_bidi_streams(options.max_streams.into())
         .max_concurrent_uni_streams(16u32.into());
     if options.network.is_some() {

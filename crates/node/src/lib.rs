@@ -36,6 +36,7 @@ pub mod config;
 pub mod daemon;
 pub mod data_dir;
 pub mod dht;
+pub mod keepalive;
 pub mod lan;
 pub mod node;
 pub mod services;

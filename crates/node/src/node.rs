@@ -54,6 +54,8 @@ use crate::tunnel::TunnelRegistry;
 pub const CLOSE_DUPLICATE: u32 = 1;
 /// QUIC close code: the node is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 2;
+/// QUIC close code: the peer sent nothing for too long.
+pub const CLOSE_DEAD: u32 = 3;
 /// Stream error code: the service or tunnel target failed.
 pub const STREAM_FAILED: u32 = 1;
 
@@ -368,7 +370,7 @@ pub(crate) struct Inner {
     keypair: Keypair,
     endpoint: BoundEndpoint,
     pub(crate) network: Option<NetworkKey>,
-    keepalive: Duration,
+    pub(crate) keepalive: crate::keepalive::KeepaliveState,
     sessions: Mutex<HashMap<PeerId, Session>>,
     /// Last address of recent peers: lets a node redial a peer whose
     /// session just closed (e.g. the losing twin of a simultaneous dial)
@@ -533,12 +535,16 @@ impl NodeBuilder {
         if let Some(k) = self.keepalive {
             options.keepalive = k;
         }
+        options.app_keepalive = true;
         let endpoint = BoundEndpoint::bind(&keypair, &options)?;
         let inner = Arc::new(Inner {
             keypair,
             endpoint,
             network: self.network,
-            keepalive: options.keepalive,
+            keepalive: crate::keepalive::KeepaliveState::new(
+                options.keepalive,
+                options.idle_timeout,
+            ),
             sessions: Mutex::default(),
             address_book: Mutex::default(),
             dialing: Mutex::default(),
@@ -560,6 +566,16 @@ impl NodeBuilder {
         });
         let node = Node { inner };
         node.spawn_accept_loop();
+        let binding_inbox = node
+            .inner
+            .endpoint
+            .binding_inbox
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(inbox) = binding_inbox {
+            crate::keepalive::spawn(&node, inbox);
+        }
         if self.dht_enabled {
             let inbox = node
                 .inner
@@ -893,6 +909,9 @@ impl Node {
                 .fetch_add(1, Ordering::Relaxed);
             return;
         };
+        if service == crate::keepalive::KEEPALIVE_SERVICE {
+            return;
+        }
         let offset = datagram.len() - payload.len();
         let sender = lock(&self.inner.services)
             .get(service)
@@ -1276,6 +1295,15 @@ impl Node {
         Ok(rtts)
     }
 
+    /// The connections of all live sessions.
+    pub(crate) fn session_connections(&self) -> Vec<quinn::Connection> {
+        lock(&self.inner.sessions)
+            .values()
+            .filter(|s| s.conn.close_reason().is_none())
+            .map(|s| s.conn.clone())
+            .collect()
+    }
+
     /// Whether `peer` is on this node's LAN: found by mDNS, or its session
     /// runs over a LAN path.
     pub fn is_lan_peer(&self, peer: &PeerId) -> bool {
@@ -1517,7 +1545,8 @@ impl Node {
                 .iter()
                 .map(crate::dht::HomeStatus::from)
                 .collect(),
-            keepalive_interval_s: self.inner.keepalive.as_secs_f64(),
+            keepalive_interval_s: self.inner.keepalive.interval().as_secs_f64(),
+            keepalive: self.inner.keepalive.status(),
             lan: self.lan_status(),
             counters: CountersStatus {
                 sessions_opened: get(&c.sessions_opened),

@@ -15,6 +15,8 @@
 //!   other network.
 //! - [`stream`]: the header that opens an application stream or datagram for
 //!   a named service inside a QUIC session.
+//! - [`keepalive`]: measuring how long the NAT keeps an idle binding, for
+//!   the keepalive interval.
 //! - [`lan`]: the mDNS announcement of a node on its LAN and the service
 //!   lists peers exchange.
 //! - [`reach`]: reachability from peers only — NAT mapping from observed
@@ -26,6 +28,7 @@
 
 pub mod dht;
 pub mod identity;
+pub mod keepalive;
 pub mod lan;
 pub mod network;
 pub mod overlay;
