@@ -18,6 +18,7 @@
 //! namespaces when dropped, also when a test panics; `p2pos-lab clean`
 //! removes the leftovers of a killed run.
 
+pub mod keepalivebench;
 pub mod lanbench;
 pub mod matrix;
 pub mod probe;

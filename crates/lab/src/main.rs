@@ -60,6 +60,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Keepalives of an idle node behind a NAT once it has measured its
+    /// router's binding timeout, against a fixed 25 s keepalive.
+    KeepaliveBench {
+        /// The router's UDP binding timeout in seconds.
+        #[arg(long, default_value_t = 300)]
+        udp_timeout: u32,
+        /// Idle window for the count, in seconds.
+        #[arg(long, default_value_t = 600)]
+        idle: u64,
+        /// The p2pos binary (default: next to this one).
+        #[arg(long)]
+        p2pos: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove every namespace a lab left behind (after a killed run).
     Clean,
     /// UDP probe used inside lab namespaces.
@@ -175,6 +191,25 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", p2pos_lab::lanbench::render(&report));
+            }
+        }
+        Command::KeepaliveBench {
+            udp_timeout,
+            idle,
+            p2pos,
+            json,
+        } => {
+            clean_on_interrupt()?;
+            let options = p2pos_lab::keepalivebench::KeepaliveBenchOptions {
+                udp_timeout_s: udp_timeout,
+                idle: Duration::from_secs(idle),
+                p2pos: p2pos_binary(p2pos)?,
+            };
+            let report = p2pos_lab::keepalivebench::run(&options, &mut |msg| eprintln!("… {msg}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", p2pos_lab::keepalivebench::render(&report));
             }
         }
         Command::Clean => {

@@ -47,7 +47,7 @@ pub struct NodeStatus {
 pub struct SessionStatus {
     /// The peer's ID.
     pub peer: String,
-    /// How the session reaches the peer: `lan` or `direct` (later also
+    /// How the session reaches the peer: `lan`, `direct` or `punched` (later also
     /// `punched` and `relayed:<relay-peer-id>`).
     pub path: String,
     /// Smoothed round-trip time.
