@@ -47,8 +47,8 @@ pub struct NodeStatus {
 pub struct SessionStatus {
     /// The peer's ID.
     pub peer: String,
-    /// How the session reaches the peer: `lan`, `direct` or `punched` (later also
-    /// `punched` and `relayed:<relay-peer-id>`).
+    /// How the session reaches the peer: `lan`, `direct` or `punched`
+    /// (later also `relayed:<relay-peer-id>`).
     pub path: String,
     /// Smoothed round-trip time.
     pub rtt_ms: f64,
