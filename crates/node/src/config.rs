@@ -27,6 +27,8 @@ pub struct Config {
     pub dht: DhtSection,
     /// LAN settings.
     pub lan: LanSection,
+    /// NAT settings.
+    pub nat: NatSection,
     /// Peers to open sessions with at start, as `<peer-id>@<ip:port>`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bootstrap: Vec<String>,
@@ -112,6 +114,21 @@ impl Default for LanSection {
     }
 }
 
+/// NAT settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatSection {
+    /// Ask the router to map the node's port (PCP, NAT-PMP) when behind a
+    /// NAT. Ignored when the node listens on loopback.
+    pub port_mapping: bool,
+}
+
+impl Default for NatSection {
+    fn default() -> Self {
+        NatSection { port_mapping: true }
+    }
+}
+
 /// A TCP service to expose.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -131,6 +148,7 @@ impl Default for Config {
             session: SessionConfig::default(),
             dht: DhtSection::default(),
             lan: LanSection::default(),
+            nat: NatSection::default(),
             bootstrap: Vec::new(),
             expose: Vec::new(),
         }

@@ -142,6 +142,7 @@ impl Daemon {
         let mut builder = Node::builder()
             .dht(true, config.dht.mode)
             .mdns(config.lan.mdns)
+            .port_mapping(config.nat.port_mapping)
             .data_dir(dir.path())
             .listen(config.listen)
             .session_timers(

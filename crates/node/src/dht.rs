@@ -222,6 +222,8 @@ const KNOWN_SERVERS: usize = 64;
 enum Command {
     Bootstrap(SocketAddr),
     SetHomes(Vec<Home>),
+    Recheck,
+    PortMapped(bool),
     Get(NodeId, oneshot::Sender<DhtEvent<SocketAddr>>),
     Put(SignedRecord, oneshot::Sender<DhtEvent<SocketAddr>>),
 }
@@ -234,6 +236,7 @@ pub struct DhtHandle {
     reach: Arc<Mutex<ReachStatus>>,
     contacted: Arc<Mutex<ContactedIps>>,
     known_servers: Arc<Mutex<std::collections::VecDeque<(PeerId, SocketAddr)>>>,
+    mapped: Arc<Mutex<Option<SocketAddr>>>,
     keypair: Keypair,
 }
 
@@ -289,8 +292,10 @@ impl DhtHandle {
             reach: reach_status.clone(),
             contacted: Arc::default(),
             known_servers: Arc::default(),
+            mapped: Arc::default(),
             keypair: keypair.clone(),
         };
+        let mapped_addr = handle.mapped.clone();
         let known_servers = handle.known_servers.clone();
         let mut homes: Vec<Home> = Vec::new();
         let contacted = handle.contacted.clone();
@@ -385,6 +390,8 @@ impl DhtHandle {
                     cmd = rx.recv() => match cmd {
                         Some(Command::Bootstrap(addr)) => dht.add_bootstrap(unix_now(), crate::node::canonical(addr)),
                         Some(Command::SetHomes(h)) => homes = h,
+                        Some(Command::Recheck) => reach.recheck_soon(unix_now()),
+                        Some(Command::PortMapped(m)) => reach.set_port_mapped(unix_now(), m),
                         Some(Command::Get(key, tx)) => {
                             let q = dht.get(unix_now(), key);
                             waiting.insert(q, tx);
@@ -444,8 +451,17 @@ impl DhtHandle {
                 let now = unix_now();
                 if !dht.table().is_empty() {
                     // Public addresses first, then the host's own (LAN).
-                    let mut addrs = reach.public_addrs();
-                    addrs.truncate(4);
+                    let mut addrs: Vec<SocketAddr> = mapped_addr
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .copied()
+                        .collect();
+                    for a in reach.public_addrs().into_iter().take(4) {
+                        if !addrs.contains(&a) {
+                            addrs.push(a);
+                        }
+                    }
                     for a in &local {
                         if !addrs.contains(a) {
                             addrs.push(*a);
@@ -550,6 +566,26 @@ impl DhtHandle {
             .rev()
             .copied()
             .collect()
+    }
+
+    /// Publishes the address the router maps to this node (first in the
+    /// peer record), or withdraws it.
+    pub fn set_mapped_addr(&self, addr: Option<SocketAddr>) {
+        let changed = {
+            let mut m = self.mapped.lock().unwrap_or_else(|p| p.into_inner());
+            let changed = m.is_some() != addr.is_some();
+            *m = addr;
+            changed
+        };
+        if changed {
+            let _ = self.commands.try_send(Command::PortMapped(addr.is_some()));
+        }
+    }
+
+    /// Runs a reachability check soon (something changed, e.g. a port
+    /// mapping appeared or went away).
+    pub fn recheck_reachability(&self) {
+        let _ = self.commands.try_send(Command::Recheck);
     }
 
     /// Publishes these homes in the peer record.

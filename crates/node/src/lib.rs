@@ -39,6 +39,7 @@ pub mod dht;
 pub mod keepalive;
 pub mod lan;
 pub mod node;
+pub mod portmap;
 pub mod services;
 pub mod status;
 pub mod store;

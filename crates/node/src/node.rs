@@ -388,6 +388,8 @@ pub(crate) struct Inner {
     /// Peers a hole-punching attempt runs with, since when: a session with
     /// one of them made in the next seconds is a punched one.
     pub(crate) punching: Mutex<HashMap<PeerId, Instant>>,
+    /// The port mapping the router gave (PCP / NAT-PMP).
+    pub(crate) portmap: crate::portmap::PortMapState,
     /// This node's homes (when it is not reachable).
     pub(crate) homes: Mutex<Vec<p2pos_proto::traversal::Home>>,
     pending_handshakes: AtomicU64,
@@ -430,6 +432,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct NodeBuilder {
     mdns: bool,
+    port_mapping: bool,
     dht_enabled: bool,
     dht_mode: crate::dht::DhtMode,
     data_dir: Option<PathBuf>,
@@ -444,6 +447,7 @@ impl Default for NodeBuilder {
     fn default() -> Self {
         NodeBuilder {
             mdns: false,
+            port_mapping: false,
             dht_enabled: true,
             dht_mode: crate::dht::DhtMode::Auto,
             data_dir: None,
@@ -470,6 +474,14 @@ impl NodeBuilder {
     /// off). A node bound to a loopback address never does.
     pub fn mdns(mut self, enabled: bool) -> Self {
         self.mdns = enabled;
+        self
+    }
+
+    /// Whether the node asks its router to map its port (PCP, NAT-PMP)
+    /// when it sits behind a NAT (default: no; the daemon turns it on
+    /// unless configured off). A node bound to loopback never does.
+    pub fn port_mapping(mut self, enabled: bool) -> Self {
+        self.port_mapping = enabled;
         self
     }
 
@@ -555,6 +567,7 @@ impl NodeBuilder {
             lan: std::sync::OnceLock::new(),
             lan_off: Mutex::new("off".to_owned()),
             punching: Mutex::default(),
+            portmap: crate::portmap::PortMapState::off(),
             homes: Mutex::default(),
             pending_handshakes: AtomicU64::new(0),
             store,
@@ -599,6 +612,9 @@ impl NodeBuilder {
                 let _ = node.inner.dht.set(handle);
                 crate::traversal::spawn_homes(&node);
             }
+        }
+        if self.port_mapping && !node.local_addr().ip().is_loopback() {
+            crate::portmap::spawn(&node);
         }
         if self.mdns && !node.local_addr().ip().is_loopback() {
             match LanDiscovery::start(&node, node.local_addr()) {
@@ -1295,6 +1311,11 @@ impl Node {
         Ok(rtts)
     }
 
+    /// The public address the router maps to this node, if any.
+    pub(crate) fn mapped_addr(&self) -> Option<SocketAddr> {
+        self.inner.portmap.external()
+    }
+
     /// The connections of all live sessions.
     pub(crate) fn session_connections(&self) -> Vec<quinn::Connection> {
         lock(&self.inner.sessions)
@@ -1547,6 +1568,7 @@ impl Node {
                 .collect(),
             keepalive_interval_s: self.inner.keepalive.interval().as_secs_f64(),
             keepalive: self.inner.keepalive.status(),
+            port_mapping: self.inner.portmap.status(),
             lan: self.lan_status(),
             counters: CountersStatus {
                 sessions_opened: get(&c.sessions_opened),
@@ -1606,6 +1628,7 @@ impl Node {
         if let Some(lan) = self.inner.lan.get() {
             lan.stop().await;
         }
+        self.inner.portmap.release().await;
         self.inner.tunnels.stop_all();
         self.inner
             .endpoint

@@ -34,6 +34,8 @@ pub struct NodeStatus {
     pub nat: Option<crate::dht::ReachStatus>,
     /// Seconds between keepalives on idle sessions.
     pub keepalive_interval_s: f64,
+    /// The port mapping the router gave (PCP / NAT-PMP).
+    pub port_mapping: crate::portmap::PortMappingStatus,
     /// How the keepalive interval was found, and the measurement behind it.
     pub keepalive: crate::keepalive::KeepaliveStatus,
     /// LAN discovery: mDNS state and the peers found on the LAN.

@@ -116,7 +116,8 @@ async fn keep_homes(node: &Node) {
 /// The addresses this node offers a peer: the public ones peers see first,
 /// then its own.
 fn own_candidates(node: &Node) -> Vec<SocketAddr> {
-    let mut out: Vec<SocketAddr> = node
+    let mut out: Vec<SocketAddr> = node.mapped_addr().into_iter().collect();
+    let observed: Vec<SocketAddr> = node
         .dht()
         .map(|d| d.reach_status().observed_addrs)
         .unwrap_or_default()
@@ -124,7 +125,10 @@ fn own_candidates(node: &Node) -> Vec<SocketAddr> {
         .filter_map(|a| a.parse().ok())
         .filter(|a: &SocketAddr| !p2pos_proto::session::is_local_ip(a.ip()))
         .collect();
-    for a in crate::dht::publishable_addrs(node.local_addr()) {
+    for a in observed
+        .into_iter()
+        .chain(crate::dht::publishable_addrs(node.local_addr()))
+    {
         if !out.contains(&a) {
             out.push(a);
         }

@@ -313,6 +313,8 @@ pub struct Reachability {
     checks: u64,
     /// Inconclusive checks in a row.
     inconclusive: u32,
+    /// The router maps the node's port (PCP, NAT-PMP, UPnP).
+    port_mapped: bool,
     transmits: VecDeque<(SocketAddr, Vec<u8>)>,
     events: VecDeque<ReachEvent>,
 }
@@ -332,6 +334,7 @@ impl Reachability {
             reachable: None,
             checks: 0,
             inconclusive: 0,
+            port_mapped: false,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -347,6 +350,25 @@ impl Reachability {
         self.inconclusive = 0;
         self.next_check = Duration::ZERO;
         self.set_reachable(None);
+    }
+
+    /// Whether the router maps the node's port (a port-mapping protocol
+    /// said so); a change checks again soon.
+    pub fn set_port_mapped(&mut self, now: Duration, mapped: bool) {
+        if self.port_mapped != mapped {
+            self.port_mapped = mapped;
+            self.recheck_soon(now);
+        }
+    }
+
+    /// Something that can change the verdict happened (e.g. the router
+    /// mapped the port): check again as soon as possible, keeping what was
+    /// learned.
+    pub fn recheck_soon(&mut self, now: Duration) {
+        if self.attempts.is_empty() {
+            self.next_check = now;
+        }
+        self.inconclusive = 0;
     }
 
     /// `responder` saw this node at `observed`.
@@ -536,10 +558,11 @@ impl Reachability {
     }
 
     fn conclude_if_done(&mut self, now: Duration, timed_out: bool) {
-        // With no NAT (peers see the node's own address), a probe from
-        // another port getting in means no stateful filter either: in small
-        // networks every third node is one the node already contacted.
-        let no_nat = self.mapping() == Mapping::None;
+        // With no NAT (peers see the node's own address), or a port the
+        // router maps, a probe from another port getting in means nothing
+        // filters it: in small networks every third node is one the node
+        // already contacted.
+        let no_nat = self.mapping() == Mapping::None || self.port_mapped;
         let any_third = self
             .attempts
             .iter()
@@ -953,6 +976,25 @@ mod tests {
     fn without_nat_a_probe_from_another_port_proves_reachability() {
         let mut r = Reachability::new(ReachConfig::default(), vec![addr("11.0.1.1:7447")], 1);
         r.observe(addr("11.0.1.2:7447"), addr("11.0.1.1:7447"));
+        r.start_check(
+            Duration::ZERO,
+            &[addr("11.0.1.2:7447")],
+            IpFilter::default(),
+        );
+        let (_, bytes) = r.poll_transmit().unwrap();
+        let Ok(Message::DialBackRequest { id, .. }) = Message::decode(&bytes) else {
+            panic!()
+        };
+        let probe = Message::DialBackProbe { id, via: VIA_THIRD };
+        r.handle_reply(Duration::ZERO, addr("11.0.1.3:40000"), &probe, true);
+        assert_eq!(r.reachable(), Some(true));
+    }
+
+    #[test]
+    fn with_a_mapped_port_a_probe_from_another_port_proves_reachability() {
+        let mut r = Reachability::new(ReachConfig::default(), vec![addr("192.168.1.10:7447")], 1);
+        r.set_port_mapped(Duration::ZERO, true);
+        assert!(r.check_due(Duration::ZERO));
         r.start_check(
             Duration::ZERO,
             &[addr("11.0.1.2:7447")],
