@@ -83,9 +83,12 @@ pub struct ApiConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SessionConfig {
-    /// Seconds of silence after which a session is closed.
+    /// Seconds of silence after which a session is closed (at least; a
+    /// longer measured keepalive interval stretches it to 3 intervals).
     pub idle_timeout_s: u64,
-    /// Seconds between keepalives on an idle session.
+    /// Seconds between keepalives on an idle session until the node has
+    /// measured how long its NAT keeps bindings (then the measured interval
+    /// applies).
     pub keepalive_s: u64,
 }
 
@@ -159,7 +162,7 @@ impl Default for SessionConfig {
     fn default() -> Self {
         SessionConfig {
             idle_timeout_s: 30,
-            keepalive_s: 10,
+            keepalive_s: 5,
         }
     }
 }

@@ -443,7 +443,7 @@ impl DhtHandle {
                                 "DHT mode: {}",
                                 if reachable { "server" } else { "client" }
                             );
-                            dht.set_server(reachable);
+                            dht.set_server(unix_now(), reachable);
                         }
                     }
                 }

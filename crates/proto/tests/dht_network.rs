@@ -273,3 +273,30 @@ fn a_flood_of_ids_from_one_network_cannot_fill_a_bucket() {
     );
     assert!(from_flood < 60 / 3, "{from_flood} of 60 attackers got in");
 }
+
+#[test]
+fn a_server_that_turns_client_leaves_the_tables_it_was_in() {
+    let mut net = Net::new(30, config());
+    let leaver = 7usize;
+    let id = net.nodes[leaver].id();
+    let before = net
+        .nodes
+        .iter()
+        .filter(|n| n.table().get(&id).is_some())
+        .count();
+    assert!(before > 0, "nobody knew the node to begin with");
+    let now = net.now;
+    net.nodes[leaver].set_server(now, false);
+    net.settle();
+    let after = net
+        .nodes
+        .iter()
+        .filter(|n| n.table().get(&id).is_some())
+        .count();
+    assert_eq!(after, 0, "{after} of {before} tables still hold the node");
+    let left: u64 = net.nodes.iter().map(|n| n.counters().contacts_left).sum();
+    assert_eq!(left as usize, before);
+    for n in &net.nodes {
+        n.table().check_invariants().unwrap();
+    }
+}

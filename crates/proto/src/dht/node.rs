@@ -172,6 +172,8 @@ pub struct DhtCounters {
     pub records_refused: u64,
     /// Requests not sent because too many were in flight.
     pub overloaded: u64,
+    /// Contacts dropped because they said they no longer serve.
+    pub contacts_left: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -328,8 +330,25 @@ impl<A: Address> Dht<A> {
     }
 
     /// Switches between server and client mode (when reachability changes).
-    pub fn set_server(&mut self, server: bool) {
+    ///
+    /// A server that turns client tells the contacts in its table (a ping
+    /// that says it no longer serves), so they drop it instead of sending it
+    /// lookups its NAT may never let in.
+    pub fn set_server(&mut self, now: Duration, server: bool) {
+        let was = self.config.server;
         self.config.server = server;
+        if was && !server {
+            for c in self.table.closest(&self.id, 64) {
+                self.send_request(
+                    now,
+                    c.addr,
+                    Some(c.id),
+                    RequestBody::Ping,
+                    false,
+                    Purpose::Liveness,
+                );
+            }
+        }
     }
 
     /// Puts a contact in the routing table without verifying it. Only for
@@ -638,6 +657,15 @@ impl<A: Address> Dht<A> {
         let verified = req.cookie != 0
             && (req.cookie == self.cookie_for(&from, epoch)
                 || req.cookie == self.cookie_for(&from, epoch.saturating_sub(1)));
+        // A contact that says it no longer serves leaves the table (only
+        // from its own, proven address: nobody can evict it for it).
+        if !req.server && verified {
+            if let Some(c) = self.table.get(&req.sender) {
+                if c.addr == from && self.table.remove(&req.sender) {
+                    self.counters.contacts_left += 1;
+                }
+            }
+        }
         // Only sources that proved their address (a cookie) are remembered.
         if self.config.track_peers && verified {
             self.recent_sources.retain(|a| *a != from);

@@ -183,6 +183,26 @@ impl<A: Address> RoutingTable<A> {
         true
     }
 
+    /// Drops `id` (it stopped serving); the freshest replacement takes its
+    /// place. Returns whether it was there.
+    pub fn remove(&mut self, id: &NodeId) -> bool {
+        let Some(bucket) = self
+            .bucket_index(id)
+            .and_then(|index| self.buckets.get_mut(index))
+        else {
+            return false;
+        };
+        bucket.replacements.retain(|c| c.id != *id);
+        let Some(pos) = bucket.entries.iter().position(|c| c.id == *id) else {
+            return false;
+        };
+        bucket.entries.remove(pos);
+        if let Some(r) = bucket.replacements.pop() {
+            bucket.entries.push(r);
+        }
+        true
+    }
+
     fn get_mut(&mut self, id: &NodeId) -> Option<&mut Contact<A>> {
         let index = self.bucket_index(id)?;
         self.buckets
