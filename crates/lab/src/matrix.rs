@@ -387,7 +387,8 @@ pub fn run(
     Ok(MatrixReport { pairs, behind_nat })
 }
 
-/// Kinds in the network with no public host (at least one can accept
+/// Kinds in the network with no public host (the first, `upnp`, maps its
+/// port and is everyone's bootstrap; at least one can accept
 /// unsolicited traffic: upnp, full-cone).
 pub const BEHIND_NAT_KINDS: [RouterKind; 7] = [
     RouterKind::Upnp,
@@ -404,16 +405,39 @@ fn run_behind_nat(
     router_options: RouterOptions,
 ) -> Result<BehindNat, LabError> {
     let mut lab = Lab::new()?;
-    let mut nodes = Vec::new();
+    let mut nodes: Vec<(RouterKind, LabNode)> = Vec::new();
+    // No public host. The first node sits behind the UPnP router; once its
+    // router has mapped its port, its public address is the others'
+    // bootstrap entry (an invite someone shares), as a network of home
+    // machines would start.
+    let mut bootstrap: Vec<String> = Vec::new();
     for (i, kind) in BEHIND_NAT_KINDS.iter().enumerate() {
         let h = host_behind(&mut lab, *kind, &format!("{kind}"), router_options)?;
-        nodes.push((
-            *kind,
-            // No public host, so no bootstrap node either: the nodes must
-            // find each other through those that accept unsolicited traffic.
-            start_node(&mut lab, h, 7100 + i as u16, &options.p2pos, &[])?,
-        ));
+        let node = start_node(&mut lab, h, 7100 + i as u16, &options.p2pos, &bootstrap)?;
+        if i == 0 {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let external = loop {
+                let (_, body) = api(&node.data_dir, "GET", "/v1/status", None);
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                if let Some(e) = v["port_mapping"]["external"].as_str() {
+                    break e.to_owned();
+                }
+                if Instant::now() > deadline {
+                    return Err(LabError::Command {
+                        command: "behind-NAT network".into(),
+                        stderr: format!(
+                            "the {kind} node got no port mapping: {}",
+                            v["port_mapping"]
+                        ),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            bootstrap.push(format!("{}@{external}", node.peer_id));
+        }
+        nodes.push((*kind, node));
     }
+    settle(nodes.iter().map(|(_, n)| n), SETTLE_LIMIT);
     let mut report = BehindNat {
         hosts: nodes.len(),
         ..BehindNat::default()

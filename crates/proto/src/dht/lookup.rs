@@ -1,6 +1,10 @@
 //! One iterative lookup: the candidates it knows, sorted by distance to the
 //! target, and which of them it has asked.
 
+/// Answers a get waits for after it found a record (the highest sequence
+/// among them wins).
+pub const GET_CONFIRMATIONS: u8 = 2;
+
 use super::address::Address;
 use super::record::SignedRecord;
 use super::NodeId;
@@ -43,6 +47,8 @@ pub(crate) struct Lookup<A> {
     pub kind: LookupKind,
     pub started_ms: u64,
     pub found: Option<(SignedRecord, u8)>,
+    /// Answers received since a record was first found.
+    answers_since_found: u8,
     /// Put phase: acks still expected and records stored.
     pub put_waiting: usize,
     pub put_stored: usize,
@@ -60,6 +66,7 @@ impl<A: Address> Lookup<A> {
             kind,
             started_ms,
             found: None,
+            answers_since_found: 0,
             put_waiting: 0,
             put_stored: 0,
             put_started: false,
@@ -126,6 +133,9 @@ impl<A: Address> Lookup<A> {
         if let Some(c) = self.candidates.iter_mut().find(|c| c.id == *id) {
             c.state = State::Answered;
         }
+        if self.found.is_some() {
+            self.answers_since_found = self.answers_since_found.saturating_add(1);
+        }
     }
 
     /// The query to `id` passed its soft timeout.
@@ -157,7 +167,12 @@ impl<A: Address> Lookup<A> {
     /// Whether the search phase is over: a record was found (get), or the
     /// k closest live candidates have all answered.
     pub fn search_done(&self) -> bool {
-        if matches!(self.kind, LookupKind::GetRecord) && self.found.is_some() {
+        // A get waits for a few more answers after the first record, so a
+        // holder that missed the owner's latest update cannot decide alone.
+        if matches!(self.kind, LookupKind::GetRecord)
+            && self.found.is_some()
+            && self.answers_since_found >= GET_CONFIRMATIONS
+        {
             return true;
         }
         // Looking for a node and it answered: found.

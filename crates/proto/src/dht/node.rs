@@ -687,7 +687,12 @@ impl<A: Address> Dht<A> {
             RequestBody::Ping => ResponseBody::Pong,
             RequestBody::FindNode(target) => ResponseBody::Nodes(nodes_for(&self.table, target)),
             RequestBody::GetRecord(key) => {
-                let record = self.records.get(key, now.as_secs()).cloned();
+                // Only servers hold records for others.
+                let record = if self.config.server {
+                    self.records.get(key, now.as_secs()).cloned()
+                } else {
+                    None
+                };
                 ResponseBody::Record(record, nodes_for(&self.table, key))
             }
             RequestBody::PutRecord(record) => {
