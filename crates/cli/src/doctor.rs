@@ -154,6 +154,39 @@ pub fn diagnose(s: &Value) -> Report {
         },
     ));
 
+    let pm = &s["port_mapping"];
+    if !pm.is_null() {
+        let state = str_of(&pm["state"]);
+        checks.push(check(
+            "port mapping",
+            if state == "mapped" { "ok" } else { "info" },
+            match state.as_str() {
+                "mapped" => format!(
+                    "the router maps {} to this node ({})",
+                    str_of(&pm["external"]),
+                    str_of(&pm["protocol"])
+                ),
+                other => other.to_owned(),
+            },
+            (state.starts_with("unavailable") && reachable == Some(false)).then_some(
+                "enable PCP or NAT-PMP (often called UPnP / NAT-PMP) on the router to be reachable",
+            ),
+        ));
+    }
+    let ka = &s["keepalive"];
+    if !ka.is_null() {
+        checks.push(check(
+            "keepalive",
+            "info",
+            format!(
+                "every {:.0} s on idle sessions ({})",
+                s["keepalive_interval_s"].as_f64().unwrap_or(0.0),
+                str_of(&ka["source"])
+            ),
+            None,
+        ));
+    }
+
     let lan = &s["lan"];
     let mdns = str_of(&lan["mdns"]);
     let lan_peers = lan["peers"].as_array().map_or(0, Vec::len);
