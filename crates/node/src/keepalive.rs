@@ -37,6 +37,8 @@ pub const KEEPALIVE_SERVICE: &str = "p2pos/ka";
 pub const NO_NAT_INTERVAL: Duration = Duration::from_secs(540);
 /// A session silent for this many intervals is dead.
 pub const DEAD_AFTER_INTERVALS: u32 = 3;
+/// How often sessions are looked at.
+const TICK: Duration = Duration::from_secs(1);
 /// Binding messages a helper answers per second at most.
 const HELPS_PER_SECOND: u32 = 100;
 
@@ -318,7 +320,7 @@ fn spawn_keeper(node: &Node) {
         let mut watched: HashMap<usize, Watch> = HashMap::new();
         let keepalive = Bytes::from(encode_datagram(KEEPALIVE_SERVICE, &[]));
         loop {
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::time::sleep(TICK).await;
             let Some(inner) = weak.upgrade() else { break };
             let node = Node { inner };
             let state = &node.inner.keepalive;
@@ -359,7 +361,9 @@ fn spawn_keeper(node: &Node) {
                     );
                     continue;
                 }
-                if now.duration_since(w.tx_changed) >= interval
+                // The check runs once a second: send up to one tick early
+                // rather than up to one tick late.
+                if now.duration_since(w.tx_changed) + TICK >= interval
                     && conn.send_datagram(keepalive.clone()).is_ok()
                 {
                     state.sent.fetch_add(1, Ordering::Relaxed);

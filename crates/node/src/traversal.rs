@@ -400,32 +400,45 @@ async fn forward(
         candidates.retain(|c| *c != seen);
         candidates.insert(0, seen);
     }
-    let Ok(mut stream) = node.open_on(&session.conn, target, SIGNAL_SERVICE).await else {
-        return refused("the peer did not accept signalling from its home");
+    // Answer the requester before its own wait ends, even if the peer's
+    // session turns out dead.
+    let exchange = async {
+        let mut stream = node
+            .open_on(&session.conn, target, SIGNAL_SERVICE)
+            .await
+            .map_err(|_| "the peer did not accept signalling from its home".to_owned())?;
+        let intro = Signal::Introduce {
+            from,
+            nonce,
+            candidates,
+        };
+        write_signal(&mut stream.send, &intro)
+            .await
+            .map_err(|_| "the session with the peer failed".to_owned())?;
+        let answer = read_signal(&mut stream.recv).await;
+        let _ = stream.send.finish();
+        answer
     };
-    let intro = Signal::Introduce {
-        from,
-        nonce,
-        candidates,
+    let answer = match tokio::time::timeout(SIGNAL_TIMEOUT - Duration::from_secs(1), exchange).await
+    {
+        Ok(a) => a,
+        Err(_) => {
+            Err("the peer did not answer its home in time (its session may be gone)".to_owned())
+        }
     };
-    if write_signal(&mut stream.send, &intro).await.is_err() {
-        return refused("the session with the peer failed");
-    }
-    let answer = read_signal(&mut stream.recv).await;
-    let _ = stream.send.finish();
     match answer {
         Ok(Signal::Answer {
             nonce,
             dial,
-            mut candidates,
+            candidates: mut answer_candidates,
         }) => {
             let seen = crate::node::canonical(session.conn.remote_address());
-            candidates.retain(|c| *c != seen);
-            candidates.insert(0, seen);
+            answer_candidates.retain(|c| *c != seen);
+            answer_candidates.insert(0, seen);
             Signal::Answer {
                 nonce,
                 dial,
-                candidates,
+                candidates: answer_candidates,
             }
         }
         Ok(other @ Signal::Refused { .. }) => other,
