@@ -201,6 +201,23 @@ pub fn api(data_dir: &Path, method: &str, path: &str, body: Option<&str>) -> (u1
     (status, body)
 }
 
+/// A node's `GET /v1/status`, parsed (`null` when the daemon does not
+/// answer).
+pub fn status(node: &LabNode) -> serde_json::Value {
+    let (_, body) = api(&node.data_dir, "GET", "/v1/status", None);
+    serde_json::from_str(&body).unwrap_or_default()
+}
+
+/// For tests: polls `check` every 100 ms until it holds; panics naming
+/// `what` after `limit`.
+pub fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "no {what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Has `from` reach `to` by peer ID only (a one-echo ping); returns the
 /// result without the idle check.
 pub fn try_pair(

@@ -5,17 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use p2pos_lab::matrix::{api, session_survived, start_node, LabNode};
+use p2pos_lab::matrix::{session_survived, start_node, status};
 use p2pos_lab::{RouterKind, RouterOptions};
-use serde_json::Value;
 
 const TIMEOUT_S: u32 = 15;
-
-fn status(node: &LabNode) -> Value {
-    let (code, body) = api(&node.data_dir, "GET", "/v1/status", None);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).expect("JSON")
-}
 
 #[test]
 fn keepalive_follows_the_measured_binding_timeout_and_sessions_survive() {

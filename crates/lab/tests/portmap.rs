@@ -4,24 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use p2pos_lab::matrix::{api, start_node, LabNode};
+use p2pos_lab::matrix::{api, start_node, status, wait_for as wait};
 use p2pos_lab::router::{UPNP_NAT_CHAIN, UPNP_TABLE};
 use p2pos_lab::{RouterKind, RouterOptions};
 use serde_json::Value;
-
-fn status(node: &LabNode) -> Value {
-    let (code, body) = api(&node.data_dir, "GET", "/v1/status", None);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).expect("JSON")
-}
-
-fn wait(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 #[test]
 fn a_mapped_node_is_reachable_and_removes_its_mapping_on_stop() {

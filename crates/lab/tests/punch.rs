@@ -2,30 +2,16 @@
 //! (a reachable node), publishes it in its peer record, and the home
 //! forwards the connect request so both sides punch at once. Root only.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use p2pos_lab::matrix::{api, start_node, start_node_with, LabNode};
+use p2pos_lab::matrix::{api, start_node, start_node_with, status, wait_for as wait, LabNode};
 use p2pos_lab::{RouterKind, RouterOptions};
 use serde_json::Value;
-
-fn status(node: &LabNode) -> Value {
-    let (code, body) = api(&node.data_dir, "GET", "/v1/status", None);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).expect("JSON")
-}
 
 fn lookup(from: &LabNode, peer: &LabNode) -> Value {
     let body = format!("{{\"peer\":\"{}\"}}", peer.peer_id);
     let (_, resp) = api(&from.data_dir, "POST", "/v1/lookup", Some(&body));
     serde_json::from_str(&resp).unwrap_or_default()
-}
-
-fn wait(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 #[test]

@@ -5,15 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use p2pos_lab::matrix::{api, start_node, LabNode};
+use p2pos_lab::matrix::{start_node, status, LabNode};
 use p2pos_lab::{RouterKind, RouterOptions};
 use serde_json::Value;
-
-fn status(node: &LabNode) -> Value {
-    let (code, body) = api(&node.data_dir, "GET", "/v1/status", None);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).expect("JSON")
-}
 
 /// Waits (up to `limit`) until `node` has a reachability verdict and its
 /// mapping is classified; returns its status.

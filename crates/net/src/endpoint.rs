@@ -220,13 +220,7 @@ impl BoundEndpoint {
             DialKind::Lan => self.lan_transport.clone(),
             DialKind::Punch => self.punch_transport.clone(),
         });
-        let addr = match (self.local_addr, addr) {
-            // A dual-stack socket reaches IPv4 peers by mapped addresses.
-            (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
-                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-            }
-            _ => addr,
-        };
+        let addr = crate::socket::dest_for(self.local_addr, addr);
         self.quic
             .connect_with(config, addr, crate::tls::SERVER_NAME)
     }

@@ -15,4 +15,4 @@ pub mod socket;
 pub mod tls;
 
 pub use endpoint::{transport_config, BindError, BoundEndpoint, DialKind, EndpointOptions};
-pub use socket::SocketCounters;
+pub use socket::{dest_for, SocketCounters};

@@ -100,6 +100,10 @@ impl OverlaySocket {
         dest: SocketAddr,
         datagram: &[u8],
     ) -> io::Result<()> {
+        let dest = match self.inner.local_addr() {
+            Ok(local) => dest_for(local, dest),
+            Err(_) => dest,
+        };
         let mut poller = self.clone().create_io_poller();
         loop {
             let transmit = Transmit {
@@ -285,5 +289,16 @@ impl AsyncUdpSocket for OverlaySocket {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+/// The destination a socket bound at `local` sends to for `dest`: a
+/// dual-stack (IPv6) socket reaches IPv4 peers by IPv4-mapped addresses.
+pub fn dest_for(local: SocketAddr, dest: SocketAddr) -> SocketAddr {
+    match (local, dest) {
+        (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+            SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+        }
+        _ => dest,
     }
 }

@@ -251,7 +251,7 @@ pub struct DhtOptions {
     pub bound: SocketAddr,
 }
 
-fn unix_now() -> Duration {
+pub(crate) fn unix_now() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
@@ -309,7 +309,7 @@ impl DhtHandle {
                     .unwrap_or_else(|p| p.into_inner())
                     .note(to.ip());
                 async move {
-                    let _ = overlay.send(mapped(v6_socket, to), &bytes).await;
+                    let _ = overlay.send(to, &bytes).await;
                 }
             }
         };
@@ -689,11 +689,20 @@ impl DhtHandle {
     }
 }
 
-/// A dual-stack socket reaches IPv4 peers by mapped addresses.
-fn mapped(v6_socket: bool, to: SocketAddr) -> SocketAddr {
-    match (v6_socket, to) {
-        (true, SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
-        _ => to,
+/// The wildcard address of a fresh socket of the node's family.
+pub(crate) fn any_addr(v6_socket: bool) -> SocketAddr {
+    if v6_socket {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    }
+}
+
+/// Frames `datagram` for the private network, if any.
+pub(crate) fn seal(network: Option<&NetworkKey>, datagram: Vec<u8>) -> Vec<u8> {
+    match network {
+        Some(key) => key.seal(&datagram),
+        None => datagram,
     }
 }
 
@@ -759,17 +768,11 @@ async fn send_from_other_port(
     to: SocketAddr,
     datagram: Vec<u8>,
 ) {
-    let datagram = match network {
-        Some(key) => key.seal(&datagram),
-        None => datagram,
-    };
-    let any: SocketAddr = if v6_socket {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
-    if let Ok(socket) = tokio::net::UdpSocket::bind(any).await {
-        let _ = socket.send_to(&datagram, mapped(v6_socket, to)).await;
+    let datagram = seal(network, datagram);
+    if let Ok(socket) = tokio::net::UdpSocket::bind(any_addr(v6_socket)).await {
+        let _ = socket
+            .send_to(&datagram, p2pos_net::dest_for(any_addr(v6_socket), to))
+            .await;
     }
 }
 

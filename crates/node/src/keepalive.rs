@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use p2pos_proto::keepalive::{Action, BindingHelper, BindingTimer, Message, SLOTS};
@@ -115,18 +115,7 @@ impl KeepaliveState {
     }
 }
 
-fn unix_now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-}
-
-fn mapped(v6: bool, to: SocketAddr) -> SocketAddr {
-    match (v6, to) {
-        (true, SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
-        _ => to,
-    }
-}
+use crate::dht::unix_now;
 
 /// Starts the measuring/helping task and the session keepalive task.
 pub(crate) fn spawn(node: &Node, inbox: mpsc::Receiver<(SocketAddr, Bytes)>) {
@@ -169,7 +158,7 @@ fn spawn_measure(node: &Node, mut inbox: mpsc::Receiver<(SocketAddr, Bytes)>) {
                     }
                     window.1 += 1;
                     if let Some((to, datagram)) = helper.handle(unix_now(), src, message) {
-                        let _ = overlay.send(mapped(v6, to), &datagram).await;
+                        let _ = overlay.send(to, &datagram).await;
                     }
                 }
                 got = slot_rx.recv() => {
@@ -244,14 +233,12 @@ fn spawn_measure(node: &Node, mut inbox: mpsc::Receiver<(SocketAddr, Bytes)>) {
                     };
                     match socket {
                         Some(socket) => {
-                            let datagram = match &network {
-                                Some(key) => key.seal(&datagram),
-                                None => datagram,
-                            };
-                            let _ = socket.send_to(&datagram, mapped(v6, helper_addr)).await;
+                            let datagram = crate::dht::seal(network.as_ref(), datagram);
+                            let to = p2pos_net::dest_for(crate::dht::any_addr(v6), helper_addr);
+                            let _ = socket.send_to(&datagram, to).await;
                         }
                         None => {
-                            let _ = overlay.send(mapped(v6, helper_addr), &datagram).await;
+                            let _ = overlay.send(helper_addr, &datagram).await;
                         }
                     }
                 }
@@ -280,11 +267,7 @@ async fn open_slots(
     v6: bool,
     tx: &mpsc::Sender<(usize, Vec<u8>)>,
 ) -> Vec<Arc<tokio::net::UdpSocket>> {
-    let any: SocketAddr = if v6 {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    };
+    let any = crate::dht::any_addr(v6);
     let mut out = Vec::new();
     for slot in 0..SLOTS {
         let Ok(socket) = tokio::net::UdpSocket::bind(any).await else {

@@ -1608,12 +1608,6 @@ impl Node {
         addr: SocketAddr,
         timeout: Duration,
     ) -> Result<SocketAddr, p2pos_net::overlay::ProbeError> {
-        let addr = match (self.local_addr(), addr) {
-            (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
-                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-            }
-            _ => addr,
-        };
         self.inner
             .endpoint
             .overlay

@@ -153,7 +153,6 @@ fn own_mapping(node: &Node) -> Mapping {
 /// rounds apart.
 fn punch(node: &Node, candidates: Vec<SocketAddr>, nonce: u64) {
     let overlay = node.inner_overlay();
-    let v6 = node.local_addr().is_ipv6();
     tokio::spawn(async move {
         let datagram = encode_punch(nonce);
         for round in 0..PUNCH_ROUNDS {
@@ -161,13 +160,7 @@ fn punch(node: &Node, candidates: Vec<SocketAddr>, nonce: u64) {
                 tokio::time::sleep(PUNCH_INTERVAL).await;
             }
             for to in &candidates {
-                let to = match (v6, to) {
-                    (true, SocketAddr::V4(v4)) => {
-                        SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-                    }
-                    _ => *to,
-                };
-                let _ = overlay.send(to, &datagram).await;
+                let _ = overlay.send(*to, &datagram).await;
             }
         }
     });

@@ -972,10 +972,9 @@ mod tests {
         assert_eq!(check(&[false, false], None, false), (None, Unknown));
     }
 
-    #[test]
-    fn without_nat_a_probe_from_another_port_proves_reachability() {
-        let mut r = Reachability::new(ReachConfig::default(), vec![addr("11.0.1.1:7447")], 1);
-        r.observe(addr("11.0.1.2:7447"), addr("11.0.1.1:7447"));
+    /// Starts a check with one helper and delivers one probe for it from
+    /// `from` (an IP the node contacted or not); returns the verdict.
+    fn one_probe(r: &mut Reachability, from: &str, via: u8, contacted: bool) -> Option<bool> {
         r.start_check(
             Duration::ZERO,
             &[addr("11.0.1.2:7447")],
@@ -985,9 +984,19 @@ mod tests {
         let Ok(Message::DialBackRequest { id, .. }) = Message::decode(&bytes) else {
             panic!()
         };
-        let probe = Message::DialBackProbe { id, via: VIA_THIRD };
-        r.handle_reply(Duration::ZERO, addr("11.0.1.3:40000"), &probe, true);
-        assert_eq!(r.reachable(), Some(true));
+        let probe = Message::DialBackProbe { id, via };
+        r.handle_reply(Duration::ZERO, addr(from), &probe, contacted);
+        r.reachable()
+    }
+
+    #[test]
+    fn without_nat_a_probe_from_another_port_proves_reachability() {
+        let mut r = Reachability::new(ReachConfig::default(), vec![addr("11.0.1.1:7447")], 1);
+        r.observe(addr("11.0.1.2:7447"), addr("11.0.1.1:7447"));
+        assert_eq!(
+            one_probe(&mut r, "11.0.1.3:40000", VIA_THIRD, true),
+            Some(true)
+        );
     }
 
     #[test]
@@ -995,38 +1004,19 @@ mod tests {
         let mut r = Reachability::new(ReachConfig::default(), vec![addr("192.168.1.10:7447")], 1);
         r.set_port_mapped(Duration::ZERO, true);
         assert!(r.check_due(Duration::ZERO));
-        r.start_check(
-            Duration::ZERO,
-            &[addr("11.0.1.2:7447")],
-            IpFilter::default(),
+        assert_eq!(
+            one_probe(&mut r, "11.0.1.3:40000", VIA_THIRD, true),
+            Some(true)
         );
-        let (_, bytes) = r.poll_transmit().unwrap();
-        let Ok(Message::DialBackRequest { id, .. }) = Message::decode(&bytes) else {
-            panic!()
-        };
-        let probe = Message::DialBackProbe { id, via: VIA_THIRD };
-        r.handle_reply(Duration::ZERO, addr("11.0.1.3:40000"), &probe, true);
-        assert_eq!(r.reachable(), Some(true));
     }
 
     #[test]
     fn probes_on_a_lan_or_loopback_prove_reachability() {
         let mut r = Reachability::new(ReachConfig::default(), vec![], 1);
-        r.start_check(
-            Duration::ZERO,
-            &[addr("127.0.0.1:7001")],
-            IpFilter::default(),
+        assert_eq!(
+            one_probe(&mut r, "127.0.0.1:40000", VIA_ALT_PORT, true),
+            Some(true)
         );
-        let (_, bytes) = r.poll_transmit().unwrap();
-        let Ok(Message::DialBackRequest { id, .. }) = Message::decode(&bytes) else {
-            panic!()
-        };
-        let probe = Message::DialBackProbe {
-            id,
-            via: VIA_ALT_PORT,
-        };
-        assert!(r.handle_reply(Duration::ZERO, addr("127.0.0.1:40000"), &probe, true));
-        assert_eq!(r.reachable(), Some(true));
     }
 
     #[test]

@@ -339,14 +339,7 @@ impl<A: Address> Dht<A> {
         self.config.server = server;
         if was && !server {
             for c in self.table.closest(&self.id, 64) {
-                self.send_request(
-                    now,
-                    c.addr,
-                    Some(c.id),
-                    RequestBody::Ping,
-                    false,
-                    Purpose::Liveness,
-                );
+                self.ping(now, &c);
             }
         }
     }
@@ -497,6 +490,19 @@ impl<A: Address> Dht<A> {
         buf.extend_from_slice(&epoch.to_be_bytes());
         let h = blake3::keyed_hash(&self.cookie_key, &buf);
         u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | 1
+    }
+
+    /// A liveness ping to a contact (it also carries this node's server
+    /// flag).
+    fn ping(&mut self, now: Duration, c: &Contact<A>) {
+        self.send_request(
+            now,
+            c.addr,
+            Some(c.id),
+            RequestBody::Ping,
+            false,
+            Purpose::Liveness,
+        );
     }
 
     fn send_request(
@@ -944,14 +950,7 @@ impl<A: Address> Dht<A> {
             .table
             .stale_contacts(stale_before, self.config.pings_per_maintenance)
         {
-            self.send_request(
-                now,
-                c.addr,
-                Some(c.id),
-                RequestBody::Ping,
-                false,
-                Purpose::Liveness,
-            );
+            self.ping(now, &c);
         }
         if ms(now) >= self.next_republish_ms {
             self.next_republish_ms = ms(now) + self.config.republish.as_millis() as u64;
