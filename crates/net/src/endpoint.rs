@@ -77,6 +77,10 @@ pub struct BoundEndpoint {
     pub counters: Arc<SocketCounters>,
     /// The address actually bound.
     pub local_addr: SocketAddr,
+    /// The socket (relayed paths, relay circuits).
+    pub socket: Arc<OverlaySocket>,
+    /// Path probes received (taken once by the node's relayed-path task).
+    pub path_inbox: Arc<std::sync::Mutex<Option<mpsc::Receiver<crate::socket::OverlayDatagram>>>>,
     /// DHT datagrams received (taken once by the node's DHT task).
     pub dht_inbox: Arc<std::sync::Mutex<Option<mpsc::Receiver<crate::socket::OverlayDatagram>>>>,
     /// Binding-measurement datagrams received (taken once by the node's
@@ -180,18 +184,22 @@ impl BoundEndpoint {
         seed.copy_from_slice(&keypair.peer_id().as_bytes()[..8]);
         let (dht_tx, dht_rx) = mpsc::channel(OVERLAY_QUEUE);
         let (binding_tx, binding_rx) = mpsc::channel(OVERLAY_QUEUE);
+        let (path_tx, path_rx) = mpsc::channel(OVERLAY_QUEUE);
         let overlay = Overlay::spawn(
-            socket,
+            socket.clone(),
             overlay_rx,
             u64::from_le_bytes(seed),
             dht_tx,
             binding_tx,
+            path_tx,
         );
         Ok(BoundEndpoint {
             quic,
             overlay,
             counters,
             local_addr,
+            socket,
+            path_inbox: Arc::new(std::sync::Mutex::new(Some(path_rx))),
             dht_inbox: Arc::new(std::sync::Mutex::new(Some(dht_rx))),
             binding_inbox: Arc::new(std::sync::Mutex::new(Some(binding_rx))),
             tls,

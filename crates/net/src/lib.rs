@@ -11,8 +11,10 @@
 
 pub mod endpoint;
 pub mod overlay;
+pub mod paths;
 pub mod socket;
 pub mod tls;
 
 pub use endpoint::{transport_config, BindError, BoundEndpoint, DialKind, EndpointOptions};
-pub use socket::{dest_for, SocketCounters};
+pub use paths::{is_virtual, Route};
+pub use socket::{canonical, dest_for, SocketCounters};

@@ -65,13 +65,15 @@ impl Overlay {
     /// Starts the overlay task on `rx`, the socket's overlay queue. DHT and
     /// reachability datagrams (overlay types 10, 11 and 20–23) go on to
     /// `dht`, the DHT task's queue; binding-measurement ones (25–27) to
-    /// `binding`, the keepalive task's.
+    /// `binding`, the keepalive task's; path probes (29–30) to `paths`, the
+    /// relayed sessions' task.
     pub fn spawn(
         socket: Arc<OverlaySocket>,
         mut rx: mpsc::Receiver<OverlayDatagram>,
         id_seed: u64,
         dht: mpsc::Sender<OverlayDatagram>,
         binding: mpsc::Sender<OverlayDatagram>,
+        paths: mpsc::Sender<OverlayDatagram>,
     ) -> Self {
         let overlay = Overlay {
             socket,
@@ -94,6 +96,12 @@ impl Overlay {
                 }
                 if p2pos_proto::keepalive::Message::is_binding(&datagram) {
                     if binding.try_send((src, datagram)).is_err() {
+                        task.counters.dht_queue_full.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                if p2pos_proto::relay::PathMessage::is_path(&datagram) {
+                    if paths.try_send((src, datagram)).is_err() {
                         task.counters.dht_queue_full.fetch_add(1, Ordering::Relaxed);
                     }
                     continue;

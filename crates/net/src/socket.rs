@@ -8,24 +8,41 @@
 //! frame of every datagram (each GRO segment separately), and frames every
 //! datagram it sends (each GSO segment separately, so segmentation offload
 //! keeps working; QUIC's MTU is lowered by the frame size to make room).
+//!
+//! It also carries relayed sessions (see [`crate::paths`] and
+//! `p2pos_proto::relay`): packets QUIC sends to a virtual address go
+//! through a relay or straight to the peer, whichever the address's route
+//! says, and relayed or direct packets of such a session reach QUIC from
+//! the virtual address. As a relay, the socket forwards the packets of
+//! its circuits itself, on the receive path, within the owner's limits.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{ready, Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use p2pos_proto::network::{FrameError, NetworkKey, FRAME_OVERHEAD};
 use p2pos_proto::packet::{classify, PacketKind};
+use p2pos_proto::relay::{
+    is_relayed, parse_relayed, relayed_header, Forward, RelayLimits, RelayStats, RelayTable,
+    RELAY_HEADER,
+};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
 
+use crate::paths::{is_virtual, Paths, Route};
+
 /// Datagrams waiting for the overlay before new ones are dropped.
 pub const OVERLAY_QUEUE: usize = 1024;
+/// Relayed packets for this node's sessions waiting for QUIC, at most.
+pub const RELAYED_QUEUE: usize = 512;
 
 /// Counters of what the socket dropped, for status and metrics.
 #[derive(Debug, Default)]
@@ -40,6 +57,12 @@ pub struct SocketCounters {
     pub foreign_network_dropped: AtomicU64,
     /// Private-network frames whose tag did not verify.
     pub bad_frame_dropped: AtomicU64,
+    /// Relayed packets received for this node's own sessions.
+    pub relayed_in: AtomicU64,
+    /// Relayed packets sent for this node's own sessions.
+    pub relayed_out: AtomicU64,
+    /// Relayed packets dropped: malformed, for no circuit, or queue full.
+    pub relayed_dropped: AtomicU64,
 }
 
 impl SocketCounters {
@@ -58,6 +81,15 @@ pub struct OverlaySocket {
     overlay_tx: mpsc::Sender<OverlayDatagram>,
     counters: Arc<SocketCounters>,
     seal_buf: Mutex<Vec<u8>>,
+    relay_buf: Mutex<Vec<u8>>,
+    paths: RwLock<Paths>,
+    /// Set once any virtual address exists: until then the hot paths skip
+    /// the table.
+    any_paths: AtomicBool,
+    relay: Mutex<RelayTable>,
+    /// Relayed packets for this node's sessions, waiting for QUIC.
+    relayed: Mutex<VecDeque<(SocketAddr, Vec<u8>)>>,
+    started: Instant,
 }
 
 impl fmt::Debug for OverlaySocket {
@@ -90,7 +122,229 @@ impl OverlaySocket {
             overlay_tx,
             counters,
             seal_buf: Mutex::new(Vec::with_capacity(2048)),
+            relay_buf: Mutex::new(Vec::with_capacity(2048)),
+            paths: RwLock::default(),
+            any_paths: AtomicBool::new(false),
+            relay: Mutex::new(RelayTable::new(
+                RelayLimits::default(),
+                rand_seed(),
+                std::time::Duration::ZERO,
+            )),
+            relayed: Mutex::new(VecDeque::new()),
+            started: Instant::now(),
         }
+    }
+
+    fn paths_read(&self) -> std::sync::RwLockReadGuard<'_, Paths> {
+        self.paths.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn paths_write(&self) -> std::sync::RwLockWriteGuard<'_, Paths> {
+        self.any_paths.store(true, Ordering::Relaxed);
+        self.paths.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn relay_table(&self) -> std::sync::MutexGuard<'_, RelayTable> {
+        self.relay.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A virtual address for a session relayed by `relay` (the address of
+    /// this node's session with it) on `circuit`; `None` if too many exist.
+    pub fn add_relayed_path(&self, relay: SocketAddr, circuit: u64) -> Option<SocketAddr> {
+        let ipv6 = self.inner.local_addr().map(|a| a.is_ipv6()).unwrap_or(true);
+        self.paths_write()
+            .add_relayed(ipv6, canonical(relay), circuit)
+    }
+
+    /// The route of virtual address `v`.
+    pub fn route(&self, v: SocketAddr) -> Option<Route> {
+        if !is_virtual(v) {
+            return None;
+        }
+        self.paths_read().route(v)
+    }
+
+    /// The virtual address of the session relayed on `circuit`.
+    pub fn path_for_circuit(&self, circuit: u64) -> Option<SocketAddr> {
+        self.paths_read().by_circuit_id(circuit)
+    }
+
+    /// Direct packets from `src` belong to the session at `v`.
+    pub fn learn_direct(&self, src: SocketAddr, v: SocketAddr) {
+        self.paths_write().learn_direct(canonical(src), v);
+    }
+
+    /// Sends the packets of the session at `v` straight to `addr`.
+    pub fn set_direct(&self, v: SocketAddr, addr: SocketAddr) {
+        self.paths_write().set_direct(v, canonical(addr));
+    }
+
+    /// Forgets the virtual address `v`.
+    pub fn remove_path(&self, v: SocketAddr) {
+        self.paths_write().remove(v);
+    }
+
+    /// Sets the limits this node relays within (before opening circuits).
+    pub fn set_relay_limits(&self, limits: RelayLimits) {
+        *self.relay_table() = RelayTable::new(limits, rand_seed(), self.started.elapsed());
+    }
+
+    /// The limits this node relays within.
+    pub fn relay_limits(&self) -> RelayLimits {
+        self.relay_table().limits()
+    }
+
+    /// Opens a circuit between two peers, each at the address of this
+    /// node's session with it.
+    pub fn open_circuit(
+        &self,
+        a: (p2pos_proto::PeerId, SocketAddr),
+        b: (p2pos_proto::PeerId, SocketAddr),
+    ) -> Result<u64, p2pos_proto::relay::RelayRefusal> {
+        let now = self.started.elapsed();
+        self.relay_table()
+            .open(now, (a.0, canonical(a.1)), (b.0, canonical(b.1)))
+    }
+
+    /// Closes a circuit this node relays.
+    pub fn close_circuit(&self, circuit: u64) {
+        self.relay_table().close(circuit);
+    }
+
+    /// What this node relayed.
+    pub fn relay_stats(&self) -> RelayStats {
+        self.relay_table().stats()
+    }
+
+    /// Sends a datagram as it is (framed in a private network).
+    fn send_framed(&self, transmit: &Transmit) -> io::Result<()> {
+        let Some(key) = &self.network else {
+            return self.inner.try_send(transmit);
+        };
+        // Frame every segment of a GSO batch; all but the last keep equal
+        // sizes, so the framed batch is still a valid GSO batch.
+        let contents = transmit.contents;
+        let segment = transmit.segment_size.unwrap_or(contents.len()).max(1);
+        let mut buf = self.seal_buf.lock().unwrap_or_else(|p| p.into_inner());
+        buf.clear();
+        let mut header = [0u8; FRAME_OVERHEAD];
+        for chunk in contents.chunks(segment) {
+            key.write_header(chunk, &mut header);
+            buf.extend_from_slice(&header);
+            buf.extend_from_slice(chunk);
+        }
+        self.inner.try_send(&Transmit {
+            destination: transmit.destination,
+            ecn: transmit.ecn,
+            contents: &buf,
+            segment_size: transmit.segment_size.map(|s| s + FRAME_OVERHEAD),
+            src_ip: transmit.src_ip,
+        })
+    }
+
+    fn dest(&self, addr: SocketAddr) -> SocketAddr {
+        match self.inner.local_addr() {
+            Ok(local) => dest_for(local, addr),
+            Err(_) => addr,
+        }
+    }
+
+    /// Sends QUIC's packets for the virtual address `v` along its route.
+    fn send_virtual(&self, transmit: &Transmit) -> io::Result<()> {
+        let route = self.paths_read().route(transmit.destination);
+        match route {
+            // The session's path is gone: QUIC will time the session out.
+            None => Ok(()),
+            Some(Route::Direct(addr)) => self.send_framed(&Transmit {
+                destination: self.dest(addr),
+                src_ip: None,
+                ..*transmit
+            }),
+            Some(Route::Relayed { relay, circuit }) => {
+                let contents = transmit.contents;
+                let segment = transmit.segment_size.unwrap_or(contents.len()).max(1);
+                let header = relayed_header(circuit);
+                let mut buf = self.relay_buf.lock().unwrap_or_else(|p| p.into_inner());
+                buf.clear();
+                let mut n = 0;
+                for chunk in contents.chunks(segment) {
+                    buf.extend_from_slice(&header);
+                    buf.extend_from_slice(chunk);
+                    n += 1;
+                }
+                self.counters.relayed_out.fetch_add(n, Ordering::Relaxed);
+                self.send_framed(&Transmit {
+                    destination: self.dest(relay),
+                    ecn: None,
+                    contents: &buf,
+                    segment_size: transmit.segment_size.map(|s| s + RELAY_HEADER),
+                    src_ip: None,
+                })
+            }
+        }
+    }
+
+    /// A relayed packet arrived from `src`: queue it for one of this
+    /// node's sessions, or forward it as a relay.
+    fn handle_relayed(&self, src: SocketAddr, datagram: &[u8]) {
+        let src = canonical(src);
+        let Ok((circuit, payload)) = parse_relayed(datagram) else {
+            SocketCounters::bump(&self.counters.relayed_dropped);
+            return;
+        };
+        let own = if self.any_paths.load(Ordering::Relaxed) {
+            self.paths_read().from_relay(src, circuit)
+        } else {
+            None
+        };
+        if let Some(v) = own {
+            let mut queue = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+            if queue.len() < RELAYED_QUEUE {
+                queue.push_back((v, payload.to_vec()));
+                SocketCounters::bump(&self.counters.relayed_in);
+            } else {
+                SocketCounters::bump(&self.counters.relayed_dropped);
+            }
+            return;
+        }
+        let now = self.started.elapsed();
+        let verdict = self
+            .relay_table()
+            .forward(now, src, circuit, datagram.len());
+        if let Forward::To(dest) = verdict {
+            let _ = self.send_framed(&Transmit {
+                destination: self.dest(dest),
+                ecn: None,
+                contents: datagram,
+                segment_size: None,
+                src_ip: None,
+            });
+        }
+    }
+
+    /// Moves queued relayed packets into QUIC's buffers; returns how many.
+    fn drain_relayed(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+        let mut queue = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let Some((v, packet)) = queue.pop_front() else {
+                break;
+            };
+            if packet.len() > bufs[n].len() {
+                SocketCounters::bump(&self.counters.relayed_dropped);
+                continue;
+            }
+            bufs[n][..packet.len()].copy_from_slice(&packet);
+            meta[n] = RecvMeta {
+                addr: v,
+                len: packet.len(),
+                stride: packet.len(),
+                ecn: None,
+                dst_ip: None,
+            };
+            n += 1;
+        }
+        n
     }
 
     /// Sends an overlay datagram (framed in a private network). Waits while
@@ -156,6 +410,10 @@ impl OverlaySocket {
         let inner = &datagram[start..];
         match classify(inner) {
             PacketKind::Quic => Verdict::Quic(start),
+            PacketKind::Overlay if is_relayed(inner) => {
+                self.handle_relayed(src, inner);
+                Verdict::Consumed
+            }
             PacketKind::Overlay => {
                 let bytes = Bytes::copy_from_slice(inner);
                 match self.overlay_tx.try_send((src, bytes)) {
@@ -210,28 +468,10 @@ impl AsyncUdpSocket for OverlaySocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let Some(key) = &self.network else {
-            return self.inner.try_send(transmit);
-        };
-        // Frame every segment of a GSO batch; all but the last keep equal
-        // sizes, so the framed batch is still a valid GSO batch.
-        let contents = transmit.contents;
-        let segment = transmit.segment_size.unwrap_or(contents.len()).max(1);
-        let mut buf = self.seal_buf.lock().unwrap_or_else(|p| p.into_inner());
-        buf.clear();
-        let mut header = [0u8; FRAME_OVERHEAD];
-        for chunk in contents.chunks(segment) {
-            key.write_header(chunk, &mut header);
-            buf.extend_from_slice(&header);
-            buf.extend_from_slice(chunk);
+        if is_virtual(transmit.destination) {
+            return self.send_virtual(transmit);
         }
-        self.inner.try_send(&Transmit {
-            destination: transmit.destination,
-            ecn: transmit.ecn,
-            contents: &buf,
-            segment_size: transmit.segment_size.map(|s| s + FRAME_OVERHEAD),
-            src_ip: transmit.src_ip,
-        })
+        self.send_framed(transmit)
     }
 
     fn poll_recv(
@@ -241,11 +481,24 @@ impl AsyncUdpSocket for OverlaySocket {
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
         loop {
+            let queued = self.drain_relayed(bufs, meta);
+            if queued > 0 {
+                return Poll::Ready(Ok(queued));
+            }
             let n = ready!(self.inner.poll_recv(cx, bufs, meta))?;
+            let remap = self.any_paths.load(Ordering::Relaxed) && self.paths_read().has_direct();
             let mut kept = 0;
             for i in 0..n {
-                let m = meta[i];
+                let mut m = meta[i];
                 let left = self.filter_message(m.addr, &mut bufs[i], m.len, m.stride);
+                if remap && left > 0 {
+                    // A session that moved off its relay: QUIC knows the
+                    // peer by its virtual address.
+                    if let Some(v) = self.paths_read().from_direct(canonical(m.addr)) {
+                        m.addr = v;
+                        m.dst_ip = None;
+                    }
+                }
                 if left == 0 {
                     continue;
                 }
@@ -269,9 +522,26 @@ impl AsyncUdpSocket for OverlaySocket {
                 };
                 kept += 1;
             }
-            if kept > 0 {
-                return Poll::Ready(Ok(kept));
+            if kept == 0 {
+                // Relayed packets for this node may have arrived in this
+                // batch: hand them over now.
+                let queued = self.drain_relayed(bufs, meta);
+                if queued > 0 {
+                    return Poll::Ready(Ok(queued));
+                }
+                continue;
             }
+            // Any relayed packets queued by this batch are delivered on
+            // QUIC's next call, which follows at once.
+            if !self
+                .relayed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_empty()
+            {
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Ready(Ok(kept));
         }
     }
 
@@ -290,6 +560,17 @@ impl AsyncUdpSocket for OverlaySocket {
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
     }
+}
+
+/// Maps an IPv4-mapped IPv6 address back to IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+fn rand_seed() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
 }
 
 /// The destination a socket bound at `local` sends to for `dest`: a

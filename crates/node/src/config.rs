@@ -29,6 +29,8 @@ pub struct Config {
     pub lan: LanSection,
     /// NAT settings.
     pub nat: NatSection,
+    /// What this node relays for others.
+    pub relay: RelaySection,
     /// Peers to open sessions with at start, as `<peer-id>@<ip:port>`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub bootstrap: Vec<String>,
@@ -132,6 +134,50 @@ impl Default for NatSection {
     }
 }
 
+/// Relay settings: what this node carries for peers that cannot reach
+/// each other directly (only while it is reachable, and only for peers it
+/// has sessions with). There is no cap on a circuit's duration or bytes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelaySection {
+    /// Relay at all.
+    pub enabled: bool,
+    /// Circuits at once, in total.
+    pub max_circuits: usize,
+    /// Circuits at once involving one peer.
+    pub max_circuits_per_peer: usize,
+    /// KiB per second one circuit may carry (both directions).
+    pub circuit_kib_s: u64,
+    /// KiB per second all circuits together may carry.
+    pub total_kib_s: u64,
+}
+
+impl Default for RelaySection {
+    fn default() -> Self {
+        let d = p2pos_proto::relay::RelayLimits::default();
+        RelaySection {
+            enabled: d.enabled,
+            max_circuits: d.max_circuits,
+            max_circuits_per_peer: d.max_circuits_per_peer,
+            circuit_kib_s: d.circuit_rate / 1024,
+            total_kib_s: d.total_rate / 1024,
+        }
+    }
+}
+
+impl RelaySection {
+    /// The limits the node applies.
+    pub fn limits(&self) -> p2pos_proto::relay::RelayLimits {
+        p2pos_proto::relay::RelayLimits {
+            enabled: self.enabled,
+            max_circuits: self.max_circuits,
+            max_circuits_per_peer: self.max_circuits_per_peer,
+            circuit_rate: self.circuit_kib_s.saturating_mul(1024),
+            total_rate: self.total_kib_s.saturating_mul(1024),
+        }
+    }
+}
+
 /// A TCP service to expose.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -152,6 +198,7 @@ impl Default for Config {
             dht: DhtSection::default(),
             lan: LanSection::default(),
             nat: NatSection::default(),
+            relay: RelaySection::default(),
             bootstrap: Vec::new(),
             expose: Vec::new(),
         }

@@ -143,6 +143,7 @@ impl Daemon {
             .dht(true, config.dht.mode)
             .mdns(config.lan.mdns)
             .port_mapping(config.nat.port_mapping)
+            .relay_limits(config.relay.limits())
             .data_dir(dir.path())
             .listen(config.listen)
             .session_timers(

@@ -316,7 +316,10 @@ fn spawn_keeper(node: &Node) {
             watched.retain(|id, _| live.contains(id));
             for conn in sessions {
                 let remote = crate::node::canonical(conn.remote_address());
-                if p2pos_proto::session::is_local_ip(remote.ip()) && !remote.ip().is_loopback() {
+                if p2pos_proto::session::is_local_ip(remote.ip())
+                    && !remote.ip().is_loopback()
+                    && !p2pos_net::is_virtual(remote)
+                {
                     // LAN sessions run QUIC's own short timers.
                     continue;
                 }

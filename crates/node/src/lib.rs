@@ -40,6 +40,7 @@ pub mod keepalive;
 pub mod lan;
 pub mod node;
 pub mod portmap;
+pub mod relay;
 pub mod services;
 pub mod status;
 pub mod store;

@@ -392,6 +392,8 @@ pub(crate) struct Inner {
     pub(crate) portmap: crate::portmap::PortMapState,
     /// This node's homes (when it is not reachable).
     pub(crate) homes: Mutex<Vec<p2pos_proto::traversal::Home>>,
+    /// This node's relayed sessions.
+    pub(crate) relayed: crate::relay::RelayedState,
     pending_handshakes: AtomicU64,
     store: Option<PeerStore>,
     data_dir: Option<DataDir>,
@@ -399,6 +401,14 @@ pub(crate) struct Inner {
     started: Instant,
     pub(crate) tunnels: TunnelRegistry,
     dht: std::sync::OnceLock<crate::dht::DhtHandle>,
+}
+
+impl Inner {
+    pub(crate) fn endpoint_path_inbox(
+        &self,
+    ) -> &std::sync::Mutex<Option<mpsc::Receiver<p2pos_net::socket::OverlayDatagram>>> {
+        &self.endpoint.path_inbox
+    }
 }
 
 impl std::fmt::Debug for Inner {
@@ -441,6 +451,8 @@ pub struct NodeBuilder {
     network: Option<NetworkKey>,
     idle_timeout: Option<Duration>,
     keepalive: Option<Duration>,
+    relay: p2pos_proto::relay::RelayLimits,
+    direct_upgrade: bool,
 }
 
 impl Default for NodeBuilder {
@@ -456,6 +468,8 @@ impl Default for NodeBuilder {
             network: None,
             idle_timeout: None,
             keepalive: None,
+            relay: p2pos_proto::relay::RelayLimits::default(),
+            direct_upgrade: true,
         }
     }
 }
@@ -510,6 +524,21 @@ impl NodeBuilder {
         self
     }
 
+    /// What this node relays for others, when it is reachable and a peer
+    /// of one of its sessions cannot be reached directly (default:
+    /// [`p2pos_proto::relay::RelayLimits::default`]).
+    pub fn relay_limits(mut self, limits: p2pos_proto::relay::RelayLimits) -> Self {
+        self.relay = limits;
+        self
+    }
+
+    /// Whether relayed sessions look for a direct path and move to it
+    /// (default: yes). Off only to measure relaying itself.
+    pub fn direct_upgrade(mut self, enabled: bool) -> Self {
+        self.direct_upgrade = enabled;
+        self
+    }
+
     /// Session idle timeout and keepalive interval.
     pub fn session_timers(mut self, idle_timeout: Duration, keepalive: Duration) -> Self {
         self.idle_timeout = Some(idle_timeout);
@@ -549,6 +578,7 @@ impl NodeBuilder {
         }
         options.app_keepalive = true;
         let endpoint = BoundEndpoint::bind(&keypair, &options)?;
+        endpoint.socket.set_relay_limits(self.relay);
         let inner = Arc::new(Inner {
             keypair,
             endpoint,
@@ -569,6 +599,7 @@ impl NodeBuilder {
             punching: Mutex::default(),
             portmap: crate::portmap::PortMapState::off(),
             homes: Mutex::default(),
+            relayed: crate::relay::RelayedState::new(self.direct_upgrade),
             pending_handshakes: AtomicU64::new(0),
             store,
             data_dir,
@@ -579,6 +610,7 @@ impl NodeBuilder {
         });
         let node = Node { inner };
         node.spawn_accept_loop();
+        crate::relay::spawn_paths_task(&node);
         let binding_inbox = node
             .inner
             .endpoint
@@ -689,6 +721,15 @@ impl Node {
                         .fetch_sub(1, Ordering::Relaxed);
                     match result {
                         Ok(Ok(conn)) => match p2pos_net::tls::peer_id_of(&conn) {
+                            Some(peer)
+                                if p2pos_net::is_virtual(conn.remote_address())
+                                    && !node.inner.relayed.admits(conn.remote_address(), peer) =>
+                            {
+                                conn.close(
+                                    VarInt::from_u32(0),
+                                    b"not the peer this relayed path is for",
+                                );
+                            }
                             Some(peer) => {
                                 node.install(conn, peer, peer);
                             }
@@ -761,7 +802,8 @@ impl Node {
             .sessions_opened
             .fetch_add(1, Ordering::Relaxed);
         let remote = canonical(conn.remote_address());
-        {
+        let relayed = p2pos_net::is_virtual(remote);
+        if !relayed {
             let mut book = lock(&self.inner.address_book);
             if book.len() >= MAX_ADDRESS_BOOK && !book.contains_key(&peer) {
                 if let Some(evict) = book.keys().next().copied() {
@@ -771,10 +813,10 @@ impl Node {
             book.insert(peer, conn.remote_address());
         }
         tracing::info!(peer = %peer, %remote, direction = if dialer == self.peer_id() { "outbound" } else { "inbound" }, "session established");
-        if let Some(dht) = self.inner.dht.get() {
+        if let Some(dht) = self.inner.dht.get().filter(|_| !relayed) {
             dht.note_contacted(remote.ip());
         }
-        if self.inner.store.is_some() {
+        if self.inner.store.is_some() && !relayed {
             // A store write syncs to disk: keep it off the async workers.
             let inner = self.inner.clone();
             tokio::task::spawn_blocking(move || {
@@ -866,6 +908,10 @@ impl Node {
         }
         if open.service == crate::traversal::SIGNAL_SERVICE {
             crate::traversal::serve_signal(self, peer, send, recv).await;
+            return;
+        }
+        if open.service == crate::relay::RELAY_SERVICE {
+            crate::relay::serve_relay(self, peer, send, recv).await;
             return;
         }
         if open.service == PING_SERVICE {
@@ -1014,6 +1060,28 @@ impl Node {
         Ok(self.install(conn, peer, self.peer_id()))
     }
 
+    /// Opens a session with `peer` through `relay` (at `relay_addr`), a
+    /// node that has a session with `peer`, whether or not a direct path
+    /// exists; it moves to a direct path once one is found. An existing
+    /// session with `peer` is kept and nothing is dialed.
+    pub async fn connect_relayed(
+        &self,
+        peer: PeerId,
+        relay: PeerId,
+        relay_addr: SocketAddr,
+    ) -> Result<(), ConnectError> {
+        if self.live_session(&peer).is_some() {
+            return Ok(());
+        }
+        let home = p2pos_proto::traversal::Home {
+            peer: relay,
+            addr: relay_addr,
+        };
+        crate::relay::through_relay(self, peer, &[home])
+            .await
+            .map(|_| ())
+    }
+
     /// Makes sure a session with `peer` exists, dialing exactly `addr` if
     /// there is none (never the DHT: signalling uses it to reach homes).
     pub(crate) async fn connect_at(
@@ -1029,7 +1097,7 @@ impl Node {
     }
 
     /// A QUIC handshake with `addr`, accepting only `peer` there.
-    async fn handshake(
+    pub(crate) async fn handshake(
         &self,
         peer: PeerId,
         addr: SocketAddr,
@@ -1120,6 +1188,11 @@ impl Node {
             }
         }
         Err(last)
+    }
+
+    /// The node's socket (relayed paths, relay circuits).
+    pub(crate) fn socket(&self) -> Arc<p2pos_net::socket::OverlaySocket> {
+        self.inner.endpoint.socket.clone()
     }
 
     /// The overlay of the node's socket (probes, punches).
@@ -1330,7 +1403,8 @@ impl Node {
     pub fn is_lan_peer(&self, peer: &PeerId) -> bool {
         self.inner.lan.get().is_some_and(|l| l.knows(peer))
             || self.live_session(peer).is_some_and(|s| {
-                PathKind::for_remote(canonical(s.conn.remote_address())) == PathKind::Lan
+                crate::relay::path_name(self, canonical(s.conn.remote_address()), s.punched).0
+                    == PathKind::Lan.as_str()
             })
     }
 
@@ -1511,10 +1585,11 @@ impl Node {
             .filter(|(_, s)| s.conn.close_reason().is_none())
             .map(|(peer, s)| {
                 let stats = s.conn.stats();
-                let remote = canonical(s.conn.remote_address());
+                let (path, remote) =
+                    crate::relay::path_name(self, canonical(s.conn.remote_address()), s.punched);
                 SessionStatus {
                     peer: peer.to_string(),
-                    path: PathKind::for_session(remote, s.punched).as_str().to_owned(),
+                    path,
                     rtt_ms: s.conn.rtt().as_secs_f64() * 1000.0,
                     remote_addr: remote.to_string(),
                     direction: if s.dialer == me {
@@ -1570,6 +1645,7 @@ impl Node {
             keepalive: self.inner.keepalive.status(),
             port_mapping: self.inner.portmap.status(),
             lan: self.lan_status(),
+            relay: self.relay_status(),
             counters: CountersStatus {
                 sessions_opened: get(&c.sessions_opened),
                 duplicate_sessions_closed: get(&c.duplicate_sessions_closed),
@@ -1589,6 +1665,41 @@ impl Node {
                 foreign_network_dropped: get(&socket.foreign_network_dropped),
                 bad_frame_dropped: get(&socket.bad_frame_dropped),
             },
+        }
+    }
+
+    fn relay_status(&self) -> crate::status::RelayStatus {
+        let socket = &self.inner.endpoint.socket;
+        let stats = socket.relay_stats();
+        let limits = socket.relay_limits();
+        let counters = &self.inner.endpoint.counters;
+        let relayed_sessions = lock(&self.inner.sessions)
+            .values()
+            .filter(|s| s.conn.close_reason().is_none())
+            .filter(|s| {
+                matches!(
+                    socket.route(s.conn.remote_address()),
+                    Some(p2pos_net::Route::Relayed { .. })
+                )
+            })
+            .count();
+        crate::status::RelayStatus {
+            enabled: limits.enabled,
+            circuits: stats.circuits,
+            circuits_opened: stats.opened,
+            circuits_refused: stats.refused,
+            bytes_relayed: stats.bytes,
+            packets_relayed: stats.packets,
+            over_quota_dropped: stats.over_quota,
+            unknown_dropped: stats.unknown,
+            circuit_kib_s: limits.circuit_rate / 1024,
+            total_kib_s: limits.total_rate / 1024,
+            max_circuits: limits.max_circuits,
+            max_circuits_per_peer: limits.max_circuits_per_peer,
+            relayed_sessions,
+            upgraded_to_direct: self.inner.relayed.upgraded.load(Ordering::Relaxed),
+            own_packets_in: counters.relayed_in.load(Ordering::Relaxed),
+            own_packets_out: counters.relayed_out.load(Ordering::Relaxed),
         }
     }
 
@@ -1656,10 +1767,7 @@ pub fn listen_addrs_for(local: SocketAddr) -> Vec<SocketAddr> {
     out
 }
 
-/// Maps an IPv4-mapped IPv6 address back to IPv4.
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
+pub use p2pos_net::canonical;
 
 async fn read_open_header(recv: &mut RecvStream) -> Result<StreamOpen, String> {
     let mut head = [0u8; 2];

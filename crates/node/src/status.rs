@@ -40,8 +40,47 @@ pub struct NodeStatus {
     pub keepalive: crate::keepalive::KeepaliveStatus,
     /// LAN discovery: mDNS state and the peers found on the LAN.
     pub lan: crate::lan::LanStatus,
+    /// What this node relays for others, and its own relayed sessions.
+    pub relay: RelayStatus,
     /// Counters, including every kind of dropped input.
     pub counters: CountersStatus,
+}
+
+/// Relay load and relayed sessions.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RelayStatus {
+    /// Whether this node relays for others.
+    pub enabled: bool,
+    /// Circuits it relays now.
+    pub circuits: usize,
+    /// Circuits opened since start.
+    pub circuits_opened: u64,
+    /// Circuit requests refused (limits, relaying off).
+    pub circuits_refused: u64,
+    /// Bytes forwarded for others since start.
+    pub bytes_relayed: u64,
+    /// Packets forwarded for others since start.
+    pub packets_relayed: u64,
+    /// Packets dropped for a rate limit.
+    pub over_quota_dropped: u64,
+    /// Packets for no circuit of this relay.
+    pub unknown_dropped: u64,
+    /// Limits: KiB/s per circuit and in total, circuits in total and per peer.
+    pub circuit_kib_s: u64,
+    /// KiB/s of all circuits together.
+    pub total_kib_s: u64,
+    /// Circuits at once, in total.
+    pub max_circuits: usize,
+    /// Circuits at once involving one peer.
+    pub max_circuits_per_peer: usize,
+    /// This node's own sessions running through a relay now.
+    pub relayed_sessions: usize,
+    /// This node's relayed sessions that moved to a direct path.
+    pub upgraded_to_direct: u64,
+    /// Relayed packets of this node's own sessions received / sent.
+    pub own_packets_in: u64,
+    /// Relayed packets of this node's own sessions sent.
+    pub own_packets_out: u64,
 }
 
 /// One session.

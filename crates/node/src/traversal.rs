@@ -115,7 +115,7 @@ async fn keep_homes(node: &Node) {
 
 /// The addresses this node offers a peer: the public ones peers see first,
 /// then its own.
-fn own_candidates(node: &Node) -> Vec<SocketAddr> {
+pub(crate) fn own_candidates(node: &Node) -> Vec<SocketAddr> {
     let mut out: Vec<SocketAddr> = node.mapped_addr().into_iter().collect();
     let observed: Vec<SocketAddr> = node
         .dht()
@@ -177,27 +177,41 @@ fn mark_punching(node: &Node, peer: PeerId) {
 }
 
 async fn write_signal(send: &mut SendStream, signal: &Signal) -> Result<(), String> {
-    send.write_all(&signal.encode())
-        .await
-        .map_err(|e| e.to_string())
+    write_frame(send, &signal.encode()).await
 }
 
 async fn read_signal(recv: &mut RecvStream) -> Result<Signal, String> {
+    let body = read_frame(recv, Signal::frame_len, SIGNAL_TIMEOUT).await?;
+    Signal::decode(&body).map_err(|e| e.to_string())
+}
+
+/// Writes a length-prefixed control frame.
+pub(crate) async fn write_frame(send: &mut SendStream, frame: &[u8]) -> Result<(), String> {
+    send.write_all(frame).await.map_err(|e| e.to_string())
+}
+
+/// Reads the body of a length-prefixed control frame (`len` judges the
+/// prefix) within `timeout`.
+pub(crate) async fn read_frame<E: std::fmt::Display>(
+    recv: &mut RecvStream,
+    len: impl Fn([u8; 2]) -> Result<usize, E>,
+    timeout: Duration,
+) -> Result<Vec<u8>, String> {
     let io = async {
         let mut prefix = [0u8; 2];
         recv.read_exact(&mut prefix)
             .await
             .map_err(|e| e.to_string())?;
-        let len = Signal::frame_len(prefix).map_err(|e| e.to_string())?;
+        let len = len(prefix).map_err(|e| e.to_string())?;
         let mut body = vec![0u8; len];
         recv.read_exact(&mut body)
             .await
             .map_err(|e| e.to_string())?;
-        Signal::decode(&body).map_err(|e| e.to_string())
+        Ok(body)
     };
-    tokio::time::timeout(SIGNAL_TIMEOUT, io)
+    tokio::time::timeout(timeout, io)
         .await
-        .map_err(|_| format!("no signalling answer within {}s", SIGNAL_TIMEOUT.as_secs()))?
+        .map_err(|_| format!("no answer within {}s", timeout.as_secs()))?
 }
 
 /// Connects to `peer` using its record: a direct dial of its addresses and,
@@ -220,17 +234,49 @@ pub(crate) async fn connect_by_record(
         return direct.await;
     }
     let via_homes = through_homes(node, peer, &info.homes);
+    // Punching cannot open a path between two NATs that both map per
+    // destination: relay at once there, and otherwise when the direct
+    // dial and punching have not made a session within the deadline.
+    let hopeless =
+        own_mapping(node).is_endpoint_dependent() && info.mapping.is_endpoint_dependent();
+    let wait = if hopeless {
+        Duration::ZERO
+    } else {
+        crate::relay::RELAY_DEADLINE
+    };
+    let relayed = async {
+        tokio::time::sleep(wait).await;
+        if let Some(s) = node.live_session(&peer) {
+            return Ok(s);
+        }
+        crate::relay::through_relay(node, peer, &info.homes).await
+    };
     tokio::pin!(direct);
     tokio::pin!(via_homes);
-    tokio::select! {
-        r = &mut direct => match r {
-            Ok(s) => Ok(s),
-            Err(_) => via_homes.await,
-        },
-        r = &mut via_homes => match r {
-            Ok(s) => Ok(s),
-            Err(e) => direct.await.map_err(|_| e),
-        },
+    tokio::pin!(relayed);
+    let (mut direct_err, mut homes_err, mut relay_err) = (None, None, None);
+    loop {
+        tokio::select! {
+            r = &mut direct, if direct_err.is_none() => match r {
+                Ok(s) => return Ok(s),
+                Err(e) => direct_err = Some(e),
+            },
+            r = &mut via_homes, if homes_err.is_none() => match r {
+                Ok(s) => return Ok(s),
+                Err(e) => homes_err = Some(e),
+            },
+            r = &mut relayed, if relay_err.is_none() => match r {
+                Ok(s) => return Ok(s),
+                Err(e) => relay_err = Some(e),
+            },
+        }
+        if direct_err.is_some() && homes_err.is_some() && relay_err.is_some() {
+            // The relay's failure says the most: it was the last resort.
+            return Err(relay_err
+                .or(homes_err)
+                .or(direct_err)
+                .unwrap_or(ConnectError::NotFound(peer)));
+        }
     }
 }
 

@@ -34,6 +34,7 @@ pub mod network;
 pub mod overlay;
 pub mod packet;
 pub mod reach;
+pub mod relay;
 pub mod rng;
 pub mod session;
 pub mod stream;

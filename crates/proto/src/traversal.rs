@@ -135,7 +135,7 @@ fn filtering_of(code: u8) -> Result<Filtering, TraversalError> {
     })
 }
 
-fn encode_addrs(addrs: &[SocketAddr], max: usize, out: &mut Vec<u8>) {
+pub(crate) fn encode_addrs(addrs: &[SocketAddr], max: usize, out: &mut Vec<u8>) {
     let addrs = &addrs[..addrs.len().min(max)];
     out.push(addrs.len() as u8);
     for a in addrs {
@@ -143,7 +143,10 @@ fn encode_addrs(addrs: &[SocketAddr], max: usize, out: &mut Vec<u8>) {
     }
 }
 
-fn decode_addrs(bytes: &[u8], max: usize) -> Result<(Vec<SocketAddr>, &[u8]), TraversalError> {
+pub(crate) fn decode_addrs(
+    bytes: &[u8],
+    max: usize,
+) -> Result<(Vec<SocketAddr>, &[u8]), TraversalError> {
     let (&n, mut rest) = bytes.split_first().ok_or(TraversalError::Length)?;
     if usize::from(n) > max {
         return Err(TraversalError::Length);
@@ -157,7 +160,7 @@ fn decode_addrs(bytes: &[u8], max: usize) -> Result<(Vec<SocketAddr>, &[u8]), Tr
     Ok((out, rest))
 }
 
-fn decode_key(bytes: &[u8]) -> Result<(PeerId, &[u8]), TraversalError> {
+pub(crate) fn decode_key(bytes: &[u8]) -> Result<(PeerId, &[u8]), TraversalError> {
     let key: [u8; 32] = bytes
         .get(..32)
         .ok_or(TraversalError::Length)?
@@ -167,7 +170,7 @@ fn decode_key(bytes: &[u8]) -> Result<(PeerId, &[u8]), TraversalError> {
     Ok((peer, &bytes[32..]))
 }
 
-fn decode_u64(bytes: &[u8]) -> Result<(u64, &[u8]), TraversalError> {
+pub(crate) fn decode_u64(bytes: &[u8]) -> Result<(u64, &[u8]), TraversalError> {
     let v: [u8; 8] = bytes
         .get(..8)
         .ok_or(TraversalError::Length)?
@@ -302,36 +305,20 @@ impl Signal {
             }
             Signal::Refused { reason } => {
                 body.push(4);
-                body.extend_from_slice(crate::lan::truncate_utf8(reason, 200).as_bytes());
+                encode_reason(reason, &mut body);
             }
         }
-        let mut frame = (body.len() as u16).to_be_bytes().to_vec();
-        frame.extend_from_slice(&body);
-        frame
+        length_prefixed(body)
     }
 
     /// Reads a frame's length prefix: the body length, if acceptable.
     pub fn frame_len(prefix: [u8; 2]) -> Result<usize, TraversalError> {
-        let len = usize::from(u16::from_be_bytes(prefix));
-        if len == 0 || len > MAX_SIGNAL_FRAME {
-            return Err(TraversalError::Length);
-        }
-        Ok(len)
+        frame_len(prefix, MAX_SIGNAL_FRAME)
     }
 
     /// Decodes a frame body (after the length prefix).
     pub fn decode(body: &[u8]) -> Result<Self, TraversalError> {
-        if body.len() > MAX_SIGNAL_FRAME {
-            return Err(TraversalError::Length);
-        }
-        let (&kind, rest) = body.split_first().ok_or(TraversalError::Length)?;
-        let done = |rest: &[u8]| {
-            if rest.is_empty() {
-                Ok(())
-            } else {
-                Err(TraversalError::Length)
-            }
-        };
+        let (kind, rest) = frame_kind(body, MAX_SIGNAL_FRAME)?;
         match kind {
             1 | 2 => {
                 let (peer, rest) = decode_key(rest)?;
@@ -366,18 +353,61 @@ impl Signal {
                     candidates,
                 })
             }
-            4 => {
-                let reason = std::str::from_utf8(rest).map_err(|_| TraversalError::Invalid)?;
-                if reason.len() > 200 {
-                    return Err(TraversalError::Length);
-                }
-                Ok(Signal::Refused {
-                    reason: reason.to_owned(),
-                })
-            }
+            4 => Ok(Signal::Refused {
+                reason: decode_reason(rest)?,
+            }),
             other => Err(TraversalError::Unsupported(other)),
         }
     }
+}
+
+/// The end of a frame body: nothing may follow.
+pub(crate) fn done(rest: &[u8]) -> Result<(), TraversalError> {
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(TraversalError::Length)
+    }
+}
+
+/// A frame: `length u16 | body`.
+pub(crate) fn length_prefixed(body: Vec<u8>) -> Vec<u8> {
+    let mut frame = (body.len() as u16).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// A frame's body length from its prefix, if in `1..=max`.
+pub(crate) fn frame_len(prefix: [u8; 2], max: usize) -> Result<usize, TraversalError> {
+    let len = usize::from(u16::from_be_bytes(prefix));
+    if len == 0 || len > max {
+        return Err(TraversalError::Length);
+    }
+    Ok(len)
+}
+
+/// A frame body's kind byte and the rest.
+pub(crate) fn frame_kind(body: &[u8], max: usize) -> Result<(u8, &[u8]), TraversalError> {
+    if body.len() > max {
+        return Err(TraversalError::Length);
+    }
+    let (&kind, rest) = body.split_first().ok_or(TraversalError::Length)?;
+    Ok((kind, rest))
+}
+
+/// Longest refusal reason, in bytes.
+const MAX_REASON: usize = 200;
+
+pub(crate) fn encode_reason(reason: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(crate::lan::truncate_utf8(reason, MAX_REASON).as_bytes());
+}
+
+pub(crate) fn decode_reason(rest: &[u8]) -> Result<String, TraversalError> {
+    let reason = std::str::from_utf8(rest).map_err(|_| TraversalError::Invalid)?;
+    if reason.len() > MAX_REASON {
+        return Err(TraversalError::Length);
+    }
+    Ok(reason.to_owned())
 }
 
 /// The punch datagram for attempt `id`.

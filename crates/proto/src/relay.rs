@@ -1,0 +1,831 @@
+//! Relayed sessions: a reachable node forwards the QUIC packets of two
+//! peers that found no direct path, without being able to read them, and
+//! the peers keep looking for a direct path and move the session to it.
+//!
+//! **Circuits** are set up on the built-in stream service `p2pos/relay`
+//! inside sessions, with length-prefixed frames (`length u16 | body`):
+//!
+//! ```text
+//! Connect (A → relay):  1 | target key 32 | candidates
+//! Offer (relay → B):    2 | from key 32 | circuit u64 | candidates
+//! Accept (B → relay):   3 | candidates
+//! Opened (relay → A):   4 | circuit u64 | candidates
+//! Refused:              5 | reason (UTF-8)
+//! candidates:           n (1) | addr*
+//! ```
+//!
+//! The relay adds the address it sees each side at to the front of that
+//! side's candidates. Both streams stay open for the circuit's life: when
+//! either ends, or either side's session with the relay closes, the relay
+//! drops the circuit.
+//!
+//! **Relayed packets** (overlay type 28) are `header | QUIC packet`, with
+//! the 11-byte header `0x30 | version | 28 | circuit u64`. The relay
+//! forwards a packet from one end of a circuit to the other unchanged, and
+//! only between the two addresses the circuit was opened for.
+//!
+//! **Path probes** (overlay types 29 and 30, `circuit u64 | nonce u64`):
+//! each end sends [`PathMessage::Probe`] to the other's candidates from its
+//! own port and answers a probe naming one of its circuits with an
+//! [`PathMessage::Ack`] to its source. An ack for a probe this end sent
+//! proves a direct path both ways; the end then sends the session's packets
+//! there. An ack is the size of its probe.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::overlay::{DecodeError, OVERLAY_VERSION};
+use crate::packet::OVERLAY_TAG;
+use crate::rng::SplitMix64;
+use crate::traversal::{
+    decode_addrs, decode_key, decode_reason, decode_u64, done, encode_addrs, encode_reason,
+    frame_kind, frame_len, length_prefixed, TraversalError,
+};
+use crate::PeerId;
+
+/// Overlay type of a relayed QUIC packet.
+pub const TYPE_RELAYED: u8 = 28;
+/// Overlay type of a path probe.
+pub const TYPE_PATH_PROBE: u8 = 29;
+/// Overlay type of a path probe's answer.
+pub const TYPE_PATH_ACK: u8 = 30;
+/// Bytes a relayed packet carries before the QUIC packet.
+pub const RELAY_HEADER: usize = 11;
+/// Candidates in a circuit message, at most.
+pub const MAX_CANDIDATES: usize = 16;
+/// Largest circuit-setup frame body.
+pub const MAX_RELAY_FRAME: usize = 1024;
+
+/// The header of a relayed packet on `circuit`.
+pub fn relayed_header(circuit: u64) -> [u8; RELAY_HEADER] {
+    let mut h = [0u8; RELAY_HEADER];
+    h[0] = OVERLAY_TAG;
+    h[1] = OVERLAY_VERSION;
+    h[2] = TYPE_RELAYED;
+    h[3..].copy_from_slice(&circuit.to_be_bytes());
+    h
+}
+
+/// Whether `datagram` (an overlay datagram) is a relayed packet.
+pub fn is_relayed(datagram: &[u8]) -> bool {
+    datagram.len() > RELAY_HEADER
+        && datagram[0] == OVERLAY_TAG
+        && datagram[1] == OVERLAY_VERSION
+        && datagram[2] == TYPE_RELAYED
+}
+
+/// Splits a relayed packet into its circuit and the QUIC packet it
+/// carries. The payload must look like QUIC (fixed bit set), so a relay
+/// never forwards anything else.
+pub fn parse_relayed(datagram: &[u8]) -> Result<(u64, &[u8]), DecodeError> {
+    if !is_relayed(datagram) {
+        return Err(DecodeError::NotOverlay);
+    }
+    let circuit = u64::from_be_bytes(
+        datagram[3..RELAY_HEADER]
+            .try_into()
+            .map_err(|_| DecodeError::Length)?,
+    );
+    let payload = &datagram[RELAY_HEADER..];
+    if crate::packet::classify(payload) != crate::packet::PacketKind::Quic {
+        return Err(DecodeError::Invalid);
+    }
+    Ok((circuit, payload))
+}
+
+/// A path probe or its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathMessage {
+    /// "Can you hear me here?", for the session relayed on `circuit`.
+    Probe {
+        /// The circuit the session runs on.
+        circuit: u64,
+        /// Echoed by the ack.
+        nonce: u64,
+    },
+    /// The answer, sent to the probe's source.
+    Ack {
+        /// The probe's circuit.
+        circuit: u64,
+        /// The probe's nonce.
+        nonce: u64,
+    },
+}
+
+/// Size of a path message on the wire.
+pub const PATH_MESSAGE_LEN: usize = 3 + 16;
+
+impl PathMessage {
+    /// Encodes the datagram.
+    pub fn encode(&self) -> Vec<u8> {
+        let (kind, circuit, nonce) = match *self {
+            PathMessage::Probe { circuit, nonce } => (TYPE_PATH_PROBE, circuit, nonce),
+            PathMessage::Ack { circuit, nonce } => (TYPE_PATH_ACK, circuit, nonce),
+        };
+        let mut out = Vec::with_capacity(PATH_MESSAGE_LEN);
+        out.extend_from_slice(&[OVERLAY_TAG, OVERLAY_VERSION, kind]);
+        out.extend_from_slice(&circuit.to_be_bytes());
+        out.extend_from_slice(&nonce.to_be_bytes());
+        out
+    }
+
+    /// Whether `datagram` is a path message (by its type byte).
+    pub fn is_path(datagram: &[u8]) -> bool {
+        datagram.len() >= 3
+            && datagram[0] == OVERLAY_TAG
+            && matches!(datagram[2], TYPE_PATH_PROBE | TYPE_PATH_ACK)
+    }
+
+    /// Decodes a datagram.
+    pub fn decode(datagram: &[u8]) -> Result<Self, DecodeError> {
+        if datagram.first() != Some(&OVERLAY_TAG) {
+            return Err(DecodeError::NotOverlay);
+        }
+        if datagram.len() != PATH_MESSAGE_LEN {
+            return Err(DecodeError::Length);
+        }
+        if datagram[1] != OVERLAY_VERSION {
+            return Err(DecodeError::Version(datagram[1]));
+        }
+        let word =
+            |at: usize| u64::from_be_bytes(datagram[at..at + 8].try_into().unwrap_or([0; 8]));
+        let (circuit, nonce) = (word(3), word(11));
+        match datagram[2] {
+            TYPE_PATH_PROBE => Ok(PathMessage::Probe { circuit, nonce }),
+            TYPE_PATH_ACK => Ok(PathMessage::Ack { circuit, nonce }),
+            other => Err(DecodeError::UnknownType(other)),
+        }
+    }
+}
+
+/// A circuit-setup message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayMessage {
+    /// To a relay: "relay a session between me and `target`".
+    Connect {
+        /// The peer to reach (it must have a session with the relay).
+        target: PeerId,
+        /// Where the requester can be reached directly.
+        candidates: Vec<SocketAddr>,
+    },
+    /// From the relay to the target: "`from` wants a relayed session".
+    Offer {
+        /// The requester, as the relay's session authenticated it.
+        from: PeerId,
+        /// The circuit the session will use.
+        circuit: u64,
+        /// The requester's candidates.
+        candidates: Vec<SocketAddr>,
+    },
+    /// The target accepts.
+    Accept {
+        /// Where the target can be reached directly.
+        candidates: Vec<SocketAddr>,
+    },
+    /// From the relay to the requester: the circuit is open.
+    Opened {
+        /// The circuit.
+        circuit: u64,
+        /// The target's candidates.
+        candidates: Vec<SocketAddr>,
+    },
+    /// The request cannot be served.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl RelayMessage {
+    /// Encodes a frame (length prefix included).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        match self {
+            RelayMessage::Connect { target, candidates } => {
+                body.push(1);
+                body.extend_from_slice(target.as_bytes());
+                encode_addrs(candidates, MAX_CANDIDATES, &mut body);
+            }
+            RelayMessage::Offer {
+                from,
+                circuit,
+                candidates,
+            } => {
+                body.push(2);
+                body.extend_from_slice(from.as_bytes());
+                body.extend_from_slice(&circuit.to_be_bytes());
+                encode_addrs(candidates, MAX_CANDIDATES, &mut body);
+            }
+            RelayMessage::Accept { candidates } => {
+                body.push(3);
+                encode_addrs(candidates, MAX_CANDIDATES, &mut body);
+            }
+            RelayMessage::Opened {
+                circuit,
+                candidates,
+            } => {
+                body.push(4);
+                body.extend_from_slice(&circuit.to_be_bytes());
+                encode_addrs(candidates, MAX_CANDIDATES, &mut body);
+            }
+            RelayMessage::Refused { reason } => {
+                body.push(5);
+                encode_reason(reason, &mut body);
+            }
+        }
+        length_prefixed(body)
+    }
+
+    /// Reads a frame's length prefix: the body length, if acceptable.
+    pub fn frame_len(prefix: [u8; 2]) -> Result<usize, TraversalError> {
+        frame_len(prefix, MAX_RELAY_FRAME)
+    }
+
+    /// Decodes a frame body (after the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Self, TraversalError> {
+        let (kind, rest) = frame_kind(body, MAX_RELAY_FRAME)?;
+        match kind {
+            1 => {
+                let (target, rest) = decode_key(rest)?;
+                let (candidates, rest) = decode_addrs(rest, MAX_CANDIDATES)?;
+                done(rest)?;
+                Ok(RelayMessage::Connect { target, candidates })
+            }
+            2 => {
+                let (from, rest) = decode_key(rest)?;
+                let (circuit, rest) = decode_u64(rest)?;
+                let (candidates, rest) = decode_addrs(rest, MAX_CANDIDATES)?;
+                done(rest)?;
+                Ok(RelayMessage::Offer {
+                    from,
+                    circuit,
+                    candidates,
+                })
+            }
+            3 => {
+                let (candidates, rest) = decode_addrs(rest, MAX_CANDIDATES)?;
+                done(rest)?;
+                Ok(RelayMessage::Accept { candidates })
+            }
+            4 => {
+                let (circuit, rest) = decode_u64(rest)?;
+                let (candidates, rest) = decode_addrs(rest, MAX_CANDIDATES)?;
+                done(rest)?;
+                Ok(RelayMessage::Opened {
+                    circuit,
+                    candidates,
+                })
+            }
+            5 => Ok(RelayMessage::Refused {
+                reason: decode_reason(rest)?,
+            }),
+            other => Err(TraversalError::Unsupported(other)),
+        }
+    }
+}
+
+/// What a relay's owner allows. No limit on a circuit's duration or
+/// total bytes: a relayed file transfer or call runs as long as it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Whether this node relays at all (it also must be reachable).
+    pub enabled: bool,
+    /// Circuits open at once, in total.
+    pub max_circuits: usize,
+    /// Circuits open at once with one peer at either end.
+    pub max_circuits_per_peer: usize,
+    /// Bytes per second one circuit may carry (both directions together).
+    pub circuit_rate: u64,
+    /// Bytes per second all circuits together may carry.
+    pub total_rate: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        RelayLimits {
+            enabled: true,
+            max_circuits: 128,
+            max_circuits_per_peer: 4,
+            circuit_rate: 8 << 20,
+            total_rate: 32 << 20,
+        }
+    }
+}
+
+/// Why a relay refused a circuit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayRefusal {
+    /// Relaying is off on this node.
+    #[error("this node does not relay (its owner turned relaying off)")]
+    Disabled,
+    /// All circuit slots are taken.
+    #[error("this relay carries its maximum of {0} circuits")]
+    Full(usize),
+    /// One of the peers has its maximum of circuits here.
+    #[error("a peer of this circuit already has {0} circuits on this relay")]
+    PeerFull(usize),
+}
+
+/// A token bucket of bytes, refilled at `rate` per second, holding at most
+/// one second's worth.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Duration,
+}
+
+impl Bucket {
+    fn new(rate: u64, now: Duration) -> Self {
+        Bucket {
+            tokens: rate as f64,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, rate: u64, now: Duration) {
+        let dt = now.saturating_sub(self.at).as_secs_f64();
+        self.tokens = (self.tokens + dt * rate as f64).min(rate as f64);
+        self.at = now;
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Circuit {
+    a: (PeerId, SocketAddr),
+    b: (PeerId, SocketAddr),
+    bucket: Bucket,
+    bytes: u64,
+}
+
+/// What to do with a relayed packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forward {
+    /// Send it on, unchanged, to this address.
+    To(SocketAddr),
+    /// No such circuit, or the source is not one of its ends.
+    Unknown,
+    /// Over the circuit's or the relay's rate.
+    OverQuota,
+}
+
+/// Counters of a relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Circuits open now.
+    pub circuits: usize,
+    /// Circuits opened since start.
+    pub opened: u64,
+    /// Circuits refused since start.
+    pub refused: u64,
+    /// Packets and bytes forwarded.
+    pub packets: u64,
+    /// Bytes forwarded.
+    pub bytes: u64,
+    /// Packets dropped for a rate limit.
+    pub over_quota: u64,
+    /// Packets for no circuit of this relay (or from a stranger).
+    pub unknown: u64,
+}
+
+/// The circuits a relay forwards for, with its owner's limits (sans-IO:
+/// time and randomness come from the caller).
+#[derive(Debug)]
+pub struct RelayTable {
+    limits: RelayLimits,
+    circuits: HashMap<u64, Circuit>,
+    total: Bucket,
+    rng: SplitMix64,
+    stats: RelayStats,
+}
+
+impl RelayTable {
+    /// An empty table; `seed` draws circuit ids.
+    pub fn new(limits: RelayLimits, seed: u64, now: Duration) -> Self {
+        RelayTable {
+            limits,
+            circuits: HashMap::new(),
+            total: Bucket::new(limits.total_rate, now),
+            rng: SplitMix64(seed),
+            stats: RelayStats::default(),
+        }
+    }
+
+    /// The owner's limits.
+    pub fn limits(&self) -> RelayLimits {
+        self.limits
+    }
+
+    /// Opens a circuit between `a` (the requester) and `b`, each at the
+    /// address this relay's session with it uses.
+    pub fn open(
+        &mut self,
+        now: Duration,
+        a: (PeerId, SocketAddr),
+        b: (PeerId, SocketAddr),
+    ) -> Result<u64, RelayRefusal> {
+        let refusal = if !self.limits.enabled {
+            Some(RelayRefusal::Disabled)
+        } else if self.circuits.len() >= self.limits.max_circuits {
+            Some(RelayRefusal::Full(self.limits.max_circuits))
+        } else if [a.0, b.0].iter().any(|p| {
+            self.circuits
+                .values()
+                .filter(|c| c.a.0 == *p || c.b.0 == *p)
+                .count()
+                >= self.limits.max_circuits_per_peer
+        }) {
+            Some(RelayRefusal::PeerFull(self.limits.max_circuits_per_peer))
+        } else {
+            None
+        };
+        if let Some(r) = refusal {
+            self.stats.refused += 1;
+            return Err(r);
+        }
+        let mut id = self.rng.next_u64();
+        while id == 0 || self.circuits.contains_key(&id) {
+            id = self.rng.next_u64();
+        }
+        self.circuits.insert(
+            id,
+            Circuit {
+                a,
+                b,
+                bucket: Bucket::new(self.limits.circuit_rate, now),
+                bytes: 0,
+            },
+        );
+        self.stats.opened += 1;
+        Ok(id)
+    }
+
+    /// Closes a circuit (no-op if it is gone).
+    pub fn close(&mut self, circuit: u64) {
+        self.circuits.remove(&circuit);
+    }
+
+    /// Whether the table has a circuit `circuit`.
+    pub fn has(&self, circuit: u64) -> bool {
+        self.circuits.contains_key(&circuit)
+    }
+
+    /// Decides what to do with a relayed packet of `len` bytes from `src`.
+    pub fn forward(&mut self, now: Duration, src: SocketAddr, circuit: u64, len: usize) -> Forward {
+        let Some(c) = self.circuits.get_mut(&circuit) else {
+            self.stats.unknown += 1;
+            return Forward::Unknown;
+        };
+        let dest = if src == c.a.1 {
+            c.b.1
+        } else if src == c.b.1 {
+            c.a.1
+        } else {
+            self.stats.unknown += 1;
+            return Forward::Unknown;
+        };
+        let cost = len as f64;
+        c.bucket.refill(self.limits.circuit_rate, now);
+        self.total.refill(self.limits.total_rate, now);
+        if c.bucket.tokens < cost || self.total.tokens < cost {
+            self.stats.over_quota += 1;
+            return Forward::OverQuota;
+        }
+        c.bucket.tokens -= cost;
+        self.total.tokens -= cost;
+        c.bytes += len as u64;
+        self.stats.packets += 1;
+        self.stats.bytes += len as u64;
+        Forward::To(dest)
+    }
+
+    /// The relay's counters.
+    pub fn stats(&self) -> RelayStats {
+        RelayStats {
+            circuits: self.circuits.len(),
+            ..self.stats
+        }
+    }
+}
+
+/// Delays between probe rounds: soon at first, then every
+/// [`PROBE_INTERVAL_MAX`].
+pub const PROBE_SCHEDULE: [Duration; 6] = [
+    Duration::ZERO,
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
+/// The longest time between probe rounds while a session is relayed.
+pub const PROBE_INTERVAL_MAX: Duration = Duration::from_secs(10);
+/// Probes awaiting an ack at most (older ones are forgotten).
+const MAX_OUTSTANDING: usize = 64;
+
+/// One end's search for a direct path for a relayed session (sans-IO).
+///
+/// It probes the peer's candidates on [`PROBE_SCHEDULE`], then every
+/// [`PROBE_INTERVAL_MAX`], until a probe is acked; a probe received from
+/// the peer adds its source as a candidate and brings the next round
+/// forward.
+#[derive(Debug, Clone)]
+pub struct PathSearch {
+    circuit: u64,
+    relay: SocketAddr,
+    candidates: Vec<SocketAddr>,
+    round: usize,
+    next: Duration,
+    outstanding: Vec<(u64, SocketAddr)>,
+    found: Option<SocketAddr>,
+}
+
+impl PathSearch {
+    /// Starts a search for the session on `circuit` (relayed by `relay`,
+    /// which is never a candidate).
+    pub fn new(circuit: u64, relay: SocketAddr, now: Duration) -> Self {
+        PathSearch {
+            circuit,
+            relay,
+            candidates: Vec::new(),
+            round: 0,
+            next: now,
+            outstanding: Vec::new(),
+            found: None,
+        }
+    }
+
+    /// The circuit this search is for.
+    pub fn circuit(&self) -> u64 {
+        self.circuit
+    }
+
+    /// The direct path found, if any.
+    pub fn found(&self) -> Option<SocketAddr> {
+        self.found
+    }
+
+    /// Adds candidates of the peer (duplicates, the relay's address and
+    /// unspecified addresses are left out).
+    pub fn add_candidates(&mut self, addrs: &[SocketAddr]) {
+        for a in addrs {
+            if a.ip().is_unspecified()
+                || a.port() == 0
+                || *a == self.relay
+                || self.candidates.contains(a)
+                || self.candidates.len() >= 2 * MAX_CANDIDATES
+            {
+                continue;
+            }
+            self.candidates.push(*a);
+        }
+    }
+
+    /// The peer probed us from `src`: a candidate, probed at once.
+    pub fn handle_probe(&mut self, src: SocketAddr, now: Duration) {
+        let known = self.candidates.contains(&src);
+        self.add_candidates(&[src]);
+        if !known && self.found.is_none() {
+            self.next = self.next.min(now);
+        }
+    }
+
+    /// When [`Self::poll_probes`] has something to send next.
+    pub fn next_wakeup(&self) -> Option<Duration> {
+        if self.found.is_some() || self.candidates.is_empty() {
+            None
+        } else {
+            Some(self.next)
+        }
+    }
+
+    /// The probes due at `now`: `(destination, datagram)`.
+    pub fn poll_probes(
+        &mut self,
+        now: Duration,
+        rng: &mut SplitMix64,
+    ) -> Vec<(SocketAddr, Vec<u8>)> {
+        if self.found.is_some() || now < self.next || self.candidates.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(self.candidates.len());
+        for &to in &self.candidates {
+            let nonce = rng.next_u64();
+            if self.outstanding.len() >= MAX_OUTSTANDING {
+                self.outstanding.remove(0);
+            }
+            self.outstanding.push((nonce, to));
+            out.push((
+                to,
+                PathMessage::Probe {
+                    circuit: self.circuit,
+                    nonce,
+                }
+                .encode(),
+            ));
+        }
+        self.round += 1;
+        let delay = PROBE_SCHEDULE
+            .get(self.round)
+            .copied()
+            .unwrap_or(PROBE_INTERVAL_MAX)
+            .min(PROBE_INTERVAL_MAX);
+        self.next = now + delay;
+        out
+    }
+
+    /// An ack from `src`: the direct path, if it answers a probe this end
+    /// sent there.
+    pub fn handle_ack(&mut self, src: SocketAddr, nonce: u64) -> Option<SocketAddr> {
+        let pos = self
+            .outstanding
+            .iter()
+            .position(|&(n, to)| n == nonce && to == src)?;
+        self.outstanding.remove(pos);
+        if self.found.is_none() {
+            self.found = Some(src);
+            return Some(src);
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Keypair;
+    use proptest::prelude::*;
+
+    fn peer(n: u8) -> PeerId {
+        Keypair::from_seed([n; 32]).peer_id()
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    const T0: Duration = Duration::ZERO;
+
+    #[test]
+    fn messages_round_trip() {
+        let c = vec![addr("1.2.3.4:5"), addr("[2001:db8::1]:7")];
+        for m in [
+            RelayMessage::Connect {
+                target: peer(1),
+                candidates: c.clone(),
+            },
+            RelayMessage::Offer {
+                from: peer(2),
+                circuit: 77,
+                candidates: c.clone(),
+            },
+            RelayMessage::Accept { candidates: vec![] },
+            RelayMessage::Opened {
+                circuit: u64::MAX,
+                candidates: c,
+            },
+            RelayMessage::Refused {
+                reason: "full".into(),
+            },
+        ] {
+            let frame = m.encode();
+            let len = RelayMessage::frame_len([frame[0], frame[1]]).unwrap();
+            assert_eq!(len, frame.len() - 2);
+            assert_eq!(RelayMessage::decode(&frame[2..]).unwrap(), m);
+        }
+        for m in [
+            PathMessage::Probe {
+                circuit: 1,
+                nonce: 2,
+            },
+            PathMessage::Ack {
+                circuit: 3,
+                nonce: 4,
+            },
+        ] {
+            let d = m.encode();
+            assert!(PathMessage::is_path(&d));
+            assert_eq!(PathMessage::decode(&d).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn relayed_packets_carry_only_quic() {
+        let mut d = relayed_header(9).to_vec();
+        d.extend_from_slice(&[0x41, 1, 2, 3]);
+        assert_eq!(parse_relayed(&d).unwrap(), (9, &[0x41, 1, 2, 3][..]));
+        let mut bad = relayed_header(9).to_vec();
+        bad.extend_from_slice(&[0x30, 1, 2]);
+        assert_eq!(parse_relayed(&bad), Err(DecodeError::Invalid));
+        assert!(parse_relayed(&relayed_header(9)).is_err());
+    }
+
+    #[test]
+    fn relay_forwards_only_between_the_circuit_ends() {
+        let (a, b, x) = (addr("10.0.0.1:1"), addr("10.0.0.2:2"), addr("10.0.0.3:3"));
+        let mut t = RelayTable::new(RelayLimits::default(), 1, T0);
+        let c = t.open(T0, (peer(1), a), (peer(2), b)).unwrap();
+        assert_eq!(t.forward(T0, a, c, 1200), Forward::To(b));
+        assert_eq!(t.forward(T0, b, c, 1200), Forward::To(a));
+        assert_eq!(t.forward(T0, x, c, 1200), Forward::Unknown);
+        assert_eq!(t.forward(T0, a, c + 1, 1200), Forward::Unknown);
+        t.close(c);
+        assert_eq!(t.forward(T0, a, c, 1200), Forward::Unknown);
+        assert_eq!(t.stats().packets, 2);
+        assert_eq!(t.stats().unknown, 3);
+    }
+
+    #[test]
+    fn relay_limits_circuits_and_rate() {
+        let limits = RelayLimits {
+            max_circuits: 3,
+            max_circuits_per_peer: 2,
+            circuit_rate: 10_000,
+            total_rate: 15_000,
+            ..RelayLimits::default()
+        };
+        let mut t = RelayTable::new(limits, 1, T0);
+        let a = addr("10.0.0.1:1");
+        let c1 = t.open(T0, (peer(1), a), (peer(2), a)).unwrap();
+        t.open(T0, (peer(1), a), (peer(3), a)).unwrap();
+        assert_eq!(
+            t.open(T0, (peer(1), a), (peer(4), a)),
+            Err(RelayRefusal::PeerFull(2))
+        );
+        t.open(T0, (peer(5), a), (peer(6), a)).unwrap();
+        assert_eq!(
+            t.open(T0, (peer(7), a), (peer(8), a)),
+            Err(RelayRefusal::Full(3))
+        );
+        // A full second's worth of bytes, then nothing until time passes.
+        let sent = (0..20)
+            .filter(|_| t.forward(T0, a, c1, 1000) != Forward::OverQuota)
+            .count();
+        assert_eq!(sent, 10);
+        assert_eq!(
+            t.forward(Duration::from_millis(500), a, c1, 1000),
+            Forward::To(a)
+        );
+        let off = RelayLimits {
+            enabled: false,
+            ..limits
+        };
+        let mut t = RelayTable::new(off, 1, T0);
+        assert_eq!(
+            t.open(T0, (peer(1), a), (peer(2), a)),
+            Err(RelayRefusal::Disabled)
+        );
+    }
+
+    #[test]
+    fn search_probes_on_schedule_and_accepts_only_its_own_acks() {
+        let relay = addr("9.9.9.9:1");
+        let (p, q) = (addr("1.1.1.1:1"), addr("2.2.2.2:2"));
+        let mut s = PathSearch::new(5, relay, T0);
+        let mut rng = SplitMix64(3);
+        assert_eq!(s.next_wakeup(), None);
+        s.add_candidates(&[relay, p, p, addr("0.0.0.0:1")]);
+        let probes = s.poll_probes(T0, &mut rng);
+        assert_eq!(probes.len(), 1);
+        assert!(s.poll_probes(T0, &mut rng).is_empty());
+        assert_eq!(s.next_wakeup(), Some(Duration::from_millis(500)));
+        let PathMessage::Probe { nonce, circuit } = PathMessage::decode(&probes[0].1).unwrap()
+        else {
+            panic!("not a probe")
+        };
+        assert_eq!(circuit, 5);
+        // A probe from the peer at a new address brings the next round
+        // forward.
+        s.handle_probe(q, Duration::from_millis(100));
+        assert_eq!(s.next_wakeup(), Some(Duration::from_millis(100)));
+        // Wrong nonce, or the right nonce from elsewhere: ignored.
+        assert_eq!(s.handle_ack(p, nonce ^ 1), None);
+        assert_eq!(s.handle_ack(q, nonce), None);
+        assert_eq!(s.handle_ack(p, nonce), Some(p));
+        assert_eq!(s.found(), Some(p));
+        assert_eq!(s.next_wakeup(), None);
+        assert!(s.poll_probes(Duration::from_secs(100), &mut rng).is_empty());
+    }
+
+    #[test]
+    fn search_keeps_probing_at_the_slowest_interval() {
+        let mut s = PathSearch::new(1, addr("9.9.9.9:1"), T0);
+        s.add_candidates(&[addr("1.1.1.1:1")]);
+        let mut rng = SplitMix64(1);
+        let mut now = T0;
+        for _ in 0..20 {
+            now = s.next_wakeup().unwrap();
+            assert_eq!(s.poll_probes(now, &mut rng).len(), 1);
+        }
+        assert_eq!(s.next_wakeup().unwrap() - now, PROBE_INTERVAL_MAX);
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1100)) {
+            let _ = RelayMessage::decode(&bytes);
+            let _ = PathMessage::decode(&bytes);
+            let _ = parse_relayed(&bytes);
+        }
+    }
+}
