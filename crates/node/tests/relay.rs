@@ -63,6 +63,15 @@ async fn relayed_pair(upgrade: bool) -> (Node, Node, Node) {
     (relay, a, b)
 }
 
+async fn wait_path(n: &Node, peer: &Node, want: &str) {
+    for _ in 0..50 {
+        if path_to(n, peer) == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn path_to(n: &Node, peer: &Node) -> String {
     n.status()
         .sessions
@@ -76,6 +85,8 @@ fn path_to(n: &Node, peer: &Node) -> String {
 async fn a_relay_carries_a_session_it_cannot_read() {
     let (relay, a, b) = relayed_pair(false).await;
     let want = format!("relayed:{}", relay.peer_id());
+    // B installs the session when its side of the handshake completes.
+    wait_path(&b, &a, &want).await;
     assert_eq!(path_to(&a, &b), want);
     assert_eq!(path_to(&b, &a), want);
     echo_through(&a, &b, 8 << 20).await;
@@ -101,12 +112,8 @@ async fn a_relayed_session_moves_to_a_direct_path_with_its_streams() {
     // The probes find the loopback path at once; the stream opened on the
     // relayed session carries on across the move.
     echo_through(&a, &b, 32 << 20).await;
-    for _ in 0..50 {
-        if path_to(&a, &b) == "lan" && path_to(&b, &a) == "lan" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_path(&a, &b, "lan").await;
+    wait_path(&b, &a, "lan").await;
     assert_eq!(path_to(&a, &b), "lan");
     assert_eq!(path_to(&b, &a), "lan");
     assert_eq!(a.status().relay.upgraded_to_direct, 1);
