@@ -207,14 +207,19 @@ async fn handle_path_message(node: &Node, src: SocketAddr, datagram: &[u8]) {
                 return;
             };
             socket.learn_direct(src, v);
-            if let Some((_, search)) = lock(&state.searches)
+            let back = lock(&state.searches)
                 .get_mut(&circuit)
                 .filter(|_| state.upgrade)
-            {
-                search.handle_probe(p2pos_net::canonical(src), state.now());
-            }
+                .and_then(|(_, search)| {
+                    let now = state.now();
+                    search.handle_probe(p2pos_net::canonical(src), now, &mut lock(&state.rng))
+                });
+            let overlay = node.inner_overlay();
             let ack = PathMessage::Ack { circuit, nonce }.encode();
-            let _ = node.inner_overlay().send(src, &ack).await;
+            let _ = overlay.send(src, &ack).await;
+            if let Some((to, probe)) = back {
+                let _ = overlay.send(to, &probe).await;
+            }
         }
         Ok(PathMessage::Ack { circuit, nonce }) => {
             let found = lock(&state.searches).get_mut(&circuit).and_then(|(v, s)| {

@@ -520,6 +520,8 @@ pub const PROBE_SCHEDULE: [Duration; 6] = [
 ];
 /// The longest time between probe rounds while a session is relayed.
 pub const PROBE_INTERVAL_MAX: Duration = Duration::from_secs(10);
+/// The shortest time between two probes triggered by the peer's probes.
+pub const TRIGGER_GAP: Duration = Duration::from_secs(1);
 /// Probes awaiting an ack at most (older ones are forgotten).
 const MAX_OUTSTANDING: usize = 64;
 
@@ -527,8 +529,8 @@ const MAX_OUTSTANDING: usize = 64;
 ///
 /// It probes the peer's candidates on [`PROBE_SCHEDULE`], then every
 /// [`PROBE_INTERVAL_MAX`], until a probe is acked; a probe received from
-/// the peer adds its source as a candidate and brings the next round
-/// forward.
+/// the peer adds its source as a candidate and is answered by a probe
+/// there at once.
 #[derive(Debug, Clone)]
 pub struct PathSearch {
     circuit: u64,
@@ -538,6 +540,7 @@ pub struct PathSearch {
     next: Duration,
     outstanding: Vec<(u64, SocketAddr)>,
     found: Option<SocketAddr>,
+    triggered: Option<Duration>,
 }
 
 impl PathSearch {
@@ -552,6 +555,7 @@ impl PathSearch {
             next: now,
             outstanding: Vec::new(),
             found: None,
+            triggered: None,
         }
     }
 
@@ -581,13 +585,38 @@ impl PathSearch {
         }
     }
 
-    /// The peer probed us from `src`: a candidate, probed at once.
-    pub fn handle_probe(&mut self, src: SocketAddr, now: Duration) {
-        let known = self.candidates.contains(&src);
+    /// The peer probed us from `src`: a path from it works, so unless a
+    /// path is already found, `src` is probed back at once (at most once
+    /// per [`TRIGGER_GAP`]) — its ack proves the way back. Returns that
+    /// probe.
+    pub fn handle_probe(
+        &mut self,
+        src: SocketAddr,
+        now: Duration,
+        rng: &mut SplitMix64,
+    ) -> Option<(SocketAddr, Vec<u8>)> {
         self.add_candidates(&[src]);
-        if !known && self.found.is_none() {
-            self.next = self.next.min(now);
+        if self.found.is_some()
+            || !self.candidates.contains(&src)
+            || self.triggered.is_some_and(|at| now < at + TRIGGER_GAP)
+        {
+            return None;
         }
+        self.triggered = Some(now);
+        Some((src, self.probe(src, rng)))
+    }
+
+    fn probe(&mut self, to: SocketAddr, rng: &mut SplitMix64) -> Vec<u8> {
+        let nonce = rng.next_u64();
+        if self.outstanding.len() >= MAX_OUTSTANDING {
+            self.outstanding.remove(0);
+        }
+        self.outstanding.push((nonce, to));
+        PathMessage::Probe {
+            circuit: self.circuit,
+            nonce,
+        }
+        .encode()
     }
 
     /// When [`Self::poll_probes`] has something to send next.
@@ -608,22 +637,11 @@ impl PathSearch {
         if self.found.is_some() || now < self.next || self.candidates.is_empty() {
             return Vec::new();
         }
-        let mut out = Vec::with_capacity(self.candidates.len());
-        for &to in &self.candidates {
-            let nonce = rng.next_u64();
-            if self.outstanding.len() >= MAX_OUTSTANDING {
-                self.outstanding.remove(0);
-            }
-            self.outstanding.push((nonce, to));
-            out.push((
-                to,
-                PathMessage::Probe {
-                    circuit: self.circuit,
-                    nonce,
-                }
-                .encode(),
-            ));
-        }
+        let candidates = self.candidates.clone();
+        let out = candidates
+            .into_iter()
+            .map(|to| (to, self.probe(to, rng)))
+            .collect();
         self.round += 1;
         let delay = PROBE_SCHEDULE
             .get(self.round)
@@ -794,13 +812,21 @@ mod tests {
             panic!("not a probe")
         };
         assert_eq!(circuit, 5);
-        // A probe from the peer at a new address brings the next round
-        // forward.
-        s.handle_probe(q, Duration::from_millis(100));
-        assert_eq!(s.next_wakeup(), Some(Duration::from_millis(100)));
+        // A probe from the peer is probed back at once, once a second.
+        let t = Duration::from_millis(100);
+        let (to, back) = s.handle_probe(q, t, &mut rng).unwrap();
+        assert_eq!(to, q);
+        assert!(s.handle_probe(q, t, &mut rng).is_none());
+        let PathMessage::Probe {
+            nonce: back_nonce, ..
+        } = PathMessage::decode(&back).unwrap()
+        else {
+            panic!("not a probe")
+        };
         // Wrong nonce, or the right nonce from elsewhere: ignored.
         assert_eq!(s.handle_ack(p, nonce ^ 1), None);
         assert_eq!(s.handle_ack(q, nonce), None);
+        assert_eq!(s.handle_ack(p, back_nonce), None);
         assert_eq!(s.handle_ack(p, nonce), Some(p));
         assert_eq!(s.found(), Some(p));
         assert_eq!(s.next_wakeup(), None);
