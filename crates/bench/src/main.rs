@@ -167,6 +167,39 @@ async fn node_pair(network: Option<NetworkKey>) -> Result<(Node, Node)> {
 
 async fn p2pos_throughput(bytes: usize, network: Option<NetworkKey>) -> Result<f64> {
     let (a, b) = node_pair(network).await?;
+    stream_throughput(a, b, bytes).await
+}
+
+/// A to B through a third node relaying on loopback (the move to a direct
+/// path is off, so every byte goes through the relay).
+async fn relayed_throughput(bytes: usize) -> Result<f64> {
+    // The owner's rate limits are not what is measured here.
+    let unlimited = p2pos_node::RelayLimits {
+        circuit_rate: 1 << 40,
+        total_rate: 1 << 40,
+        ..Default::default()
+    };
+    let relay = Node::builder()
+        .listen("127.0.0.1:0".parse()?)
+        .relay_limits(unlimited)
+        .spawn()
+        .await?;
+    let node = || {
+        Node::builder()
+            .listen("127.0.0.1:0".parse().expect("valid literal"))
+            .direct_upgrade(false)
+            .spawn()
+    };
+    let (a, b) = (node().await?, node().await?);
+    b.connect(relay.peer_id(), Some(relay.local_addr())).await?;
+    a.connect_relayed(b.peer_id(), relay.peer_id(), relay.local_addr())
+        .await?;
+    let mbps = stream_throughput(a, b, bytes).await?;
+    relay.shutdown().await;
+    Ok(mbps)
+}
+
+async fn stream_throughput(a: Node, b: Node, bytes: usize) -> Result<f64> {
     let mut svc = b.listen("sink", "")?;
     let accept = tokio::spawn(async move {
         let incoming = svc.accept().await.context("no stream")?;
@@ -425,6 +458,7 @@ fn main() -> Result<()> {
     let mut private_runs = Vec::new();
     let mut tcp_runs = Vec::new();
     let mut tunnel_runs = Vec::new();
+    let mut relayed_runs = Vec::new();
     for run in 0..args.runs {
         eprintln!(
             "run {}/{}: {} MiB per transfer",
@@ -439,6 +473,7 @@ fn main() -> Result<()> {
         let sink = rt.block_on(tcp_sink())?;
         tcp_runs.push(rt.block_on(tcp_send(sink, bytes))?);
         tunnel_runs.push(rt.block_on(tunnel_throughput(bytes))?);
+        relayed_runs.push(rt.block_on(relayed_throughput(bytes))?);
     }
     let mut fb_quinn = Vec::new();
     let mut fb_p2pos = Vec::new();
@@ -453,6 +488,7 @@ fn main() -> Result<()> {
 
     let (q, p, pv) = (median(quinn_runs), median(p2pos_runs), median(private_runs));
     let (t, tu) = (median(tcp_runs), median(tunnel_runs));
+    let rl = median(relayed_runs);
     let (fq, fp) = (median(fb_quinn), median(fb_p2pos));
     if args.json {
         println!(
@@ -468,6 +504,8 @@ fn main() -> Result<()> {
                 "direct_tcp_mb_s": t,
                 "tunnel_mb_s": tu,
                 "tunnel_vs_tcp": tu / t,
+                "relayed_stream_mb_s": rl,
+                "relayed_vs_direct": rl / p,
                 "first_byte_ms_plain_quinn_p50": fq,
                 "first_byte_ms_p2pos_p50": fp,
                 "idle_rss_mib": idle_alone.rss_mib,
@@ -499,6 +537,13 @@ fn main() -> Result<()> {
             q,
             pv,
             pv / q * 100.0
+        );
+        println!(
+            "{:<44} {:>9.0} MB/s {:>7.0} MB/s {:>7.1}%",
+            "bulk stream, relayed vs direct p2pos",
+            p,
+            rl,
+            rl / p * 100.0
         );
         println!(
             "{:<44} {:>9.0} MB/s {:>7.0} MB/s {:>7.1}%",

@@ -74,6 +74,15 @@ impl SocketCounters {
 /// A datagram for the overlay: its source and bytes (without framing).
 pub type OverlayDatagram = (SocketAddr, Bytes);
 
+/// Relayed QUIC packets for one of this node's sessions: from the
+/// session's virtual address, `stride` bytes each (the last may be
+/// shorter).
+struct Queued {
+    from: SocketAddr,
+    packets: Vec<u8>,
+    stride: usize,
+}
+
 /// quinn's socket with first-byte demultiplexing and private framing.
 pub struct OverlaySocket {
     inner: Arc<dyn AsyncUdpSocket>,
@@ -88,7 +97,7 @@ pub struct OverlaySocket {
     any_paths: AtomicBool,
     relay: Mutex<RelayTable>,
     /// Relayed packets for this node's sessions, waiting for QUIC.
-    relayed: Mutex<VecDeque<(SocketAddr, Vec<u8>)>>,
+    relayed: Mutex<VecDeque<Queued>>,
     started: Instant,
 }
 
@@ -298,13 +307,7 @@ impl OverlaySocket {
             None
         };
         if let Some(v) = own {
-            let mut queue = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
-            if queue.len() < RELAYED_QUEUE {
-                queue.push_back((v, payload.to_vec()));
-                SocketCounters::bump(&self.counters.relayed_in);
-            } else {
-                SocketCounters::bump(&self.counters.relayed_dropped);
-            }
+            self.queue_relayed(v, payload.to_vec(), payload.len());
             return;
         }
         let now = self.started.elapsed();
@@ -322,23 +325,80 @@ impl OverlaySocket {
         }
     }
 
+    fn queue_relayed(&self, from: SocketAddr, packets: Vec<u8>, stride: usize) {
+        let mut queue = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+        if queue.len() < RELAYED_QUEUE {
+            let count = packets.len().div_ceil(stride.max(1)) as u64;
+            queue.push_back(Queued {
+                from,
+                packets,
+                stride,
+            });
+            self.counters.relayed_in.fetch_add(count, Ordering::Relaxed);
+        } else {
+            SocketCounters::bump(&self.counters.relayed_dropped);
+        }
+    }
+
+    /// A batch of relayed packets received at once (GRO), all on one
+    /// circuit from one source: queued for QUIC or forwarded as one batch
+    /// (GSO), instead of one by one. Returns whether the batch was taken.
+    fn relayed_batch(&self, src: SocketAddr, batch: &[u8], stride: usize) -> bool {
+        let Ok((circuit, _)) = parse_relayed(&batch[..stride]) else {
+            return false;
+        };
+        let header = &batch[..RELAY_HEADER];
+        let same = batch.chunks(stride).all(|seg| {
+            seg.len() > RELAY_HEADER
+                && seg[..RELAY_HEADER] == *header
+                && classify(&seg[RELAY_HEADER..]) == PacketKind::Quic
+        });
+        if !same {
+            return false;
+        }
+        let src = canonical(src);
+        let own = self.paths_read().from_relay(src, circuit);
+        if let Some(v) = own {
+            let mut packets = Vec::with_capacity(batch.len());
+            for seg in batch.chunks(stride) {
+                packets.extend_from_slice(&seg[RELAY_HEADER..]);
+            }
+            self.queue_relayed(v, packets, stride - RELAY_HEADER);
+            return true;
+        }
+        if self.inner.max_transmit_segments() <= 1 {
+            return false;
+        }
+        let now = self.started.elapsed();
+        let verdict = self.relay_table().forward(now, src, circuit, batch.len());
+        if let Forward::To(dest) = verdict {
+            let _ = self.inner.try_send(&Transmit {
+                destination: self.dest(dest),
+                ecn: None,
+                contents: batch,
+                segment_size: Some(stride),
+                src_ip: None,
+            });
+        }
+        true
+    }
+
     /// Moves queued relayed packets into QUIC's buffers; returns how many.
     fn drain_relayed(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
         let mut queue = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
         while n < bufs.len().min(meta.len()) {
-            let Some((v, packet)) = queue.pop_front() else {
-                break;
-            };
-            if packet.len() > bufs[n].len() {
+            let Some(q) = queue.pop_front() else { break };
+            let len = q.packets.len();
+            if len > bufs[n].len() {
                 SocketCounters::bump(&self.counters.relayed_dropped);
                 continue;
             }
-            bufs[n][..packet.len()].copy_from_slice(&packet);
+            bufs[n][..len].copy_from_slice(&q.packets);
             meta[n] = RecvMeta {
-                addr: v,
-                len: packet.len(),
-                stride: packet.len(),
+                addr: q.from,
+                len,
+                stride: q.stride.clamp(1, len),
                 ecn: None,
                 dst_ip: None,
             };
@@ -442,6 +502,13 @@ impl OverlaySocket {
     /// `stride` bytes) in place; returns the bytes left for quinn.
     fn filter_message(&self, src: SocketAddr, buf: &mut [u8], len: usize, stride: usize) -> usize {
         let stride = stride.max(1);
+        if self.network.is_none()
+            && stride < len
+            && is_relayed(&buf[..stride])
+            && self.relayed_batch(src, &buf[..len], stride)
+        {
+            return 0;
+        }
         let mut write = 0;
         let mut read = 0;
         while read < len {

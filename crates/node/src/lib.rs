@@ -52,4 +52,5 @@ pub use node::{
     ServiceListener,
 };
 pub use p2pos_proto::network::NetworkKey;
+pub use p2pos_proto::relay::RelayLimits;
 pub use p2pos_proto::{Keypair, PeerId};
