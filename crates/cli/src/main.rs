@@ -828,20 +828,40 @@ fn print_status(s: &Value) {
     println!("sessions:  {}", sessions.len());
     if !sessions.is_empty() {
         println!(
-            "  {:<12} {:<7} {:>9} {:<24} {:>10} {:>10}",
+            "  {:<12} {:<18} {:>9} {:<24} {:>10} {:>10}",
             "PEER", "PATH", "RTT", "ADDRESS", "SENT", "RECEIVED"
         );
         for x in sessions {
+            // relayed:<relay id> is shown with the relay's ID shortened.
+            let path = str_of(&x["path"]);
+            let path = match path.split_once(':') {
+                Some((kind, relay)) => format!("{kind}:{}", &relay[..8.min(relay.len())]),
+                None => path,
+            };
             println!(
-                "  {:<12} {:<7} {:>6.2} ms {:<24} {:>10} {:>10}",
+                "  {:<12} {:<18} {:>6.2} ms {:<24} {:>10} {:>10}",
                 &str_of(&x["peer"])[..10.min(str_of(&x["peer"]).len())],
-                str_of(&x["path"]),
+                path,
                 x["rtt_ms"].as_f64().unwrap_or(0.0),
                 str_of(&x["remote_addr"]),
                 human_bytes(x["bytes_sent"].as_u64().unwrap_or(0)),
                 human_bytes(x["bytes_received"].as_u64().unwrap_or(0)),
             );
         }
+    }
+    let relay = &s["relay"];
+    if relay["circuits_opened"].as_u64().unwrap_or(0) > 0
+        || relay["relayed_sessions"].as_u64().unwrap_or(0) > 0
+    {
+        println!(
+            "relay:     {} circuit{} now, {} relayed for others; {} own session{} relayed, {} moved to direct",
+            relay["circuits"],
+            if relay["circuits"] == 1 { "" } else { "s" },
+            human_bytes(relay["bytes_relayed"].as_u64().unwrap_or(0)),
+            relay["relayed_sessions"],
+            if relay["relayed_sessions"] == 1 { "" } else { "s" },
+            relay["upgraded_to_direct"],
+        );
     }
     let services = s["services"].as_array().cloned().unwrap_or_default();
     if !services.is_empty() {
