@@ -162,3 +162,62 @@ fn a_relayed_session_moves_to_a_direct_path_when_the_block_is_lifted() {
     assert_eq!(hash(&payload), hash(&received), "the stream was corrupted");
     assert!(status(&a)["relay"]["upgraded_to_direct"].as_u64() >= Some(1));
 }
+
+#[test]
+fn a_symmetric_nat_and_a_port_restricted_one_end_up_direct_by_many_ports() {
+    let Some(mut lab) = p2pos_lab::lab_for_test() else {
+        return;
+    };
+    let p2pos = p2pos_lab::p2pos_next_to_tests();
+    let p1 = lab.add_public_host("p1").unwrap();
+    let p2 = lab.add_public_host("p2").unwrap();
+    let mut behind = |kind: RouterKind, name: &str| {
+        let r = lab.add_router(kind, RouterOptions::default()).unwrap();
+        lab.add_host(r, name).unwrap()
+    };
+    let ha = behind(RouterKind::PortRestricted, "a");
+    let hb = behind(RouterKind::SymmetricRandom, "b");
+    let n1 = start_node(&mut lab, p1, 7447, &p2pos, &[]).unwrap();
+    let entry = vec![format!("{}@{}:7447", n1.peer_id, lab.host(p1).ipv4)];
+    // Two servers: the mapping is judged from what several peers see.
+    let _n2 = start_node(&mut lab, p2, 7447, &p2pos, &entry).unwrap();
+    let client = ["--dht-client"];
+    let a = start_node_with(&mut lab, ha, 7447, &p2pos, &entry, &client).unwrap();
+    let b = start_node_with(&mut lab, hb, 7447, &p2pos, &entry, &client).unwrap();
+    for n in [&a, &b] {
+        wait(Duration::from_secs(60), "a home and a NAT verdict", || {
+            let s = status(n);
+            s["homes"].as_array().is_some_and(|h| !h.is_empty()) && s["nat"]["mapping"] != "unknown"
+        });
+    }
+    assert_eq!(status(&b)["nat"]["mapping"], "endpoint-dependent-random");
+    wait(Duration::from_secs(30), "b's record with its homes", || {
+        let body = format!("{{\"peer\":\"{}\"}}", b.peer_id);
+        let (_, resp) = api(&a.data_dir, "POST", "/v1/lookup", Some(&body));
+        serde_json::from_str::<Value>(&resp).unwrap_or_default()["homes"]
+            .as_array()
+            .is_some_and(|h| !h.is_empty())
+    });
+    let body = format!("{{\"peer\":\"{}\",\"count\":1}}", b.peer_id);
+    let (code, resp) = api(&a.data_dir, "POST", "/v1/ping", Some(&body));
+    assert_eq!(code, 200, "{resp}\nA: {}\nB: {}", status(&a), status(&b));
+    let started = Instant::now();
+    wait(
+        Duration::from_secs(30),
+        "a direct path on both ends",
+        || session_path(&a, &b) == "punched" && session_path(&b, &a) == "punched",
+    );
+    let moved = std::fs::read_to_string(b.data_dir.join("daemon.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("moved to a direct path"))
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+    eprintln!(
+        "direct {:.1}s after the session started; b: {moved:?}",
+        started.elapsed().as_secs_f64()
+    );
+    // The session works on its new path.
+    let (code, resp) = api(&a.data_dir, "POST", "/v1/ping", Some(&body));
+    assert_eq!(code, 200, "{resp}");
+}

@@ -80,7 +80,7 @@ pub struct BoundEndpoint {
     /// The socket (relayed paths, relay circuits).
     pub socket: Arc<OverlaySocket>,
     /// Path probes received (taken once by the node's relayed-path task).
-    pub path_inbox: Arc<std::sync::Mutex<Option<mpsc::Receiver<crate::socket::OverlayDatagram>>>>,
+    pub path_inbox: Arc<std::sync::Mutex<Option<mpsc::Receiver<crate::socket::PathDatagram>>>>,
     /// DHT datagrams received (taken once by the node's DHT task).
     pub dht_inbox: Arc<std::sync::Mutex<Option<mpsc::Receiver<crate::socket::OverlayDatagram>>>>,
     /// Binding-measurement datagrams received (taken once by the node's
@@ -185,6 +185,7 @@ impl BoundEndpoint {
         let (dht_tx, dht_rx) = mpsc::channel(OVERLAY_QUEUE);
         let (binding_tx, binding_rx) = mpsc::channel(OVERLAY_QUEUE);
         let (path_tx, path_rx) = mpsc::channel(OVERLAY_QUEUE);
+        socket.set_path_inbox(path_tx.clone());
         let overlay = Overlay::spawn(
             socket.clone(),
             overlay_rx,

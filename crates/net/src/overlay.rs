@@ -73,7 +73,7 @@ impl Overlay {
         id_seed: u64,
         dht: mpsc::Sender<OverlayDatagram>,
         binding: mpsc::Sender<OverlayDatagram>,
-        paths: mpsc::Sender<OverlayDatagram>,
+        paths: mpsc::Sender<crate::socket::PathDatagram>,
     ) -> Self {
         let overlay = Overlay {
             socket,
@@ -101,7 +101,7 @@ impl Overlay {
                     continue;
                 }
                 if p2pos_proto::relay::PathMessage::is_path(&datagram) {
-                    if paths.try_send((src, datagram)).is_err() {
+                    if paths.try_send((None, src, datagram)).is_err() {
                         task.counters.dht_queue_full.fetch_add(1, Ordering::Relaxed);
                     }
                     continue;

@@ -25,6 +25,14 @@ pub enum Route {
     },
     /// Straight to the peer at this address.
     Direct(SocketAddr),
+    /// To the peer at `addr` from one of the node's extra sockets (the
+    /// many-ports search found the path there).
+    Via {
+        /// The extra socket.
+        side: u32,
+        /// The peer's address.
+        addr: SocketAddr,
+    },
 }
 
 const V6_PREFIX: [u16; 3] = [0xfd70, 0x3270, 0x6f73];
@@ -63,6 +71,7 @@ pub struct Paths {
     by_virtual: HashMap<SocketAddr, Entry>,
     by_circuit: HashMap<(SocketAddr, u64), SocketAddr>,
     by_direct: HashMap<SocketAddr, SocketAddr>,
+    by_side: HashMap<(u32, SocketAddr), SocketAddr>,
     next: u32,
 }
 
@@ -147,12 +156,27 @@ impl Paths {
         }
     }
 
+    /// Sends `v`'s packets to `addr` from extra socket `side` from now on.
+    pub fn set_via(&mut self, v: SocketAddr, side: u32, addr: SocketAddr) {
+        if let Some(e) = self.by_virtual.get_mut(&v) {
+            e.route = Route::Via { side, addr };
+            self.by_side.insert((side, addr), v);
+        }
+    }
+
+    /// The virtual address packets from `src` on extra socket `side`
+    /// belong to.
+    pub fn from_side(&self, side: u32, src: SocketAddr) -> Option<SocketAddr> {
+        self.by_side.get(&(side, src)).copied()
+    }
+
     /// Forgets `v` and everything that maps to it.
     pub fn remove(&mut self, v: SocketAddr) {
         if let Some(e) = self.by_virtual.remove(&v) {
             self.by_circuit.remove(&(e.relay, e.circuit));
         }
         self.by_direct.retain(|_, to| *to != v);
+        self.by_side.retain(|_, to| *to != v);
     }
 
     /// Virtual addresses in use.

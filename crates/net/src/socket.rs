@@ -16,14 +16,15 @@
 //! the virtual address. As a relay, the socket forwards the packets of
 //! its circuits itself, on the receive path, within the owner's limits.
 
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::task::{ready, Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -74,6 +75,16 @@ impl SocketCounters {
 /// A datagram for the overlay: its source and bytes (without framing).
 pub type OverlayDatagram = (SocketAddr, Bytes);
 
+/// A path probe or ack: the extra socket it came in on (`None`: the
+/// node's own socket), its source and bytes.
+pub type PathDatagram = (Option<u32>, SocketAddr, Bytes);
+
+/// One of the node's extra sockets (many-ports search).
+struct Side {
+    socket: Arc<tokio::net::UdpSocket>,
+    task: tokio::task::JoinHandle<()>,
+}
+
 /// Relayed QUIC packets for one of this node's sessions: from the
 /// session's virtual address, `stride` bytes each (the last may be
 /// shorter).
@@ -99,6 +110,12 @@ pub struct OverlaySocket {
     /// Relayed packets for this node's sessions, waiting for QUIC.
     relayed: Mutex<VecDeque<Queued>>,
     started: Instant,
+    sides: Mutex<HashMap<u32, Side>>,
+    next_side: AtomicU32,
+    /// Where extra sockets send path messages (set by the endpoint).
+    path_tx: Mutex<Option<mpsc::Sender<PathDatagram>>>,
+    /// QUIC's receive waker: packets queued from an extra socket wake it.
+    recv_waker: Mutex<Option<Waker>>,
 }
 
 impl fmt::Debug for OverlaySocket {
@@ -141,6 +158,105 @@ impl OverlaySocket {
             )),
             relayed: Mutex::new(VecDeque::new()),
             started: Instant::now(),
+            sides: Mutex::default(),
+            next_side: AtomicU32::new(1),
+            path_tx: Mutex::default(),
+            recv_waker: Mutex::default(),
+        }
+    }
+
+    /// Where path messages from extra sockets go.
+    pub fn set_path_inbox(&self, tx: mpsc::Sender<PathDatagram>) {
+        *self.path_tx.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    /// Opens `count` extra sockets (on fresh ports); returns their ids.
+    /// Must run in a tokio runtime.
+    pub fn open_sides(self: &Arc<Self>, count: usize) -> Vec<u32> {
+        let ipv6 = self
+            .inner
+            .local_addr()
+            .map(|a| a.is_ipv6())
+            .unwrap_or(false);
+        let bind: SocketAddr = if ipv6 {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        };
+        let mut ids = Vec::with_capacity(count);
+        for _ in 0..count {
+            let socket = match std::net::UdpSocket::bind(bind)
+                .and_then(|s| s.set_nonblocking(true).map(|_| s))
+                .and_then(tokio::net::UdpSocket::from_std)
+            {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    tracing::debug!("could not open an extra socket: {e}");
+                    break;
+                }
+            };
+            let id = self.next_side.fetch_add(1, Ordering::Relaxed);
+            let task = tokio::spawn(side_loop(Arc::downgrade(self), id, socket.clone()));
+            self.sides
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, Side { socket, task });
+            ids.push(id);
+        }
+        ids
+    }
+
+    /// Closes extra sockets.
+    pub fn close_sides(&self, ids: &[u32]) {
+        let mut sides = self.sides.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            if let Some(side) = sides.remove(id) {
+                side.task.abort();
+            }
+        }
+    }
+
+    /// Sends a datagram from extra socket `side` (framed in a private
+    /// network).
+    pub fn send_from_side(&self, side: u32, dest: SocketAddr, datagram: &[u8]) -> io::Result<()> {
+        let socket = self
+            .sides
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&side)
+            .map(|s| s.socket.clone())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such extra socket"))?;
+        let dest = match socket.local_addr() {
+            Ok(local) => dest_for(local, dest),
+            Err(_) => dest,
+        };
+        match &self.network {
+            None => socket.try_send_to(datagram, dest).map(|_| ()),
+            Some(key) => {
+                let mut framed = vec![0u8; FRAME_OVERHEAD];
+                let mut header = [0u8; FRAME_OVERHEAD];
+                key.write_header(datagram, &mut header);
+                framed.copy_from_slice(&header);
+                framed.extend_from_slice(datagram);
+                socket.try_send_to(&framed, dest).map(|_| ())
+            }
+        }
+    }
+
+    /// Sends the packets of the session at `v` from extra socket `side`
+    /// to `addr` from now on.
+    pub fn set_via(&self, v: SocketAddr, side: u32, addr: SocketAddr) {
+        self.paths_write().set_via(v, side, canonical(addr));
+    }
+
+    fn wake_quic(&self) {
+        if let Some(w) = self
+            .recv_waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            w.wake();
         }
     }
 
@@ -269,6 +385,20 @@ impl OverlaySocket {
                 src_ip: None,
                 ..*transmit
             }),
+            Some(Route::Via { side, addr }) => {
+                let segment = transmit
+                    .segment_size
+                    .unwrap_or(transmit.contents.len())
+                    .max(1);
+                for chunk in transmit.contents.chunks(segment) {
+                    match self.send_from_side(side, addr, chunk) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                        other => other?,
+                    }
+                }
+                Ok(())
+            }
             Some(Route::Relayed { relay, circuit }) => {
                 let contents = transmit.contents;
                 let segment = transmit.segment_size.unwrap_or(contents.len()).max(1);
@@ -547,6 +677,12 @@ impl AsyncUdpSocket for OverlaySocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        {
+            let mut waker = self.recv_waker.lock().unwrap_or_else(|p| p.into_inner());
+            if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *waker = Some(cx.waker().clone());
+            }
+        }
         loop {
             let queued = self.drain_relayed(bufs, meta);
             if queued > 0 {
@@ -626,6 +762,46 @@ impl AsyncUdpSocket for OverlaySocket {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+/// Receives on an extra socket: QUIC packets of a session routed through it
+/// go to QUIC, path messages to the node.
+async fn side_loop(socket: Weak<OverlaySocket>, id: u32, side: Arc<tokio::net::UdpSocket>) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let Ok((n, src)) = side.recv_from(&mut buf).await else {
+            return;
+        };
+        let Some(main) = socket.upgrade() else { return };
+        let datagram = match &main.network {
+            None => &buf[..n],
+            Some(key) => match key.open(&buf[..n]) {
+                Ok(inner) => inner,
+                Err(_) => continue,
+            },
+        };
+        let src = canonical(src);
+        match classify(datagram) {
+            PacketKind::Quic => {
+                let v = main.paths_read().from_side(id, src);
+                if let Some(v) = v {
+                    main.queue_relayed(v, datagram.to_vec(), datagram.len());
+                    main.wake_quic();
+                }
+            }
+            PacketKind::Overlay if p2pos_proto::relay::PathMessage::is_path(datagram) => {
+                let tx = main
+                    .path_tx
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                if let Some(tx) = tx {
+                    let _ = tx.try_send((Some(id), src, Bytes::copy_from_slice(datagram)));
+                }
+            }
+            _ => {}
+        }
     }
 }
 

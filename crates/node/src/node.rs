@@ -406,7 +406,7 @@ pub(crate) struct Inner {
 impl Inner {
     pub(crate) fn endpoint_path_inbox(
         &self,
-    ) -> &std::sync::Mutex<Option<mpsc::Receiver<p2pos_net::socket::OverlayDatagram>>> {
+    ) -> &std::sync::Mutex<Option<mpsc::Receiver<p2pos_net::socket::PathDatagram>>> {
         &self.endpoint.path_inbox
     }
 }

@@ -18,6 +18,10 @@
 //!   by a virtual address whose route the socket switches, so streams
 //!   carry on unbroken. The circuit stays open as the session's way in for
 //!   packets still in flight, and closes with the session.
+//! - **Many ports.** Where exactly one side's NAT maps per destination, the
+//!   search also runs the many-ports plan of `p2pos_proto::relay`: the hard
+//!   side opens 256 extra sockets, the easy side probes 1024 random ports;
+//!   a hit moves the session to the path through that extra socket.
 //! - **Ending.** The circuit-setup streams stay open for the circuit's
 //!   life. A relay drops the circuit when either stream or either session
 //!   ends; a peer whose relayed session closes finishes its stream, and a
@@ -30,7 +34,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use p2pos_net::Route;
-use p2pos_proto::relay::{PathMessage, PathSearch, RelayMessage};
+use p2pos_proto::reach::Mapping;
+use p2pos_proto::relay::{spray_role, PathMessage, PathSearch, RelayMessage, SprayAction};
 use p2pos_proto::rng::SplitMix64;
 use p2pos_proto::stream::StreamReply;
 use p2pos_proto::traversal::Home;
@@ -60,6 +65,8 @@ pub(crate) struct RelayedState {
     paths: Mutex<HashMap<SocketAddr, (PeerId, PeerId)>>,
     /// Circuit → (virtual address, its search for a direct path).
     searches: Mutex<HashMap<u64, (SocketAddr, PathSearch)>>,
+    /// Circuit → the extra sockets its many-ports search opened.
+    sides: Mutex<HashMap<u64, Vec<u32>>>,
     rng: Mutex<SplitMix64>,
     epoch: Instant,
     /// Relayed sessions moved to a direct path.
@@ -76,6 +83,7 @@ impl RelayedState {
             upgrade,
             paths: Mutex::default(),
             searches: Mutex::default(),
+            sides: Mutex::default(),
             rng: Mutex::new(SplitMix64(u64::from_le_bytes(seed))),
             epoch: Instant::now(),
             upgraded: Default::default(),
@@ -92,6 +100,7 @@ impl RelayedState {
         self.epoch.elapsed()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn register(
         &self,
         v: SocketAddr,
@@ -100,18 +109,26 @@ impl RelayedState {
         relay_addr: SocketAddr,
         circuit: u64,
         candidates: &[SocketAddr],
+        mappings: (Mapping, Mapping),
     ) {
         lock(&self.paths).insert(v, (peer, relay));
-        let mut search = PathSearch::new(circuit, p2pos_net::canonical(relay_addr), self.now());
+        let now = self.now();
+        let mut search = PathSearch::new(circuit, p2pos_net::canonical(relay_addr), now);
         if self.upgrade {
             search.add_candidates(candidates);
+            if let Some(role) = spray_role(mappings.0, mappings.1) {
+                search.plan_spray(role, now, &mut lock(&self.rng));
+            }
         }
         lock(&self.searches).insert(circuit, (v, search));
     }
 
-    fn forget(&self, v: SocketAddr, circuit: u64) {
+    fn forget(&self, socket: &p2pos_net::socket::OverlaySocket, v: SocketAddr, circuit: u64) {
         lock(&self.paths).remove(&v);
         lock(&self.searches).remove(&circuit);
+        if let Some(ids) = lock(&self.sides).remove(&circuit) {
+            socket.close_sides(&ids);
+        }
     }
 
     /// The relay of the session at virtual address `v`.
@@ -135,7 +152,9 @@ pub(crate) fn path_name(node: &Node, remote: SocketAddr, punched: bool) -> (Stri
         );
     }
     match node.socket().route(remote) {
-        Some(Route::Direct(addr)) => (PathKind::for_session(addr, true).as_str().to_owned(), addr),
+        Some(Route::Direct(addr) | Route::Via { addr, .. }) => {
+            (PathKind::for_session(addr, true).as_str().to_owned(), addr)
+        }
         Some(Route::Relayed { relay, .. }) => {
             let name = match node.inner.relayed.relay_of(remote) {
                 Some(r) => format!("relayed:{r}"),
@@ -166,9 +185,9 @@ pub(crate) fn spawn_paths_task(node: &Node) {
         loop {
             tokio::select! {
                 got = inbox.recv() => {
-                    let Some((src, datagram)) = got else { break };
+                    let Some((side, src, datagram)) = got else { break };
                     let Some(inner) = weak.upgrade() else { break };
-                    handle_path_message(&Node { inner }, src, &datagram).await;
+                    handle_path_message(&Node { inner }, side, src, &datagram).await;
                 }
                 _ = tick.tick() => {
                     let Some(inner) = weak.upgrade() else { break };
@@ -182,21 +201,59 @@ pub(crate) fn spawn_paths_task(node: &Node) {
 async fn send_due_probes(node: &Node) {
     let state = &node.inner.relayed;
     let now = state.now();
-    let due: Vec<(SocketAddr, Vec<u8>)> = {
+    type Probes = Vec<(SocketAddr, Vec<u8>)>;
+    let (mut due, sprays): (Probes, Vec<(u64, SprayAction)>) = {
         let mut searches = lock(&state.searches);
         let mut rng = lock(&state.rng);
-        searches
+        let due = searches
             .values_mut()
             .flat_map(|(_, s)| s.poll_probes(now, &mut rng))
-            .collect()
+            .collect();
+        let sprays = searches
+            .iter_mut()
+            .filter_map(|(c, (_, s))| s.poll_spray(now, &mut rng).map(|a| (*c, a)))
+            .collect();
+        (due, sprays)
     };
+    let socket = node.socket();
+    for (circuit, action) in sprays {
+        match action {
+            SprayAction::Open {
+                count,
+                to,
+                datagram,
+            } => {
+                let ids = socket.open_sides(count);
+                tracing::debug!(circuit, sockets = ids.len(), %to, "many-ports search: sockets open");
+                for id in &ids {
+                    let _ = socket.send_from_side(*id, to, &datagram);
+                }
+                lock(&state.sides).entry(circuit).or_default().extend(ids);
+            }
+            SprayAction::Resend { to, datagram } => {
+                let ids = lock(&state.sides)
+                    .get(&circuit)
+                    .cloned()
+                    .unwrap_or_default();
+                for id in ids {
+                    let _ = socket.send_from_side(id, to, &datagram);
+                }
+            }
+            SprayAction::Close => {
+                if let Some(ids) = lock(&state.sides).remove(&circuit) {
+                    socket.close_sides(&ids);
+                }
+            }
+            SprayAction::Probes(probes) => due.extend(probes),
+        }
+    }
     let overlay = node.inner_overlay();
     for (to, datagram) in due {
         let _ = overlay.send(to, &datagram).await;
     }
 }
 
-async fn handle_path_message(node: &Node, src: SocketAddr, datagram: &[u8]) {
+async fn handle_path_message(node: &Node, side: Option<u32>, src: SocketAddr, datagram: &[u8]) {
     let state = &node.inner.relayed;
     let socket = node.socket();
     match PathMessage::decode(datagram) {
@@ -206,19 +263,38 @@ async fn handle_path_message(node: &Node, src: SocketAddr, datagram: &[u8]) {
             let Some(v) = socket.path_for_circuit(circuit) else {
                 return;
             };
-            socket.learn_direct(src, v);
-            let back = lock(&state.searches)
-                .get_mut(&circuit)
-                .filter(|_| state.upgrade)
-                .and_then(|(_, search)| {
-                    let now = state.now();
-                    search.handle_probe(p2pos_net::canonical(src), now, &mut lock(&state.rng))
-                });
-            let overlay = node.inner_overlay();
             let ack = PathMessage::Ack { circuit, nonce }.encode();
-            let _ = overlay.send(src, &ack).await;
-            if let Some((to, probe)) = back {
-                let _ = overlay.send(to, &probe).await;
+            match side {
+                Some(id) => {
+                    // On an extra socket: answer there, and probe back
+                    // from it with the many-ports nonce.
+                    let back = lock(&state.searches)
+                        .get(&circuit)
+                        .and_then(|(_, s)| s.spray_probe());
+                    let _ = socket.send_from_side(id, src, &ack);
+                    if let Some(back) = back {
+                        let _ = socket.send_from_side(id, src, &back);
+                    }
+                }
+                None => {
+                    socket.learn_direct(src, v);
+                    let back = lock(&state.searches)
+                        .get_mut(&circuit)
+                        .filter(|_| state.upgrade)
+                        .and_then(|(_, search)| {
+                            let now = state.now();
+                            search.handle_probe(
+                                p2pos_net::canonical(src),
+                                now,
+                                &mut lock(&state.rng),
+                            )
+                        });
+                    let overlay = node.inner_overlay();
+                    let _ = overlay.send(src, &ack).await;
+                    if let Some((to, probe)) = back {
+                        let _ = overlay.send(to, &probe).await;
+                    }
+                }
             }
         }
         Ok(PathMessage::Ack { circuit, nonce }) => {
@@ -226,14 +302,25 @@ async fn handle_path_message(node: &Node, src: SocketAddr, datagram: &[u8]) {
                 s.handle_ack(p2pos_net::canonical(src), nonce)
                     .map(|a| (*v, a))
             });
-            if let Some((v, addr)) = found {
-                socket.set_direct(v, addr);
-                state
-                    .upgraded
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let peer = lock(&state.paths).get(&v).map(|(p, _)| *p);
-                tracing::info!(peer = ?peer, %addr, "relayed session moved to a direct path");
+            let Some((v, addr)) = found else { return };
+            match side {
+                Some(id) => {
+                    socket.set_via(v, id, addr);
+                    // Keep the extra socket that found the path, close the
+                    // others.
+                    if let Some(ids) = lock(&state.sides).get_mut(&circuit) {
+                        let others: Vec<u32> = ids.iter().copied().filter(|i| *i != id).collect();
+                        socket.close_sides(&others);
+                        ids.retain(|i| *i == id);
+                    }
+                }
+                None => socket.set_direct(v, addr),
             }
+            state
+                .upgraded
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let peer = lock(&state.paths).get(&v).map(|(p, _)| *p);
+            tracing::info!(peer = ?peer, %addr, extra_socket = ?side, "relayed session moved to a direct path");
         }
         Err(_) => {}
     }
@@ -289,16 +376,19 @@ async fn through(node: &Node, peer: PeerId, home: &Home) -> Result<Session, Conn
         .open_on(&relay.conn, home.peer, RELAY_SERVICE)
         .await
         .map_err(|e| fail(format!("refused the relay service: {e}")))?;
+    let own = crate::traversal::own_mapping(node);
     let connect = RelayMessage::Connect {
         target: peer,
+        mapping: own,
         candidates: crate::traversal::own_candidates(node),
     };
     write_msg(&mut stream.send, &connect).await.map_err(fail)?;
-    let (circuit, candidates) = match read_msg(&mut stream.recv).await.map_err(fail)? {
+    let (circuit, mapping, candidates) = match read_msg(&mut stream.recv).await.map_err(fail)? {
         RelayMessage::Opened {
             circuit,
+            mapping,
             candidates,
-        } => (circuit, candidates),
+        } => (circuit, mapping, candidates),
         RelayMessage::Refused { reason } => return Err(fail(reason)),
         other => return Err(fail(format!("unexpected answer {other:?}"))),
     };
@@ -307,9 +397,15 @@ async fn through(node: &Node, peer: PeerId, home: &Home) -> Result<Session, Conn
     let v = socket
         .add_relayed_path(relay_addr, circuit)
         .ok_or_else(|| fail("this node has too many relayed sessions".into()))?;
-    node.inner
-        .relayed
-        .register(v, peer, home.peer, relay_addr, circuit, &candidates);
+    node.inner.relayed.register(
+        v,
+        peer,
+        home.peer,
+        relay_addr,
+        circuit,
+        &candidates,
+        (own, mapping),
+    );
     // The path is held (and cleaned up) even if this dial is abandoned
     // because another path won.
     let node2 = node.clone();
@@ -336,14 +432,25 @@ pub(crate) async fn serve_relay(
         return;
     }
     match read_msg(&mut recv).await {
-        Ok(RelayMessage::Connect { target, candidates }) => {
-            relay_for(node, peer, target, candidates, send, recv).await
-        }
+        Ok(RelayMessage::Connect {
+            target,
+            mapping,
+            candidates,
+        }) => relay_for(node, peer, target, mapping, candidates, send, recv).await,
         Ok(RelayMessage::Offer {
             from,
             circuit,
+            mapping,
             candidates,
-        }) => accept_offer(node, peer, from, circuit, candidates, send, recv).await,
+        }) => {
+            let offer = Offer {
+                from,
+                circuit,
+                mapping,
+                candidates,
+            };
+            accept_offer(node, peer, offer, send, recv).await
+        }
         Ok(_) => {
             let refused = RelayMessage::Refused {
                 reason: "unexpected relay message".into(),
@@ -363,6 +470,7 @@ async fn relay_for(
     node: &Node,
     from: PeerId,
     target: PeerId,
+    from_mapping: Mapping,
     mut candidates: Vec<SocketAddr>,
     mut send: SendStream,
     recv: RecvStream,
@@ -393,15 +501,19 @@ async fn relay_for(
             let offer = RelayMessage::Offer {
                 from,
                 circuit,
+                mapping: from_mapping,
                 candidates,
             };
             write_msg(&mut offer_stream.send, &offer).await?;
             match read_msg(&mut offer_stream.recv).await? {
-                RelayMessage::Accept { mut candidates } => {
+                RelayMessage::Accept {
+                    mapping,
+                    mut candidates,
+                } => {
                     let seen = p2pos_net::canonical(b.conn.remote_address());
                     candidates.retain(|c| *c != seen);
                     candidates.insert(0, seen);
-                    Ok((offer_stream, candidates))
+                    Ok((offer_stream, (mapping, candidates)))
                 }
                 RelayMessage::Refused { reason } => Err(reason),
                 other => Err(format!("the peer answered {other:?}")),
@@ -416,7 +528,7 @@ async fn relay_for(
         }
     }
     .await;
-    let (circuit, a, b, offer_stream, b_candidates) = match outcome {
+    let (circuit, a, b, offer_stream, (b_mapping, b_candidates)) = match outcome {
         Ok(x) => x,
         Err(reason) => {
             let _ = write_msg(&mut send, &refuse(reason)).await;
@@ -426,6 +538,7 @@ async fn relay_for(
     };
     let opened = RelayMessage::Opened {
         circuit,
+        mapping: b_mapping,
         candidates: b_candidates,
     };
     if write_msg(&mut send, &opened).await.is_ok() {
@@ -448,17 +561,28 @@ async fn relay_for(
     tracing::debug!(circuit, "relay circuit closed");
 }
 
-/// As the target: accepts a relayed session from `from`, offered by its
-/// home `relay`.
+/// A relay's offer of a circuit.
+struct Offer {
+    from: PeerId,
+    circuit: u64,
+    mapping: Mapping,
+    candidates: Vec<SocketAddr>,
+}
+
+/// As the target: accepts a relayed session offered by its home `relay`.
 async fn accept_offer(
     node: &Node,
     relay: PeerId,
-    from: PeerId,
-    circuit: u64,
-    candidates: Vec<SocketAddr>,
+    offer: Offer,
     mut send: SendStream,
     recv: RecvStream,
 ) {
+    let Offer {
+        from,
+        circuit,
+        mapping,
+        candidates,
+    } = offer;
     let refuse = |reason: &str| RelayMessage::Refused {
         reason: reason.to_owned(),
     };
@@ -474,14 +598,22 @@ async fn accept_offer(
         let _ = write_msg(&mut send, &refuse("the peer has too many relayed sessions")).await;
         return;
     };
-    node.inner
-        .relayed
-        .register(v, from, relay, relay_addr, circuit, &candidates);
+    let own = crate::traversal::own_mapping(node);
+    node.inner.relayed.register(
+        v,
+        from,
+        relay,
+        relay_addr,
+        circuit,
+        &candidates,
+        (own, mapping),
+    );
     let accept = RelayMessage::Accept {
+        mapping: own,
         candidates: crate::traversal::own_candidates(node),
     };
     if write_msg(&mut send, &accept).await.is_err() {
-        node.inner.relayed.forget(v, circuit);
+        node.inner.relayed.forget(&node.socket(), v, circuit);
         node.socket().remove_path(v);
         return;
     }
@@ -533,7 +665,7 @@ async fn hold(
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
-    node.inner.relayed.forget(v, circuit);
+    node.inner.relayed.forget(&node.socket(), v, circuit);
     node.socket().remove_path(v);
     let _ = send.finish();
 }

@@ -137,7 +137,7 @@ pub(crate) fn own_candidates(node: &Node) -> Vec<SocketAddr> {
     out
 }
 
-fn own_mapping(node: &Node) -> Mapping {
+pub(crate) fn own_mapping(node: &Node) -> Mapping {
     match node.dht().map(|d| d.reach_status().mapping) {
         Some(m) if m == Mapping::EndpointDependentRandom.as_str() => {
             Mapping::EndpointDependentRandom

@@ -6,16 +6,18 @@
 //! inside sessions, with length-prefixed frames (`length u16 | body`):
 //!
 //! ```text
-//! Connect (A → relay):  1 | target key 32 | candidates
-//! Offer (relay → B):    2 | from key 32 | circuit u64 | candidates
-//! Accept (B → relay):   3 | candidates
-//! Opened (relay → A):   4 | circuit u64 | candidates
+//! Connect (A → relay):  1 | target key 32 | mapping (1) | candidates
+//! Offer (relay → B):    2 | from key 32 | circuit u64 | mapping | candidates
+//! Accept (B → relay):   3 | mapping | candidates
+//! Opened (relay → A):   4 | circuit u64 | mapping | candidates
 //! Refused:              5 | reason (UTF-8)
 //! candidates:           n (1) | addr*
 //! ```
 //!
 //! The relay adds the address it sees each side at to the front of that
-//! side's candidates. Both streams stay open for the circuit's life: when
+//! side's candidates. `mapping` is the sender's NAT mapping (codes of the
+//! peer record), passed on to the other side: it decides the many-ports
+//! search below. Both streams stay open for the circuit's life: when
 //! either ends, or either side's session with the relay closes, the relay
 //! drops the circuit.
 //!
@@ -30,6 +32,17 @@
 //! [`PathMessage::Ack`] to its source. An ack for a probe this end sent
 //! proves a direct path both ways; the end then sends the session's packets
 //! there. An ack is the size of its probe.
+//!
+//! **Many ports.** Where one side's NAT maps per destination (the *hard*
+//! side) and the other's does not (the *easy* side), probing candidates
+//! cannot work against port-restricted filtering: the hard side's port
+//! toward the easy side is unknown. Then, once, the hard side sends one
+//! probe from each of [`SPRAY_SOCKETS`] fresh sockets to the easy side,
+//! opening as many mappings, and the easy side probes [`SPRAY_PROBES`]
+//! random ports of the hard side's address (≈98% to hit one of them: the
+//! birthday bound). Only the address of a peer this node already has a
+//! relayed session with is sprayed, at most once per session, paced at
+//! [`SPRAY_PER_TICK`] probes per 100 ms.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,10 +50,11 @@ use std::time::Duration;
 
 use crate::overlay::{DecodeError, OVERLAY_VERSION};
 use crate::packet::OVERLAY_TAG;
+use crate::reach::Mapping;
 use crate::rng::SplitMix64;
 use crate::traversal::{
     decode_addrs, decode_key, decode_reason, decode_u64, done, encode_addrs, encode_reason,
-    frame_kind, frame_len, length_prefixed, TraversalError,
+    frame_kind, frame_len, length_prefixed, mapping_code, mapping_of, TraversalError,
 };
 use crate::PeerId;
 
@@ -166,6 +180,8 @@ pub enum RelayMessage {
     Connect {
         /// The peer to reach (it must have a session with the relay).
         target: PeerId,
+        /// The requester's NAT mapping.
+        mapping: Mapping,
         /// Where the requester can be reached directly.
         candidates: Vec<SocketAddr>,
     },
@@ -175,11 +191,15 @@ pub enum RelayMessage {
         from: PeerId,
         /// The circuit the session will use.
         circuit: u64,
+        /// The requester's NAT mapping.
+        mapping: Mapping,
         /// The requester's candidates.
         candidates: Vec<SocketAddr>,
     },
     /// The target accepts.
     Accept {
+        /// The target's NAT mapping.
+        mapping: Mapping,
         /// Where the target can be reached directly.
         candidates: Vec<SocketAddr>,
     },
@@ -187,6 +207,8 @@ pub enum RelayMessage {
     Opened {
         /// The circuit.
         circuit: u64,
+        /// The target's NAT mapping.
+        mapping: Mapping,
         /// The target's candidates.
         candidates: Vec<SocketAddr>,
     },
@@ -202,31 +224,44 @@ impl RelayMessage {
     pub fn encode(&self) -> Vec<u8> {
         let mut body = Vec::new();
         match self {
-            RelayMessage::Connect { target, candidates } => {
+            RelayMessage::Connect {
+                target,
+                mapping,
+                candidates,
+            } => {
                 body.push(1);
                 body.extend_from_slice(target.as_bytes());
+                body.push(mapping_code(*mapping));
                 encode_addrs(candidates, MAX_CANDIDATES, &mut body);
             }
             RelayMessage::Offer {
                 from,
                 circuit,
+                mapping,
                 candidates,
             } => {
                 body.push(2);
                 body.extend_from_slice(from.as_bytes());
                 body.extend_from_slice(&circuit.to_be_bytes());
+                body.push(mapping_code(*mapping));
                 encode_addrs(candidates, MAX_CANDIDATES, &mut body);
             }
-            RelayMessage::Accept { candidates } => {
+            RelayMessage::Accept {
+                mapping,
+                candidates,
+            } => {
                 body.push(3);
+                body.push(mapping_code(*mapping));
                 encode_addrs(candidates, MAX_CANDIDATES, &mut body);
             }
             RelayMessage::Opened {
                 circuit,
+                mapping,
                 candidates,
             } => {
                 body.push(4);
                 body.extend_from_slice(&circuit.to_be_bytes());
+                body.push(mapping_code(*mapping));
                 encode_addrs(candidates, MAX_CANDIDATES, &mut body);
             }
             RelayMessage::Refused { reason } => {
@@ -248,32 +283,45 @@ impl RelayMessage {
         match kind {
             1 => {
                 let (target, rest) = decode_key(rest)?;
+                let (mapping, rest) = decode_mapping(rest)?;
                 let (candidates, rest) = decode_addrs(rest, MAX_CANDIDATES)?;
                 done(rest)?;
-                Ok(RelayMessage::Connect { target, candidates })
+                Ok(RelayMessage::Connect {
+                    target,
+                    mapping,
+                    candidates,
+                })
             }
             2 => {
                 let (from, rest) = decode_key(rest)?;
                 let (circuit, rest) = decode_u64(rest)?;
+                let (mapping, rest) = decode_mapping(rest)?;
                 let (candidates, rest) = decode_addrs(rest, MAX_CANDIDATES)?;
                 done(rest)?;
                 Ok(RelayMessage::Offer {
                     from,
                     circuit,
+                    mapping,
                     candidates,
                 })
             }
             3 => {
+                let (mapping, rest) = decode_mapping(rest)?;
                 let (candidates, rest) = decode_addrs(rest, MAX_CANDIDATES)?;
                 done(rest)?;
-                Ok(RelayMessage::Accept { candidates })
+                Ok(RelayMessage::Accept {
+                    mapping,
+                    candidates,
+                })
             }
             4 => {
                 let (circuit, rest) = decode_u64(rest)?;
+                let (mapping, rest) = decode_mapping(rest)?;
                 let (candidates, rest) = decode_addrs(rest, MAX_CANDIDATES)?;
                 done(rest)?;
                 Ok(RelayMessage::Opened {
                     circuit,
+                    mapping,
                     candidates,
                 })
             }
@@ -283,6 +331,11 @@ impl RelayMessage {
             other => Err(TraversalError::Unsupported(other)),
         }
     }
+}
+
+fn decode_mapping(bytes: &[u8]) -> Result<(Mapping, &[u8]), TraversalError> {
+    let (&code, rest) = bytes.split_first().ok_or(TraversalError::Length)?;
+    Ok((mapping_of(code)?, rest))
 }
 
 /// What a relay's owner allows. No limit on a circuit's duration or
@@ -520,6 +573,82 @@ pub const PROBE_SCHEDULE: [Duration; 6] = [
 ];
 /// The longest time between probe rounds while a session is relayed.
 pub const PROBE_INTERVAL_MAX: Duration = Duration::from_secs(10);
+/// Sockets the hard side opens for the many-ports search.
+pub const SPRAY_SOCKETS: usize = 256;
+/// Random ports of the hard side the easy side probes.
+pub const SPRAY_PROBES: usize = 1024;
+/// Many-ports probes sent per 100 ms, at most.
+pub const SPRAY_PER_TICK: usize = 64;
+/// When the hard side opens its sockets, after the search starts.
+pub const SPRAY_HARD_AT: Duration = Duration::from_millis(1500);
+/// When the easy side starts probing, after the search starts.
+pub const SPRAY_EASY_AT: Duration = Duration::from_millis(2500);
+/// How long the hard side keeps its sockets, and resends from them every
+/// second, without a hit.
+pub const SPRAY_WINDOW: Duration = Duration::from_secs(10);
+
+/// A side's part in the many-ports search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SprayRole {
+    /// Its NAT maps per destination: it opens many sockets.
+    Hard,
+    /// Its NAT maps the same port for every destination: it probes many
+    /// ports of the hard side.
+    Easy,
+}
+
+/// This side's part in the many-ports search, if one is worth running:
+/// exactly one of the two NATs maps per destination (two such NATs need
+/// ~64k probes for the same odds; that pair stays relayed).
+pub fn spray_role(own: Mapping, peer: Mapping) -> Option<SprayRole> {
+    let easy = |m: Mapping| matches!(m, Mapping::EndpointIndependent | Mapping::None);
+    if own.is_endpoint_dependent() && easy(peer) {
+        Some(SprayRole::Hard)
+    } else if easy(own) && peer.is_endpoint_dependent() {
+        Some(SprayRole::Easy)
+    } else {
+        None
+    }
+}
+
+/// What the many-ports search asks of the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SprayAction {
+    /// Hard side: open `count` sockets and send `datagram` to `to` from
+    /// each.
+    Open {
+        /// Sockets to open.
+        count: usize,
+        /// The easy side's address.
+        to: SocketAddr,
+        /// The probe to send.
+        datagram: Vec<u8>,
+    },
+    /// Hard side: send `datagram` to `to` again from every socket.
+    Resend {
+        /// The easy side's address.
+        to: SocketAddr,
+        /// The probe.
+        datagram: Vec<u8>,
+    },
+    /// Hard side: no hit; close the sockets.
+    Close,
+    /// Easy side: send these probes from the node's own socket.
+    Probes(Vec<(SocketAddr, Vec<u8>)>),
+}
+
+#[derive(Debug, Clone)]
+struct Spray {
+    role: SprayRole,
+    target: SocketAddr,
+    nonce: u64,
+    start: Duration,
+    /// Hard: resends done; easy: probes sent.
+    sent: usize,
+    next: Duration,
+    done: bool,
+}
+
 /// The shortest time between two probes triggered by the peer's probes.
 pub const TRIGGER_GAP: Duration = Duration::from_secs(1);
 /// Probes awaiting an ack at most (older ones are forgotten).
@@ -541,6 +670,7 @@ pub struct PathSearch {
     outstanding: Vec<(u64, SocketAddr)>,
     found: Option<SocketAddr>,
     triggered: Option<Duration>,
+    spray: Option<Spray>,
 }
 
 impl PathSearch {
@@ -556,6 +686,7 @@ impl PathSearch {
             outstanding: Vec::new(),
             found: None,
             triggered: None,
+            spray: None,
         }
     }
 
@@ -567,6 +698,91 @@ impl PathSearch {
     /// The direct path found, if any.
     pub fn found(&self) -> Option<SocketAddr> {
         self.found
+    }
+
+    /// Plans the many-ports search as `role`, toward the peer's first
+    /// candidate (the address its relay sees it at).
+    pub fn plan_spray(&mut self, role: SprayRole, now: Duration, rng: &mut SplitMix64) {
+        let Some(&target) = self.candidates.first() else {
+            return;
+        };
+        let start = now
+            + match role {
+                SprayRole::Hard => SPRAY_HARD_AT,
+                SprayRole::Easy => SPRAY_EASY_AT,
+            };
+        self.spray = Some(Spray {
+            role,
+            target,
+            nonce: rng.next_u64(),
+            start,
+            sent: 0,
+            next: start,
+            done: false,
+        });
+    }
+
+    /// The probe the hard side sends from its many sockets (and answers
+    /// probes on them with).
+    pub fn spray_probe(&self) -> Option<Vec<u8>> {
+        self.spray.as_ref().map(|s| {
+            PathMessage::Probe {
+                circuit: self.circuit,
+                nonce: s.nonce,
+            }
+            .encode()
+        })
+    }
+
+    /// The many-ports steps due at `now`.
+    pub fn poll_spray(&mut self, now: Duration, rng: &mut SplitMix64) -> Option<SprayAction> {
+        let found = self.found.is_some();
+        let circuit = self.circuit;
+        let spray = self.spray.as_mut()?;
+        if spray.done || now < spray.next {
+            return None;
+        }
+        let probe = |nonce| PathMessage::Probe { circuit, nonce }.encode();
+        match spray.role {
+            SprayRole::Hard if spray.sent == 0 => {
+                spray.sent = 1;
+                spray.next = now + Duration::from_secs(1);
+                Some(SprayAction::Open {
+                    count: SPRAY_SOCKETS,
+                    to: spray.target,
+                    datagram: probe(spray.nonce),
+                })
+            }
+            SprayRole::Hard if found || now >= spray.start + SPRAY_WINDOW => {
+                spray.done = true;
+                (!found).then_some(SprayAction::Close)
+            }
+            SprayRole::Hard => {
+                spray.sent += 1;
+                spray.next = now + Duration::from_secs(1);
+                Some(SprayAction::Resend {
+                    to: spray.target,
+                    datagram: probe(spray.nonce),
+                })
+            }
+            SprayRole::Easy => {
+                if found || spray.sent >= SPRAY_PROBES {
+                    spray.done = true;
+                    return None;
+                }
+                let n = SPRAY_PER_TICK.min(SPRAY_PROBES - spray.sent);
+                spray.sent += n;
+                spray.next = now + Duration::from_millis(100);
+                let ip = spray.target.ip();
+                let probes = (0..n)
+                    .map(|_| {
+                        let port = 1024 + rng.below(65536 - 1024) as u16;
+                        (SocketAddr::new(ip, port), probe(spray.nonce))
+                    })
+                    .collect();
+                Some(SprayAction::Probes(probes))
+            }
+        }
     }
 
     /// Adds candidates of the peer (duplicates, the relay's address and
@@ -655,11 +871,21 @@ impl PathSearch {
     /// An ack from `src`: the direct path, if it answers a probe this end
     /// sent there.
     pub fn handle_ack(&mut self, src: SocketAddr, nonce: u64) -> Option<SocketAddr> {
-        let pos = self
-            .outstanding
-            .iter()
-            .position(|&(n, to)| n == nonce && to == src)?;
-        self.outstanding.remove(pos);
+        let sprayed = self.spray.as_ref().is_some_and(|s| {
+            s.nonce == nonce
+                && match s.role {
+                    // The easy side probed many ports of this address.
+                    SprayRole::Easy => s.target.ip() == src.ip(),
+                    SprayRole::Hard => s.target == src,
+                }
+        });
+        if !sprayed {
+            let pos = self
+                .outstanding
+                .iter()
+                .position(|&(n, to)| n == nonce && to == src)?;
+            self.outstanding.remove(pos);
+        }
         if self.found.is_none() {
             self.found = Some(src);
             return Some(src);
@@ -690,16 +916,22 @@ mod tests {
         for m in [
             RelayMessage::Connect {
                 target: peer(1),
+                mapping: Mapping::EndpointIndependent,
                 candidates: c.clone(),
             },
             RelayMessage::Offer {
                 from: peer(2),
                 circuit: 77,
+                mapping: Mapping::EndpointDependentRandom,
                 candidates: c.clone(),
             },
-            RelayMessage::Accept { candidates: vec![] },
+            RelayMessage::Accept {
+                mapping: Mapping::Unknown,
+                candidates: vec![],
+            },
             RelayMessage::Opened {
                 circuit: u64::MAX,
+                mapping: Mapping::None,
                 candidates: c,
             },
             RelayMessage::Refused {
@@ -844,6 +1076,84 @@ mod tests {
             assert_eq!(s.poll_probes(now, &mut rng).len(), 1);
         }
         assert_eq!(s.next_wakeup().unwrap() - now, PROBE_INTERVAL_MAX);
+    }
+
+    #[test]
+    fn many_ports_only_where_exactly_one_side_maps_per_destination() {
+        use Mapping::*;
+        assert_eq!(
+            spray_role(EndpointDependentRandom, EndpointIndependent),
+            Some(SprayRole::Hard)
+        );
+        assert_eq!(
+            spray_role(None, EndpointDependentSequential),
+            Some(SprayRole::Easy)
+        );
+        assert_eq!(
+            spray_role(EndpointDependentRandom, EndpointDependentRandom),
+            Option::None
+        );
+        assert_eq!(
+            spray_role(EndpointIndependent, EndpointIndependent),
+            Option::None
+        );
+        assert_eq!(spray_role(Unknown, EndpointDependentRandom), Option::None);
+    }
+
+    #[test]
+    fn the_easy_side_sprays_a_bounded_number_of_ports_of_one_address() {
+        let hard = addr("11.0.2.2:40000");
+        let mut s = PathSearch::new(1, addr("9.9.9.9:1"), T0);
+        s.add_candidates(&[hard]);
+        let mut rng = SplitMix64(7);
+        s.plan_spray(SprayRole::Easy, T0, &mut rng);
+        assert_eq!(s.poll_spray(T0, &mut rng), None);
+        let mut now = SPRAY_EASY_AT;
+        let mut sent = Vec::new();
+        while let Some(action) = s.poll_spray(now, &mut rng) {
+            let SprayAction::Probes(p) = action else {
+                panic!("the easy side only probes")
+            };
+            assert!(p.len() <= SPRAY_PER_TICK);
+            sent.extend(p);
+            now += Duration::from_millis(100);
+        }
+        assert_eq!(sent.len(), SPRAY_PROBES);
+        assert!(sent
+            .iter()
+            .all(|(a, _)| a.ip() == hard.ip() && a.port() >= 1024));
+        // An ack from any of those ports with the spray's nonce is a path.
+        let PathMessage::Probe { nonce, .. } = PathMessage::decode(&sent[5].1).unwrap() else {
+            panic!("not a probe")
+        };
+        assert_eq!(s.handle_ack(addr("11.0.2.3:5"), nonce), None);
+        assert_eq!(s.handle_ack(sent[5].0, nonce), Some(sent[5].0));
+    }
+
+    #[test]
+    fn the_hard_side_opens_sockets_resends_then_gives_up() {
+        let easy = addr("11.0.2.1:7447");
+        let mut s = PathSearch::new(1, addr("9.9.9.9:1"), T0);
+        s.add_candidates(&[easy]);
+        let mut rng = SplitMix64(7);
+        s.plan_spray(SprayRole::Hard, T0, &mut rng);
+        let Some(SprayAction::Open { count, to, .. }) = s.poll_spray(SPRAY_HARD_AT, &mut rng)
+        else {
+            panic!("expected the sockets to open")
+        };
+        assert_eq!((count, to), (SPRAY_SOCKETS, easy));
+        let mut now = SPRAY_HARD_AT;
+        let mut resends = 0;
+        loop {
+            now += Duration::from_secs(1);
+            match s.poll_spray(now, &mut rng) {
+                Some(SprayAction::Resend { .. }) => resends += 1,
+                Some(SprayAction::Close) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!((5..=10).contains(&resends), "{resends}");
+        assert_eq!(s.poll_spray(now + SPRAY_WINDOW, &mut rng), None);
     }
 
     proptest! {

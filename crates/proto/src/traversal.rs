@@ -95,7 +95,7 @@ pub struct PeerInfo {
     pub reachable: bool,
 }
 
-fn mapping_code(m: Mapping) -> u8 {
+pub(crate) fn mapping_code(m: Mapping) -> u8 {
     match m {
         Mapping::Unknown => 0,
         Mapping::None => 1,
@@ -105,7 +105,7 @@ fn mapping_code(m: Mapping) -> u8 {
     }
 }
 
-fn mapping_of(code: u8) -> Result<Mapping, TraversalError> {
+pub(crate) fn mapping_of(code: u8) -> Result<Mapping, TraversalError> {
     Ok(match code {
         0 => Mapping::Unknown,
         1 => Mapping::None,
