@@ -561,3 +561,83 @@ fn abbreviate(s: &str) -> String {
     s.truncate(10);
     s
 }
+
+/// Two DHT servers on public hosts and two DHT clients, `a` and `b`,
+/// each behind its own router.
+#[derive(Debug)]
+pub struct TwoBehind {
+    /// The servers (homes and relays of the clients).
+    pub servers: Vec<LabNode>,
+    /// The first client.
+    pub a: LabNode,
+    /// The second client.
+    pub b: LabNode,
+}
+
+/// Starts [`TwoBehind`] with routers of `kinds`, writing `server_config`
+/// into the servers' config files, and waits until both clients have a
+/// home and a NAT verdict and `a` finds `b`'s record with its homes.
+///
+/// The clients are DHT clients from the start: in a network this small,
+/// two DHT servers would exchange DHT traffic and so open each other's
+/// NATs by chance; clients only talk to servers, as two random nodes of a
+/// large network do. Two servers, because the mapping is judged from what
+/// several peers see.
+pub fn two_behind(
+    lab: &mut Lab,
+    p2pos: &Path,
+    kinds: [RouterKind; 2],
+    server_config: &str,
+) -> Result<TwoBehind, LabError> {
+    let p1 = lab.add_public_host("p1")?;
+    let p2 = lab.add_public_host("p2")?;
+    let ha = host_behind(lab, kinds[0], "a", RouterOptions::default())?;
+    let hb = host_behind(lab, kinds[1], "b", RouterOptions::default())?;
+    for p in [p1, p2] {
+        let dir = lab.file(&format!("node-{}", p.0));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("config.toml"), server_config)?;
+    }
+    let n1 = start_node(lab, p1, 7447, p2pos, &[])?;
+    let entry = vec![format!("{}@{}:7447", n1.peer_id, lab.host(p1).ipv4)];
+    let n2 = start_node(lab, p2, 7447, p2pos, &entry)?;
+    let client = ["--dht-client"];
+    let a = start_node_with(lab, ha, 7447, p2pos, &entry, &client)?;
+    let b = start_node_with(lab, hb, 7447, p2pos, &entry, &client)?;
+    for n in [&a, &b] {
+        wait_for(Duration::from_secs(60), "a home and a NAT verdict", || {
+            let s = status(n);
+            s["reachable"] == false
+                && s["homes"].as_array().is_some_and(|h| !h.is_empty())
+                && s["nat"]["mapping"] != "unknown"
+        });
+    }
+    wait_for(Duration::from_secs(30), "b's record with its homes", || {
+        lookup(&a, &b)["homes"]
+            .as_array()
+            .is_some_and(|h| !h.is_empty())
+    });
+    Ok(TwoBehind {
+        servers: vec![n1, n2],
+        a,
+        b,
+    })
+}
+
+/// `peer`'s record as `from` finds it in the DHT (`null` if not found).
+pub fn lookup(from: &LabNode, peer: &LabNode) -> serde_json::Value {
+    let body = format!("{{\"peer\":\"{}\"}}", peer.peer_id);
+    let (_, resp) = api(&from.data_dir, "POST", "/v1/lookup", Some(&body));
+    serde_json::from_str(&resp).unwrap_or_default()
+}
+
+/// The path of `from`'s session with `peer` (empty if none).
+pub fn session_path(from: &LabNode, peer: &LabNode) -> String {
+    status(from)["sessions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["peer"] == peer.peer_id.as_str())
+        .and_then(|s| s["path"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}

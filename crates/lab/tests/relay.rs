@@ -5,19 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use p2pos_lab::matrix::{api, start_node, start_node_with, status, wait_for as wait, LabNode};
-use p2pos_lab::{RouterKind, RouterOptions};
-use serde_json::Value;
-
-fn session_path(n: &LabNode, peer: &LabNode) -> String {
-    status(n)["sessions"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|s| s["peer"] == peer.peer_id.as_str())
-        .and_then(|s| s["path"].as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
+use p2pos_lab::matrix::{api, session_path, status, two_behind, wait_for as wait, TwoBehind};
+use p2pos_lab::RouterKind;
 
 #[test]
 fn a_relayed_session_moves_to_a_direct_path_when_the_block_is_lifted() {
@@ -25,44 +14,18 @@ fn a_relayed_session_moves_to_a_direct_path_when_the_block_is_lifted() {
         return;
     };
     let p2pos = p2pos_lab::p2pos_next_to_tests();
-    let p1 = lab.add_public_host("p1").unwrap();
-    let p2 = lab.add_public_host("p2").unwrap();
-    let behind = |lab: &mut p2pos_lab::Lab, name: &str| {
-        let r = lab
-            .add_router(RouterKind::PortRestricted, RouterOptions::default())
-            .unwrap();
-        (r, lab.add_host(r, name).unwrap())
-    };
-    let (ra, ha) = behind(&mut lab, "a");
-    let (rb, hb) = behind(&mut lab, "b");
     // The relays carry 4 MiB/s per circuit, so that the 100 MB stream is
     // still running when the block is lifted.
-    for p in [p1, p2] {
-        let dir = lab.file(&format!("node-{}", p.0));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("config.toml"), "[relay]\ncircuit_kib_s = 4096\n").unwrap();
-    }
-    let n1 = start_node(&mut lab, p1, 7447, &p2pos, &[]).unwrap();
-    let entry = vec![format!("{}@{}:7447", n1.peer_id, lab.host(p1).ipv4)];
-    let _n2 = start_node(&mut lab, p2, 7447, &p2pos, &entry).unwrap();
-    let client = ["--dht-client"];
-    let a = start_node_with(&mut lab, ha, 7447, &p2pos, &entry, &client).unwrap();
-    let b = start_node_with(&mut lab, hb, 7447, &p2pos, &entry, &client).unwrap();
-    for n in [&a, &b] {
-        wait(Duration::from_secs(60), "a home", || {
-            let s = status(n);
-            s["reachable"] == false && s["homes"].as_array().is_some_and(|h| !h.is_empty())
-        });
-    }
-    let lookup = || {
-        let body = format!("{{\"peer\":\"{}\"}}", b.peer_id);
-        let (_, resp) = api(&a.data_dir, "POST", "/v1/lookup", Some(&body));
-        serde_json::from_str::<Value>(&resp).unwrap_or_default()
-    };
-    wait(Duration::from_secs(30), "b's record with its homes", || {
-        lookup()["homes"].as_array().is_some_and(|h| !h.is_empty())
-    });
-
+    let TwoBehind { servers, a, b } = two_behind(
+        &mut lab,
+        &p2pos,
+        [RouterKind::PortRestricted, RouterKind::PortRestricted],
+        "[relay]\ncircuit_kib_s = 4096\n",
+    )
+    .unwrap();
+    let (ha, hb) = (a.host, b.host);
+    let router_of = |h| lab.host(h).router.expect("behind a router");
+    let (ra, rb) = (router_of(ha), router_of(hb));
     // The block: a's router drops everything to and from b's router.
     let ra_ns = lab.router(ra).ns.clone();
     let rb_ip = lab.router(rb).public_ip;
@@ -123,8 +86,10 @@ fn a_relayed_session_moves_to_a_direct_path_when_the_block_is_lifted() {
         let sender = s.spawn(|| lab.sh(&ha_ns, &send));
         // Lift the block while the stream runs through the relay.
         std::thread::sleep(Duration::from_secs(3));
-        let relayed_bytes = status(&n1)["relay"]["bytes_relayed"].as_u64().unwrap_or(0)
-            + status(&_n2)["relay"]["bytes_relayed"].as_u64().unwrap_or(0);
+        let relayed_bytes: u64 = servers
+            .iter()
+            .map(|n| status(n)["relay"]["bytes_relayed"].as_u64().unwrap_or(0))
+            .sum();
         assert!(
             relayed_bytes > 1_000_000,
             "the stream is not going through the relay: {relayed_bytes} bytes relayed"
@@ -169,35 +134,14 @@ fn a_symmetric_nat_and_a_port_restricted_one_end_up_direct_by_many_ports() {
         return;
     };
     let p2pos = p2pos_lab::p2pos_next_to_tests();
-    let p1 = lab.add_public_host("p1").unwrap();
-    let p2 = lab.add_public_host("p2").unwrap();
-    let mut behind = |kind: RouterKind, name: &str| {
-        let r = lab.add_router(kind, RouterOptions::default()).unwrap();
-        lab.add_host(r, name).unwrap()
-    };
-    let ha = behind(RouterKind::PortRestricted, "a");
-    let hb = behind(RouterKind::SymmetricRandom, "b");
-    let n1 = start_node(&mut lab, p1, 7447, &p2pos, &[]).unwrap();
-    let entry = vec![format!("{}@{}:7447", n1.peer_id, lab.host(p1).ipv4)];
-    // Two servers: the mapping is judged from what several peers see.
-    let _n2 = start_node(&mut lab, p2, 7447, &p2pos, &entry).unwrap();
-    let client = ["--dht-client"];
-    let a = start_node_with(&mut lab, ha, 7447, &p2pos, &entry, &client).unwrap();
-    let b = start_node_with(&mut lab, hb, 7447, &p2pos, &entry, &client).unwrap();
-    for n in [&a, &b] {
-        wait(Duration::from_secs(60), "a home and a NAT verdict", || {
-            let s = status(n);
-            s["homes"].as_array().is_some_and(|h| !h.is_empty()) && s["nat"]["mapping"] != "unknown"
-        });
-    }
+    let TwoBehind { a, b, .. } = two_behind(
+        &mut lab,
+        &p2pos,
+        [RouterKind::PortRestricted, RouterKind::SymmetricRandom],
+        "",
+    )
+    .unwrap();
     assert_eq!(status(&b)["nat"]["mapping"], "endpoint-dependent-random");
-    wait(Duration::from_secs(30), "b's record with its homes", || {
-        let body = format!("{{\"peer\":\"{}\"}}", b.peer_id);
-        let (_, resp) = api(&a.data_dir, "POST", "/v1/lookup", Some(&body));
-        serde_json::from_str::<Value>(&resp).unwrap_or_default()["homes"]
-            .as_array()
-            .is_some_and(|h| !h.is_empty())
-    });
     let body = format!("{{\"peer\":\"{}\",\"count\":1}}", b.peer_id);
     let (code, resp) = api(&a.data_dir, "POST", "/v1/ping", Some(&body));
     assert_eq!(code, 200, "{resp}\nA: {}\nB: {}", status(&a), status(&b));
