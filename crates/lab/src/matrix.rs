@@ -42,8 +42,14 @@ pub struct PairResult {
     pub to_kind: String,
     /// Whether a session came up.
     pub connected: bool,
-    /// The session's path (`lan`, `direct`, `punched`, `relayed:<id>`).
+    /// The session's path (`lan`, `direct`, `punched`, `relayed:<id>`),
+    /// after a relayed session had [`UPGRADE_WAIT`] to move to a direct
+    /// path.
     pub path: Option<String>,
+    /// The path the session started on, if it moved since.
+    pub first_path: Option<String>,
+    /// When a relayed session moved to a direct path, after the first byte.
+    pub moved_after_ms: Option<f64>,
     /// Time from the request to the first echoed byte.
     pub ttfb_ms: Option<f64>,
     /// Whether the session outlived two idle binding timeouts.
@@ -236,6 +242,8 @@ pub fn try_pair(
         to_kind: to_kind.to_string(),
         connected: false,
         path: None,
+        first_path: None,
+        moved_after_ms: None,
         ttfb_ms: None,
         survived_idle: None,
         error: None,
@@ -244,6 +252,22 @@ pub fn try_pair(
         result.connected = true;
         result.path = value["path"].as_str().map(str::to_owned);
         result.ttfb_ms = Some(elapsed.as_secs_f64() * 1000.0);
+        if result
+            .path
+            .as_deref()
+            .is_some_and(|p| p.starts_with("relayed"))
+        {
+            let relayed = Instant::now();
+            while relayed.elapsed() < UPGRADE_WAIT {
+                let now = session_path(from, to);
+                if !now.is_empty() && !now.starts_with("relayed") {
+                    result.first_path = result.path.replace(now);
+                    result.moved_after_ms = Some(relayed.elapsed().as_secs_f64() * 1000.0);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
     } else {
         result.error = Some(
             value["error"]
@@ -254,6 +278,9 @@ pub fn try_pair(
     }
     result
 }
+
+/// How long a relayed pair gets to move to a direct path.
+pub const UPGRADE_WAIT: Duration = Duration::from_secs(12);
 
 /// Whether `from` still holds a session with `to` that is at least
 /// `min_age` old (the same session, not a new one).
@@ -512,6 +539,28 @@ pub fn render(report: &MatrixReport, kinds: &[RouterKind]) -> String {
     }
     let connected = report.pairs.iter().filter(|p| p.connected).count();
     let _ = writeln!(out, "\nconnected {connected}/{} pairs", report.pairs.len());
+    let mut moved: Vec<f64> = report
+        .pairs
+        .iter()
+        .filter_map(|p| p.moved_after_ms)
+        .collect();
+    if !moved.is_empty() {
+        moved.sort_by(f64::total_cmp);
+        let _ = writeln!(
+            out,
+            "  {} started relayed and moved to a direct path (median {:.1} s after the first byte)",
+            moved.len(),
+            moved[moved.len() / 2] / 1000.0
+        );
+    }
+    let relayed = report
+        .pairs
+        .iter()
+        .filter(|p| p.path.as_deref().is_some_and(|x| x.starts_with("relayed")))
+        .count();
+    if relayed > 0 {
+        let _ = writeln!(out, "  {relayed} stayed relayed");
+    }
     let mut errors: Vec<(String, usize)> = Vec::new();
     for p in &report.pairs {
         if let Some(e) = &p.error {
@@ -574,7 +623,8 @@ pub struct TwoBehind {
     pub b: LabNode,
 }
 
-/// Starts [`TwoBehind`] with routers of `kinds`, writing `server_config`
+/// Starts [`TwoBehind`] with routers of `kinds` (with `routers`' options),
+/// writing `server_config`
 /// into the servers' config files, and waits until both clients have a
 /// home and a NAT verdict and `a` finds `b`'s record with its homes.
 ///
@@ -587,12 +637,13 @@ pub fn two_behind(
     lab: &mut Lab,
     p2pos: &Path,
     kinds: [RouterKind; 2],
+    routers: RouterOptions,
     server_config: &str,
 ) -> Result<TwoBehind, LabError> {
     let p1 = lab.add_public_host("p1")?;
     let p2 = lab.add_public_host("p2")?;
-    let ha = host_behind(lab, kinds[0], "a", RouterOptions::default())?;
-    let hb = host_behind(lab, kinds[1], "b", RouterOptions::default())?;
+    let ha = host_behind(lab, kinds[0], "a", routers)?;
+    let hb = host_behind(lab, kinds[1], "b", routers)?;
     for p in [p1, p2] {
         let dir = lab.file(&format!("node-{}", p.0));
         std::fs::create_dir_all(&dir)?;

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use p2pos_lab::matrix::{api, session_path, status, two_behind, wait_for as wait, TwoBehind};
-use p2pos_lab::RouterKind;
+use p2pos_lab::{RouterKind, RouterOptions};
 
 #[test]
 fn a_relayed_session_moves_to_a_direct_path_when_the_block_is_lifted() {
@@ -20,6 +20,7 @@ fn a_relayed_session_moves_to_a_direct_path_when_the_block_is_lifted() {
         &mut lab,
         &p2pos,
         [RouterKind::PortRestricted, RouterKind::PortRestricted],
+        RouterOptions::default(),
         "[relay]\ncircuit_kib_s = 4096\n",
     )
     .unwrap();
@@ -138,6 +139,7 @@ fn a_symmetric_nat_and_a_port_restricted_one_end_up_direct_by_many_ports() {
         &mut lab,
         &p2pos,
         [RouterKind::PortRestricted, RouterKind::SymmetricRandom],
+        RouterOptions::default(),
         "",
     )
     .unwrap();

@@ -12,7 +12,9 @@
 //!   datagram (service `p2pos/ka`, dropped silently by the peer). The
 //!   interval is the measured one (0.9 × the longest idle a binding
 //!   survived), the configured one while nothing is measured, and
-//!   [`NO_NAT_INTERVAL`] with no NAT at all. A session that received
+//!   [`NO_NAT_INTERVAL`] with no NAT and no stateful firewall (a host
+//!   with a public address that is not reachable sits behind one, whose
+//!   state expires like a NAT binding: it is measured the same way). A session that received
 //!   nothing for [`DEAD_AFTER_INTERVALS`] intervals (and at least the
 //!   configured idle timeout) is closed as dead.
 
@@ -192,9 +194,19 @@ fn spawn_measure(node: &Node, mut inbox: mpsc::Receiver<(SocketAddr, Bytes)>) {
                 measuring_with = None;
             }
             let state = &node.inner.keepalive;
+            let reachable = reach.as_ref().and_then(|r| r.reachable);
             if mapping == "none" {
-                state.set(NO_NAT_INTERVAL, "no-nat", None);
-                continue;
+                match reachable {
+                    // No NAT and nothing filtering: no binding to keep.
+                    Some(true) => {
+                        state.set(NO_NAT_INTERVAL, "no-nat", None);
+                        continue;
+                    }
+                    None => continue,
+                    // A stateful firewall: its connection state expires
+                    // like a NAT binding; measure it.
+                    Some(false) => {}
+                }
             }
             if mapping == "unknown" || mapping.is_empty() {
                 continue;
