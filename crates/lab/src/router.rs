@@ -119,6 +119,8 @@ pub struct RouterOptions {
     pub loss_percent: u8,
     /// Whether LAN hosts can reach each other through the public address.
     pub hairpin: bool,
+    /// A `upnp` router that speaks only UPnP IGD (no PCP, no NAT-PMP).
+    pub igd_only: bool,
 }
 
 impl Default for RouterOptions {
@@ -127,6 +129,7 @@ impl Default for RouterOptions {
             udp_timeout_s: 30,
             loss_percent: 0,
             hairpin: false,
+            igd_only: false,
         }
     }
 }
@@ -294,12 +297,13 @@ pub fn ruleset(kind: RouterKind, wan: Ipv4Addr, lan_net: Ipv4Addr, opts: &Router
 }
 
 /// The miniupnpd configuration for a `upnp` router.
-pub fn miniupnpd_config(lan_net: Ipv4Addr, uuid_suffix: u32) -> String {
+pub fn miniupnpd_config(lan_net: Ipv4Addr, uuid_suffix: u32, igd_only: bool) -> String {
+    let natpmp = if igd_only { "no" } else { "yes" };
     format!(
         "ext_ifname=wan\n\
          listening_ip=lan\n\
          http_port=0\n\
-         enable_natpmp=yes\n\
+         enable_natpmp={natpmp}\n\
          enable_upnp=yes\n\
          secure_mode=yes\n\
          system_uptime=yes\n\
@@ -323,8 +327,8 @@ mod tests {
     fn rules(kind: RouterKind, hairpin: bool) -> String {
         let opts = RouterOptions {
             udp_timeout_s: 7,
-            loss_percent: 0,
             hairpin,
+            ..RouterOptions::default()
         };
         ruleset(
             kind,

@@ -337,7 +337,10 @@ impl Lab {
         self.set_udp_timeout(&ns, options.udp_timeout_s)?;
         if kind == RouterKind::Upnp {
             let conf = self.workdir().join(format!("miniupnpd-r{i}.conf"));
-            std::fs::write(&conf, router::miniupnpd_config(lan_net, u32::from(i)))?;
+            std::fs::write(
+                &conf,
+                router::miniupnpd_config(lan_net, u32::from(i), options.igd_only),
+            )?;
             let pid = self.workdir().join(format!("miniupnpd-r{i}.pid"));
             let log = std::fs::File::create(self.workdir().join(format!("miniupnpd-r{i}.log")))?;
             let child = Command::new("ip")

@@ -1,6 +1,7 @@
-//! A node behind a router that speaks PCP / NAT-PMP (miniupnpd) gets its
-//! port mapped, publishes the mapped address, is found reachable, serves
-//! the DHT, and deletes the mapping when it stops. Root only.
+//! A node behind a router that speaks PCP / NAT-PMP, or only UPnP IGD
+//! (miniupnpd), gets its port mapped, publishes the mapped address, is
+//! found reachable, serves the DHT, and deletes the mapping when it stops.
+//! Root only.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,20 @@ use p2pos_lab::{RouterKind, RouterOptions};
 use serde_json::Value;
 
 #[test]
-fn a_mapped_node_is_reachable_and_removes_its_mapping_on_stop() {
+fn a_node_mapped_by_pcp_or_nat_pmp_is_reachable_and_removes_its_mapping_on_stop() {
+    mapped_node_is_reachable(RouterOptions::default(), &["pcp", "nat-pmp"]);
+}
+
+#[test]
+fn a_node_mapped_by_upnp_igd_is_reachable_and_removes_its_mapping_on_stop() {
+    let igd_only = RouterOptions {
+        igd_only: true,
+        ..RouterOptions::default()
+    };
+    mapped_node_is_reachable(igd_only, &["upnp-igd"]);
+}
+
+fn mapped_node_is_reachable(options: RouterOptions, protocols: &[&str]) {
     let Some(mut lab) = p2pos_lab::lab_for_test() else {
         return;
     };
@@ -18,9 +32,7 @@ fn a_mapped_node_is_reachable_and_removes_its_mapping_on_stop() {
     let p1 = lab.add_public_host("p1").unwrap();
     let p2 = lab.add_public_host("p2").unwrap();
     let p3 = lab.add_public_host("p3").unwrap();
-    let router = lab
-        .add_router(RouterKind::Upnp, RouterOptions::default())
-        .unwrap();
+    let router = lab.add_router(RouterKind::Upnp, options).unwrap();
     let ha = lab.add_host(router, "a").unwrap();
     let n1 = start_node(&mut lab, p1, 7447, &p2pos, &[]).unwrap();
     let entry = vec![format!("{}@{}:7447", n1.peer_id, lab.host(p1).ipv4)];
@@ -44,7 +56,7 @@ fn a_mapped_node_is_reachable_and_removes_its_mapping_on_stop() {
         "{pm}"
     );
     assert!(
-        matches!(pm["protocol"].as_str(), Some("pcp" | "nat-pmp")),
+        protocols.contains(&pm["protocol"].as_str().unwrap_or("")),
         "{pm}"
     );
     let rules = |lab: &p2pos_lab::Lab| {

@@ -1,5 +1,6 @@
 //! Port mapping: asking the home router to forward the node's UDP port
-//! (PCP, falling back to NAT-PMP, through `crab_nat`).
+//! (PCP, falling back to NAT-PMP, through `crab_nat`; then UPnP IGD,
+//! through `igd-next`).
 //!
 //! A node behind a NAT asks its default gateway for a mapping of its port
 //! (the same external port if the router agrees), renews it every
@@ -9,7 +10,9 @@
 //! mapped address goes first in the node's peer record and candidates;
 //! dial-backs then find the node reachable and it serves the DHT.
 //!
-//! UPnP IGD is not spoken yet: routers with only UPnP stay unmapped.
+//! UPnP IGD finds the router by SSDP (a multicast search on the LAN, sent
+//! from the address that reaches the default gateway) and asks for the
+//! same external port with the same lease; a renewal asks again.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU16;
@@ -33,7 +36,7 @@ const RETRY: Duration = Duration::from_secs(10 * 60);
 pub struct PortMappingStatus {
     /// `mapped`, `trying`, `unavailable: <why>` or `off`.
     pub state: String,
-    /// `pcp` or `nat-pmp`.
+    /// `pcp`, `nat-pmp` or `upnp-igd`.
     pub protocol: Option<String>,
     /// The gateway asked.
     pub gateway: Option<String>,
@@ -51,7 +54,111 @@ pub struct PortMappingStatus {
 #[derive(Debug, Default)]
 pub(crate) struct PortMapState {
     status: Mutex<PortMappingStatus>,
-    mapping: tokio::sync::Mutex<Option<PortMapping>>,
+    mapping: tokio::sync::Mutex<Option<Held>>,
+}
+
+type IgdGateway = igd_next::aio::Gateway<igd_next::aio::tokio::Tokio>;
+
+/// A mapping the router granted.
+#[derive(Debug, Clone)]
+enum Held {
+    /// By PCP or NAT-PMP.
+    Nat(PortMapping),
+    /// By UPnP IGD: the gateway, the port, and the local address mapped.
+    Igd {
+        gateway: Box<IgdGateway>,
+        port: u16,
+        local: SocketAddr,
+        external: SocketAddr,
+    },
+}
+
+impl Held {
+    fn protocol(&self) -> &'static str {
+        match self {
+            Held::Nat(m) => match m.mapping_type() {
+                PortMappingType::Pcp { .. } => "pcp",
+                PortMappingType::NatPmp => "nat-pmp",
+            },
+            Held::Igd { .. } => "upnp-igd",
+        }
+    }
+
+    fn lease_s(&self) -> u64 {
+        match self {
+            Held::Nat(m) => u64::from(m.lifetime()),
+            Held::Igd { .. } => LEASE.as_secs(),
+        }
+    }
+
+    /// Asks the router to keep the mapping; the external address.
+    async fn renew(&mut self, known: Option<IpAddr>) -> Result<SocketAddr, String> {
+        match self {
+            Held::Nat(m) => {
+                m.renew().await.map_err(|e| e.to_string())?;
+                let ip = known.ok_or("the external address is not known")?;
+                Ok(SocketAddr::new(ip, m.external_port().get()))
+            }
+            Held::Igd {
+                gateway,
+                port,
+                local,
+                external,
+            } => {
+                igd_add(gateway, *port, *local).await?;
+                Ok(*external)
+            }
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Held::Nat(m) => {
+                let _ = m.try_drop().await;
+            }
+            Held::Igd { gateway, port, .. } => {
+                let _ = gateway
+                    .remove_port(igd_next::PortMappingProtocol::UDP, port)
+                    .await;
+            }
+        }
+    }
+}
+
+async fn igd_add(gateway: &IgdGateway, port: u16, local: SocketAddr) -> Result<(), String> {
+    gateway
+        .add_port(
+            igd_next::PortMappingProtocol::UDP,
+            port,
+            local,
+            LEASE.as_secs() as u32,
+            "p2pos",
+        )
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Maps `port` by UPnP IGD: finds the gateway from `client`, asks for the
+/// same external port.
+async fn map_igd(client: IpAddr, port: u16) -> Result<(Held, SocketAddr), String> {
+    let mut options = igd_next::SearchOptions::default();
+    options.bind_addr = SocketAddr::new(client, 0);
+    options.timeout = Some(Duration::from_secs(3));
+    options.single_search_timeout = Some(Duration::from_secs(2));
+    let gateway = igd_next::aio::tokio::search_gateway(options)
+        .await
+        .map_err(|e| format!("no UPnP IGD gateway: {e}"))?;
+    let local = SocketAddr::new(client, port);
+    igd_add(&gateway, port, local).await?;
+    let ip = gateway.get_external_ip().await.map_err(|e| e.to_string())?;
+    let external = SocketAddr::new(ip.to_canonical(), port);
+    let held = Held::Igd {
+        gateway: Box::new(gateway),
+        port,
+        local,
+        external,
+    };
+    Ok((held, external))
 }
 
 impl PortMapState {
@@ -87,7 +194,7 @@ impl PortMapState {
     /// Deletes the mapping (clean stop).
     pub(crate) async fn release(&self) {
         if let Some(m) = self.mapping.lock().await.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), m.try_drop()).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), m.release()).await;
         }
     }
 }
@@ -122,7 +229,21 @@ fn timeouts() -> TimeoutConfig {
     }
 }
 
+/// Maps `port`: PCP or NAT-PMP first, then UPnP IGD.
 async fn map(
+    gateway: Ipv4Addr,
+    client: IpAddr,
+    port: NonZeroU16,
+) -> Result<(Held, SocketAddr), String> {
+    match map_pcp_or_pmp(gateway, client, port).await {
+        Ok((m, external)) => Ok((Held::Nat(m), external)),
+        Err(pcp) => map_igd(client, port.get())
+            .await
+            .map_err(|igd| format!("PCP/NAT-PMP: {pcp}; UPnP IGD: {igd}")),
+    }
+}
+
+async fn map_pcp_or_pmp(
     gateway: Ipv4Addr,
     client: IpAddr,
     port: NonZeroU16,
@@ -175,13 +296,8 @@ pub(crate) fn spawn(node: &Node) {
                     let mut held = state.mapping.lock().await.take();
                     let had = held.is_some();
                     let renewed = match held.as_mut() {
-                        Some(m) => match m.renew().await {
-                            Ok(()) => {
-                                let ip = state.external().map(|a| a.ip());
-                                ip.map(|ip| {
-                                    (m.clone(), SocketAddr::new(ip, m.external_port().get()))
-                                })
-                            }
+                        Some(m) => match m.renew(state.external().map(|a| a.ip())).await {
+                            Ok(external) => Some((m.clone(), external)),
                             Err(e) => {
                                 tracing::debug!("renewing the port mapping failed: {e}");
                                 None
@@ -195,16 +311,13 @@ pub(crate) fn spawn(node: &Node) {
                     };
                     match result {
                         Ok((mapping, external)) => {
-                            let protocol = match mapping.mapping_type() {
-                                PortMappingType::Pcp { .. } => "pcp",
-                                PortMappingType::NatPmp => "nat-pmp",
-                            };
+                            let protocol = mapping.protocol();
                             tracing::info!(%external, protocol, "port mapped by the router");
                             state.update(|s| {
                                 s.state = "mapped".into();
                                 s.protocol = Some(protocol.into());
                                 s.external = Some(external.to_string());
-                                s.lease_s = Some(u64::from(mapping.lifetime()));
+                                s.lease_s = Some(mapping.lease_s());
                                 if had {
                                     s.renewals += 1;
                                 }
