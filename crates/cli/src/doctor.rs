@@ -132,6 +132,14 @@ pub fn diagnose(s: &Value) -> Report {
             _ => None,
         },
     ));
+    if nat["cgn"].as_bool() == Some(true) {
+        checks.push(check(
+            "carrier-grade nat",
+            "warn",
+            "this network sits behind a second NAT run by the ISP (carrier-grade NAT)".to_owned(),
+            Some("a port mapping on your own router cannot make this node reachable; peers reach it by hole punching or through a relay, or ask the ISP for a public (or IPv6) address"),
+        ));
+    }
     let reachable = s["reachable"].as_bool();
     checks.push(check(
         "reachability",
@@ -148,7 +156,7 @@ pub fn diagnose(s: &Value) -> Report {
             None => "not known yet: no dial-back check has given a verdict".to_owned(),
         },
         match reachable {
-            Some(false) => Some("peers reach it through hole punching, coordinated by other nodes; a port mapping (UPnP/NAT-PMP/PCP on the router) makes it reachable"),
+            Some(false) => Some("peers reach it through hole punching, coordinated by other nodes, or a relay; a port mapping (UPnP/NAT-PMP/PCP on the router) makes it reachable"),
             None => Some("a check needs a DHT peer that knows a third node: wait a minute, or add bootstrap peers"),
             _ => None,
         },
@@ -277,5 +285,21 @@ mod tests {
         });
         let r = diagnose(&s);
         assert!(r.healthy, "{}", render(&r));
+    }
+
+    #[test]
+    fn carrier_grade_nat_is_explained() {
+        let s = json!({
+            "peer_id": "x", "network": "public", "uptime_s": 60,
+            "listen_addrs": ["192.168.1.10:7447"],
+            "dht": { "routing_table_size": 5, "server": false, "mode": "auto", "sent": 30, "received": 30 },
+            "nat": { "mapping": "endpoint-independent", "filtering": "address-and-port-dependent", "cgn": true, "observed_addrs": ["198.51.100.7:40000"] },
+            "reachable": false,
+            "lan": { "mdns": "on", "peers": [] },
+            "counters": {}
+        });
+        let text = render(&diagnose(&s));
+        assert!(text.contains("carrier-grade NAT"), "{text}");
+        assert!(text.contains("relay"), "{text}");
     }
 }

@@ -521,7 +521,18 @@ impl DhtHandle {
                     reachable: reach.reachable(),
                     mapping: reach.mapping().as_str().to_owned(),
                     filtering: reach.filtering().as_str().to_owned(),
-                    cgn: None,
+                    cgn: p2pos_proto::reach::judge_cgn(
+                        &local.iter().map(|a| a.ip()).collect::<Vec<_>>(),
+                        mapped_addr
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .map(|a| a.ip()),
+                        &reach
+                            .observed_addrs()
+                            .iter()
+                            .map(|a| a.ip())
+                            .collect::<Vec<_>>(),
+                    ),
                     observed_addrs: reach
                         .observed_addrs()
                         .iter()

@@ -772,8 +772,82 @@ fn is_same_host_network(a: IpAddr, b: IpAddr) -> bool {
     a == b && (a.is_loopback() || crate::session::is_local_ip(a))
 }
 
+/// Whether a node sits behind carrier-grade NAT (`None`: cannot tell),
+/// from its interface addresses, the external address its own router
+/// reports for a port mapping (PCP, NAT-PMP, UPnP IGD), and the public
+/// addresses peers see it at:
+///
+/// - an interface address in the shared space `100.64.0.0/10` (RFC 6598):
+///   the host sits on a carrier's network itself (mobile, some ISPs);
+/// - a router that reports a shared or private external address, or one
+///   that peers do not see: another NAT sits beyond the home router;
+/// - a router whose external address is what peers see, or an interface
+///   address peers see: no carrier NAT.
+pub fn judge_cgn(
+    local: &[IpAddr],
+    router_external: Option<IpAddr>,
+    observed: &[IpAddr],
+) -> Option<bool> {
+    let shared = |ip: &IpAddr| match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64,
+        IpAddr::V6(_) => false,
+    };
+    let private = |ip: &IpAddr| match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.is_private() || shared(&IpAddr::V4(v4)),
+        IpAddr::V6(_) => false,
+    };
+    let seen = |ip: &IpAddr| {
+        observed
+            .iter()
+            .any(|o| o.to_canonical() == ip.to_canonical())
+    };
+    if local.iter().any(shared) {
+        return Some(true);
+    }
+    if let Some(ext) = router_external {
+        if private(&ext) {
+            return Some(true);
+        }
+        if !observed.is_empty() {
+            return Some(!seen(&ext));
+        }
+    }
+    if local.iter().any(|ip| ip.is_ipv4() && seen(ip)) {
+        return Some(false);
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn carrier_grade_nat_is_judged_from_what_the_node_knows() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let home = [ip("192.168.1.10")];
+        // On the carrier's network itself.
+        assert_eq!(judge_cgn(&[ip("100.72.3.4")], None, &[]), Some(true));
+        // The router's external address is shared, private or not what
+        // peers see.
+        assert_eq!(judge_cgn(&home, Some(ip("100.64.0.9")), &[]), Some(true));
+        assert_eq!(judge_cgn(&home, Some(ip("10.1.2.3")), &[]), Some(true));
+        assert_eq!(
+            judge_cgn(&home, Some(ip("203.0.113.5")), &[ip("198.51.100.7")]),
+            Some(true)
+        );
+        assert_eq!(
+            judge_cgn(&home, Some(ip("203.0.113.5")), &[ip("203.0.113.5")]),
+            Some(false)
+        );
+        // A public interface address peers see: no NAT at all.
+        assert_eq!(
+            judge_cgn(&[ip("203.0.113.5")], None, &[ip("203.0.113.5")]),
+            Some(false)
+        );
+        // Behind a router that maps nothing: cannot tell.
+        assert_eq!(judge_cgn(&home, None, &[ip("203.0.113.5")]), None);
+        assert_eq!(judge_cgn(&home, Some(ip("203.0.113.5")), &[]), None);
+    }
+
     use super::*;
     use proptest::prelude::*;
 
