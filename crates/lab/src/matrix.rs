@@ -132,7 +132,23 @@ pub fn start_node_with(
     }
     let peer_id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
     let dir = data_dir.to_string_lossy().into_owned();
-    let listen = format!("0.0.0.0:{port}");
+    // `--listen` in `extra` (e.g. `[::]:PORT` for dual stack) replaces the
+    // IPv4 default.
+    let listen = extra
+        .iter()
+        .position(|a| *a == "--listen")
+        .and_then(|i| extra.get(i + 1))
+        .map(|l| l.to_string())
+        .unwrap_or_else(|| format!("0.0.0.0:{port}"));
+    let extra: Vec<&str> = match extra.iter().position(|a| *a == "--listen") {
+        Some(i) => extra
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i && *j != i + 1)
+            .map(|(_, a)| *a)
+            .collect(),
+        None => extra.to_vec(),
+    };
     let log = data_dir.join("daemon.log");
     let mut args = vec![
         "--data-dir",
@@ -145,7 +161,7 @@ pub fn start_node_with(
         args.push("--bootstrap");
         args.push(b);
     }
-    args.extend_from_slice(extra);
+    args.extend_from_slice(&extra);
     let child = lab.spawn(host, p2pos, &args, Some(&log))?;
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     wait_for_api(lab, host, &data_dir, &log)?;

@@ -2,7 +2,11 @@
 //! (a reachable node), publishes it in its peer record, and the home
 //! forwards the connect request so both sides punch at once. Root only.
 
-use p2pos_lab::matrix::{api, status, two_behind, TwoBehind};
+use std::time::Duration;
+
+use p2pos_lab::matrix::{
+    api, lookup, start_node, start_node_with, status, two_behind, wait_for, TwoBehind,
+};
 use p2pos_lab::{RouterKind, RouterOptions};
 use serde_json::Value;
 
@@ -72,8 +76,73 @@ fn a_host_behind_a_stateful_firewall_stays_reachable_through_its_home() {
     assert_eq!(status(&b)["nat"]["mapping"], "none");
     assert_ne!(status(&b)["keepalive"]["source"], "no-nat");
     // Idle for more than two firewall timeouts, then connect by key.
-    std::thread::sleep(std::time::Duration::from_secs(20));
+    std::thread::sleep(Duration::from_secs(20));
     let body = format!("{{\"peer\":\"{}\",\"count\":1}}", b.peer_id);
     let (code, resp) = api(&a.data_dir, "POST", "/v1/ping", Some(&body));
     assert_eq!(code, 200, "{resp}\nA: {}\nB: {}", status(&a), status(&b));
+}
+
+/// Two hosts with IPv6 behind stateful firewalls (dual-stack nodes)
+/// connect by key by punching, and the session runs over IPv6.
+#[test]
+fn hosts_behind_stateful_ipv6_firewalls_punch_over_ipv6() {
+    let Some(mut lab) = p2pos_lab::lab_for_test() else {
+        return;
+    };
+    let p2pos = p2pos_lab::p2pos_next_to_tests();
+    let p1 = lab.add_public_host("p1").unwrap();
+    let p2 = lab.add_public_host("p2").unwrap();
+    let mut firewalled = |name: &str| {
+        let r = lab
+            .add_router(RouterKind::Firewall, RouterOptions::default())
+            .unwrap();
+        lab.add_host(r, name).unwrap()
+    };
+    let (ha, hb) = (firewalled("a"), firewalled("b"));
+    let n1 = start_node(&mut lab, p1, 7447, &p2pos, &[]).unwrap();
+    let entry = vec![format!("{}@{}:7447", n1.peer_id, lab.host(p1).ipv4)];
+    let _n2 = start_node(&mut lab, p2, 7447, &p2pos, &entry).unwrap();
+    let dual = ["--dht-client", "--listen", "[::]:7447"];
+    let a = start_node_with(&mut lab, ha, 7447, &p2pos, &entry, &dual).unwrap();
+    let b = start_node_with(&mut lab, hb, 7447, &p2pos, &entry, &dual).unwrap();
+    let b_v6 = lab
+        .host(hb)
+        .ipv6
+        .expect("firewall hosts have IPv6")
+        .to_string();
+    for n in [&a, &b] {
+        wait_for(Duration::from_secs(60), "a home", || {
+            let s = status(n);
+            s["reachable"] == false && s["homes"].as_array().is_some_and(|h| !h.is_empty())
+        });
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "b's record with its IPv6 address",
+        || {
+            let r = lookup(&a, &b);
+            r["homes"].as_array().is_some_and(|h| !h.is_empty())
+                && r["addrs"]
+                    .as_array()
+                    .is_some_and(|x| x.iter().any(|x| x.as_str().unwrap_or("").contains(&b_v6)))
+        },
+    );
+    let body = format!("{{\"peer\":\"{}\",\"count\":1}}", b.peer_id);
+    let (code, resp) = api(&a.data_dir, "POST", "/v1/ping", Some(&body));
+    assert_eq!(code, 200, "{resp}\nA: {}\nB: {}", status(&a), status(&b));
+    let session = status(&a)["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["peer"] == b.peer_id.as_str())
+        .cloned()
+        .expect("a holds the session");
+    assert_eq!(session["path"], "punched", "{session}");
+    assert!(
+        session["remote_addr"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&b_v6),
+        "not over IPv6: {session}"
+    );
 }

@@ -1166,9 +1166,23 @@ impl Node {
         kind: DialKind,
     ) -> Result<quinn::Connection, ConnectError> {
         let mut attempts = tokio::task::JoinSet::new();
+        // IPv6 first: where both families work, the IPv6 path (no NAT on
+        // it, as a rule) wins; IPv4 follows a moment later.
+        let has_v6 = addrs.iter().any(|a| {
+            let a = canonical(*a);
+            a.is_ipv6() && !p2pos_proto::session::is_local_ip(a.ip())
+        });
         for addr in addrs {
             let node = self.clone();
-            attempts.spawn(async move { node.handshake(peer, addr, kind).await });
+            let delay = if has_v6 && canonical(addr).is_ipv4() {
+                IPV4_AFTER_IPV6
+            } else {
+                Duration::ZERO
+            };
+            attempts.spawn(async move {
+                tokio::time::sleep(delay).await;
+                node.handshake(peer, addr, kind).await
+            });
         }
         let mut last = ConnectError::NotFound(peer);
         while let Some(result) = attempts.join_next().await {
@@ -1768,6 +1782,9 @@ pub fn listen_addrs_for(local: SocketAddr) -> Vec<SocketAddr> {
 }
 
 pub use p2pos_net::canonical;
+
+/// How long IPv4 dials wait behind IPv6 ones to the same peer.
+pub const IPV4_AFTER_IPV6: Duration = Duration::from_millis(100);
 
 async fn read_open_header(recv: &mut RecvStream) -> Result<StreamOpen, String> {
     let mut head = [0u8; 2];
