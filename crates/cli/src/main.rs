@@ -189,6 +189,15 @@ struct SimArgs {
     /// Datagram loss probability.
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
+    /// Routers in front of the nodes: `none`, or `realistic` (most map
+    /// endpoint-independently, a fifth per destination, some CGN, a few
+    /// UPnP; only reachable nodes serve the DHT, and --clients is ignored).
+    #[arg(long, default_value = "none", value_parser = ["none", "realistic"])]
+    nat: String,
+    /// Connections by key between random nodes, spread over the run (with
+    /// --nat realistic; default: as many as lookups).
+    #[arg(long)]
+    connects: Option<usize>,
     /// Bucket size k.
     #[arg(long, default_value_t = 20)]
     k: usize,
@@ -560,6 +569,8 @@ fn sim(args: SimArgs) -> Result<()> {
         warmup: std::time::Duration::from_secs(60).min(args.duration / 4),
         dht,
         progress: !args.json || std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        nat_mix: (args.nat == "realistic").then(|| p2pos_sim::nat::REALISTIC_MIX.to_vec()),
+        connects: args.connects.unwrap_or(args.lookups),
     };
     let r = p2pos_sim::run(&config);
     if args.json {
@@ -597,6 +608,30 @@ fn sim(args: SimArgs) -> Result<()> {
         r.maintenance_bytes_per_client_per_s,
         r.maintenance_bytes_per_node_per_s
     );
+    if r.connects > 0 {
+        println!(
+            "  connects         {} by key, {:.2}% connected, {:.2}% direct, {:.2}% relayed",
+            r.connects,
+            r.connect_success_rate * 100.0,
+            r.direct_share * 100.0,
+            r.relayed_share * 100.0
+        );
+        println!(
+            "  time to connect  record known: p50 {} ms ({:.1}x RTT)  p99 {} ms;  with its lookup: p50 {} ms ({:.1}x RTT)  p99 {} ms",
+            r.connect_cached_ms_p50,
+            r.connect_cached_ms_p50 as f64 / rtt,
+            r.connect_cached_ms_p99,
+            r.connect_ms_p50,
+            r.connect_ms_p50 as f64 / rtt,
+            r.connect_ms_p99
+        );
+        println!(
+            "  relays           {:.1} circuits per relaying node (max {}); signalling {:.2} B/node/s",
+            r.relay_circuits_per_relay_mean,
+            r.relay_circuits_max,
+            r.signalling_bytes_per_node_per_s
+        );
+    }
     println!("  churn            {} departures", r.departures);
     println!(
         "  run              {} events in {:.1} s wall, peak RSS {:.0} MB",

@@ -17,10 +17,11 @@
 //! - **Tables** at the start are built from the global ID list (as PeerSim
 //!   does) to skip 10^5–10^6 joins; nodes that join later run the real join.
 //!
-//! The NAT models of the traversal work plug in at delivery time (a node's
-//! reachability decides whether unsolicited datagrams reach it); today
-//! clients simply never serve.
+//! - **NATs** (`--nat realistic`): every node gets a router kind from a
+//!   mix; only reachable kinds serve the DHT, and connections by key
+//!   (`--connects`) run through emulated routers (see [`nat`]).
 
+pub mod nat;
 mod world;
 
 pub use world::{run, SimConfig, SimReport};

@@ -34,6 +34,12 @@ pub struct SimConfig {
     pub dht: DhtConfig,
     /// Report progress on stderr.
     pub progress: bool,
+    /// Router kinds of the nodes (`None`: no NATs; `client_fraction`
+    /// decides who serves). With a mix, reachable kinds serve.
+    pub nat_mix: Option<Vec<(crate::nat::NatKind, f64)>>,
+    /// Connections by key between random online nodes, spread over the
+    /// run after the warm-up (with a NAT mix).
+    pub connects: usize,
 }
 
 impl Default for SimConfig {
@@ -50,6 +56,8 @@ impl Default for SimConfig {
             warmup: Duration::from_secs(60),
             dht: DhtConfig::default(),
             progress: false,
+            nat_mix: None,
+            connects: 0,
         }
     }
 }
@@ -96,6 +104,31 @@ pub struct SimReport {
     pub wall_s: f64,
     /// Peak resident memory (MB).
     pub peak_rss_mb: f64,
+    /// Connections by key tried (targets still online at the end).
+    pub connects: usize,
+    /// Share of them that made a session.
+    pub connect_success_rate: f64,
+    /// Share of sessions on a direct path (direct, punched, or relayed and
+    /// then moved to a direct path).
+    pub direct_share: f64,
+    /// Share of sessions that stayed relayed.
+    pub relayed_share: f64,
+    /// Time from the connect request to the session (handshake done at
+    /// the initiator), record lookup included (ms).
+    pub connect_ms_p50: u64,
+    /// 99th percentile.
+    pub connect_ms_p99: u64,
+    /// The same with the peer record already known (no lookup).
+    pub connect_cached_ms_p50: u64,
+    /// 99th percentile.
+    pub connect_cached_ms_p99: u64,
+    /// Circuits opened per relaying node over the run: mean.
+    pub relay_circuits_per_relay_mean: f64,
+    /// The busiest relay's circuits.
+    pub relay_circuits_max: u64,
+    /// Signalling (home introductions, punches, relay setup, path probes)
+    /// bytes per node per second.
+    pub signalling_bytes_per_node_per_s: f64,
     /// The seed.
     pub seed: u64,
 }
@@ -108,6 +141,7 @@ enum EventKind {
     Put,
     Get { key: NodeId, seq: u64, owner: u32 },
     Progress,
+    Connect,
 }
 
 struct Event {
@@ -139,6 +173,7 @@ struct Node {
     addr: u32,
     gen: u32,
     server: bool,
+    nat: crate::nat::NatKind,
     x: f32,
     y: f32,
     access_ms: f32,
@@ -161,6 +196,13 @@ struct Stats {
     client_bytes: u128,
     server_seconds: f64,
     client_seconds: f64,
+    connects: usize,
+    connects_ok: usize,
+    paths: [usize; 4],
+    connect_ms: Vec<u64>,
+    connect_cached_ms: Vec<u64>,
+    signalling_bytes: u128,
+    relay_circuits: HashMap<u32, u64>,
 }
 
 enum Pending {
@@ -173,6 +215,10 @@ enum Pending {
         seq: u64,
     },
     Put,
+    Connect {
+        target_node: u32,
+        target_gen: u32,
+    },
 }
 
 struct World {
@@ -246,7 +292,14 @@ impl World {
     fn spawn(&mut self, index: u32) -> Keypair {
         let gen = self.nodes.get(index as usize).map_or(0, |n| n.gen + 1);
         let (key, addr) = self.new_identity();
-        let server = self.rng.unit() >= self.cfg.client_fraction;
+        let nat = match &self.cfg.nat_mix {
+            Some(mix) => crate::nat::NatKind::draw(mix, &mut self.rng),
+            None => crate::nat::NatKind::Public,
+        };
+        let server = match self.cfg.nat_mix {
+            Some(_) => nat.reachable(),
+            None => self.rng.unit() >= self.cfg.client_fraction,
+        };
         let mut dht_cfg = self.cfg.dht.clone();
         dht_cfg.server = server;
         let seed = self.rng.next_u64();
@@ -258,6 +311,7 @@ impl World {
             addr,
             gen,
             server,
+            nat,
             x: self.rng.unit() as f32,
             y: self.rng.unit() as f32,
             access_ms: 1.0 + 30.0 * u * u,
@@ -441,7 +495,92 @@ impl World {
                     self.stats.puts_ok += 1;
                 }
             }
+            (
+                Pending::Connect {
+                    target_node,
+                    target_gen,
+                },
+                DhtEvent::LookupDone { closest, .. },
+            ) => {
+                let t = &self.nodes[target_node as usize];
+                if t.gen != target_gen || t.dht.is_none() {
+                    return;
+                }
+                let lookup_ms = self.now - started;
+                self.stats.connects += 1;
+                // The record is held by the closest servers: a lookup
+                // that reached none found nothing.
+                if closest.is_empty() {
+                    return;
+                }
+                self.connect(i, target_node, lookup_ms);
+            }
             _ => {}
+        }
+    }
+
+    /// A random online node looks up a random online node (a server if
+    /// `server_target`); `pending` says what the answer is for.
+    fn start_lookup(
+        &mut self,
+        server_target: bool,
+        pending: impl FnOnce(NodeId, u32, u32) -> Pending,
+    ) {
+        let (Some(from), Some(to)) = (self.random_online(false), self.random_online(server_target))
+        else {
+            return;
+        };
+        if from == to {
+            return;
+        }
+        let target = self.nodes[to as usize].id;
+        let target_gen = self.nodes[to as usize].gen;
+        let gen = self.nodes[from as usize].gen;
+        let now = self.now_d();
+        let q = self.nodes[from as usize]
+            .dht
+            .as_mut()
+            .expect("online")
+            .lookup(now, target);
+        self.pending
+            .insert((from, gen, q), (pending(target, to, target_gen), self.now));
+        self.flush(from);
+    }
+
+    /// Node `a` connects to `b` (whose record it just found).
+    fn connect(&mut self, a: u32, b: u32, lookup_ms: u64) {
+        use crate::nat::{connect, Nat, Path, Rtts};
+        // B's home: a reachable server (B's own record names it).
+        let home = (0..64)
+            .map(|_| self.rng.below(self.nodes.len()) as u32)
+            .find(|&h| {
+                let n = &self.nodes[h as usize];
+                n.dht.is_some() && n.server && n.nat.reachable() && h != a && h != b
+            });
+        let Some(h) = home else { return };
+        let rtt = Rtts {
+            ab: 2 * self.one_way_ms(a, b),
+            ah: 2 * self.one_way_ms(a, h),
+            hb: 2 * self.one_way_ms(h, b),
+        };
+        let (na, nb) = (&self.nodes[a as usize], &self.nodes[b as usize]);
+        let mut nat_a = Nat::new(na.nat, na.addr);
+        let mut nat_b = Nat::new(nb.nat, nb.addr);
+        let h_addr = std::net::SocketAddr::from((self.nodes[h as usize].addr.to_be_bytes(), 7447));
+        let out = connect(&mut nat_a, &mut nat_b, h_addr, rtt, &mut self.rng);
+        self.stats.connects_ok += 1;
+        self.stats.connect_ms.push(lookup_ms + out.connect_ms);
+        self.stats.connect_cached_ms.push(out.connect_ms);
+        self.stats.signalling_bytes += u128::from(out.signalling_bytes);
+        let slot = match out.path {
+            Path::Direct => 0,
+            Path::Punched => 1,
+            Path::Upgraded => 2,
+            Path::Relayed => 3,
+        };
+        self.stats.paths[slot] += 1;
+        if matches!(out.path, Path::Upgraded | Path::Relayed) {
+            *self.stats.relay_circuits.entry(h).or_default() += 1;
         }
     }
 
@@ -504,35 +643,11 @@ impl World {
                 self.flush(node);
             }
             EventKind::Lookup => {
-                let (Some(from), Some(target_node)) =
-                    (self.random_online(false), self.random_online(true))
-                else {
-                    return;
-                };
-                if from == target_node {
-                    return;
-                }
-                let target = self.nodes[target_node as usize].id;
-                let target_gen = self.nodes[target_node as usize].gen;
-                let gen = self.nodes[from as usize].gen;
-                let now = self.now_d();
-                let q = self.nodes[from as usize]
-                    .dht
-                    .as_mut()
-                    .expect("online")
-                    .lookup(now, target);
-                self.pending.insert(
-                    (from, gen, q),
-                    (
-                        Pending::Lookup {
-                            target,
-                            target_node,
-                            target_gen,
-                        },
-                        self.now,
-                    ),
-                );
-                self.flush(from);
+                self.start_lookup(true, |target, target_node, target_gen| Pending::Lookup {
+                    target,
+                    target_node,
+                    target_gen,
+                })
             }
             EventKind::Put => {
                 let Some(owner) = self.random_online(false) else {
@@ -592,6 +707,12 @@ impl World {
                     .insert((from, gen, q), (Pending::Get { seq }, self.now));
                 self.flush(from);
             }
+            EventKind::Connect => {
+                self.start_lookup(false, |_, target_node, target_gen| Pending::Connect {
+                    target_node,
+                    target_gen,
+                })
+            }
             EventKind::Progress => {
                 if self.cfg.progress {
                     let total = self.cfg.duration.as_millis() as u64;
@@ -646,6 +767,14 @@ fn peak_rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
+fn share(part: usize, whole: usize) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
 /// Runs a simulation.
 pub fn run(cfg: &SimConfig) -> SimReport {
     let wall = Instant::now();
@@ -691,6 +820,12 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     for _ in 0..cfg.records {
         let at = warm + w.rng.next_u64() % window;
         w.push(at, EventKind::Put);
+    }
+    if cfg.nat_mix.is_some() {
+        for _ in 0..cfg.connects {
+            let at = warm + w.rng.next_u64() % window;
+            w.push(at, EventKind::Connect);
+        }
     }
     w.push(0, EventKind::Progress);
     while let Some(Reverse(ev)) = w.queue.pop() {
@@ -743,6 +878,22 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         events: w.events,
         wall_s: wall.elapsed().as_secs_f64(),
         peak_rss_mb: peak_rss_mb(),
+        connects: s.connects,
+        connect_success_rate: share(s.connects_ok, s.connects),
+        direct_share: share(s.paths[0] + s.paths[1] + s.paths[2], s.connects_ok),
+        relayed_share: share(s.paths[3], s.connects_ok),
+        connect_ms_p50: percentile(&mut s.connect_ms, 0.5),
+        connect_ms_p99: percentile(&mut s.connect_ms, 0.99),
+        connect_cached_ms_p50: percentile(&mut s.connect_cached_ms, 0.5),
+        connect_cached_ms_p99: percentile(&mut s.connect_cached_ms, 0.99),
+        relay_circuits_per_relay_mean: if s.relay_circuits.is_empty() {
+            0.0
+        } else {
+            s.relay_circuits.values().sum::<u64>() as f64 / s.relay_circuits.len() as f64
+        },
+        relay_circuits_max: s.relay_circuits.values().copied().max().unwrap_or(0),
+        signalling_bytes_per_node_per_s: s.signalling_bytes as f64
+            / (cfg.nodes as f64 * (end.saturating_sub(warm)) as f64 / 1000.0).max(1.0),
         seed: cfg.seed,
     }
 }

@@ -60,3 +60,41 @@ fn lookups_and_records_hold_up_under_churn() {
     assert!(r.lookup_success_rate >= 0.98, "seed 11: {r:?}");
     assert!(r.get_success_rate >= 0.95, "seed 11: {r:?}");
 }
+
+#[test]
+fn connections_through_a_realistic_mix_of_nats() {
+    let seed = 5;
+    let cfg = SimConfig {
+        nodes: 2000,
+        duration: Duration::from_secs(5 * 60),
+        lookups: 100,
+        records: 0,
+        seed,
+        warmup: Duration::from_secs(60),
+        nat_mix: Some(p2pos_sim::nat::REALISTIC_MIX.to_vec()),
+        connects: 2000,
+        ..SimConfig::default()
+    };
+    let r = run(&cfg);
+    eprintln!("seed {seed}: {}", serde_json::to_string(&r).unwrap());
+    assert!(r.connects >= 1900, "seed {seed}: {r:?}");
+    assert!(r.connect_success_rate >= 0.999, "seed {seed}: {r:?}");
+    // Only two per-destination NATs stay relayed: about 0.2² of pairs.
+    assert!(r.direct_share >= 0.93, "seed {seed}: {r:?}");
+    assert!(r.relayed_share > 0.0, "seed {seed}: {r:?}");
+    assert!(r.relay_circuits_max >= 1, "seed {seed}: {r:?}");
+    // Same seed, same numbers.
+    let again = run(&cfg);
+    assert_eq!(
+        (
+            again.direct_share,
+            again.connect_ms_p50,
+            again.signalling_bytes_per_node_per_s
+        ),
+        (
+            r.direct_share,
+            r.connect_ms_p50,
+            r.signalling_bytes_per_node_per_s
+        )
+    );
+}
