@@ -3,8 +3,8 @@
 //!
 //! - **Homes.** A node that is not reachable (its reachability check says
 //!   so, or has not said yet) keeps sessions with [`HOMES`] reachable
-//!   nodes — DHT servers whose keys it verified — and publishes them in
-//!   its peer record. Its sessions with them keep its NAT binding open.
+//!   nodes — DHT servers whose keys it verified, the nearest by round trip
+//!   of up to six — and publishes them in its peer record. Its sessions with them keep its NAT binding open.
 //! - **Signalling.** To reach such a peer B, a node A looks up B's record,
 //!   opens a session with one of B's homes H and asks it, on the built-in
 //!   stream service [`SIGNAL_SERVICE`], to introduce it. H forwards the
@@ -42,6 +42,10 @@ pub const SIGNAL_SERVICE: &str = "p2pos/signal";
 pub const HOMES: usize = 2;
 /// How often the homes are checked.
 const HOME_CHECK: Duration = Duration::from_secs(5);
+/// Home candidates compared by round trip at most.
+const HOME_CANDIDATES: usize = 6;
+/// How long a home candidate's probe may take.
+const HOME_PROBE: Duration = Duration::from_secs(1);
 /// How long a dial to a home candidate may take.
 const HOME_DIAL: Duration = Duration::from_secs(3);
 /// How long a signalling exchange may take.
@@ -85,25 +89,17 @@ async fn keep_homes(node: &Node) {
         homes.clear();
     } else {
         homes.retain(|h| node.live_session(&h.peer).is_some());
-        for (peer, addr) in dht.known_servers() {
-            if homes.len() >= HOMES {
-                break;
-            }
-            if peer == node.peer_id() || homes.iter().any(|h| h.peer == peer) {
-                continue;
-            }
-            // A home must be reachable by everyone, not only by this node
-            // (a NATed node this one happens to have a path to is no use
-            // to others): its own record says so.
-            match dht.lookup_peer_info(peer).await {
-                Ok((_, info)) if info.reachable => {}
-                _ => continue,
-            }
-            if let Ok(Ok(())) =
-                tokio::time::timeout(HOME_DIAL, node.connect(peer, Some(addr))).await
-            {
-                tracing::info!(home = %peer, %addr, "new home");
-                homes.push(Home { peer, addr });
+        if homes.len() < HOMES {
+            for (peer, addr) in best_home_candidates(node, dht, &homes).await {
+                if homes.len() >= HOMES {
+                    break;
+                }
+                if let Ok(Ok(())) =
+                    tokio::time::timeout(HOME_DIAL, node.connect(peer, Some(addr))).await
+                {
+                    tracing::info!(home = %peer, %addr, "new home");
+                    homes.push(Home { peer, addr });
+                }
             }
         }
     }
@@ -111,6 +107,51 @@ async fn keep_homes(node: &Node) {
         *node.inner.homes.lock().unwrap_or_else(|p| p.into_inner()) = homes.clone();
         dht.set_homes(homes);
     }
+}
+
+/// Home candidates, nearest first: verified DHT servers whose own records
+/// say they are reachable (a NATed node this one happens to have a path to
+/// is no use to others), up to [`HOME_CANDIDATES`] of them, ordered by the
+/// round trip of one probe. Homes are kept while their sessions live, so
+/// a stable home is never swapped for a slightly nearer one.
+async fn best_home_candidates(
+    node: &Node,
+    dht: &crate::dht::DhtHandle,
+    homes: &[Home],
+) -> Vec<(PeerId, SocketAddr)> {
+    let mut candidates = Vec::new();
+    for (peer, addr) in dht.known_servers() {
+        if candidates.len() >= HOME_CANDIDATES {
+            break;
+        }
+        if peer == node.peer_id() || homes.iter().any(|h| h.peer == peer) {
+            continue;
+        }
+        if let Ok((_, info)) = dht.lookup_peer_info(peer).await {
+            if info.reachable {
+                candidates.push((peer, addr));
+            }
+        }
+    }
+    let mut timed = tokio::task::JoinSet::new();
+    for (peer, addr) in candidates {
+        let node = node.clone();
+        timed.spawn(async move {
+            let start = std::time::Instant::now();
+            node.probe(addr, HOME_PROBE)
+                .await
+                .ok()
+                .map(|_| (start.elapsed(), peer, addr))
+        });
+    }
+    let mut answered = Vec::new();
+    while let Some(r) = timed.join_next().await {
+        if let Ok(Some(x)) = r {
+            answered.push(x);
+        }
+    }
+    answered.sort_by_key(|(rtt, _, _)| *rtt);
+    answered.into_iter().map(|(_, p, a)| (p, a)).collect()
 }
 
 /// The addresses this node offers a peer: the public ones peers see first,
