@@ -617,7 +617,7 @@ fn sim(args: SimArgs) -> Result<()> {
             r.relayed_share * 100.0
         );
         println!(
-            "  time to connect  record known: p50 {} ms ({:.1}x RTT)  p99 {} ms;  with its lookup: p50 {} ms ({:.1}x RTT)  p99 {} ms",
+            "  time to connect  record known: p50 {} ms ({:.1}x RTT)  p99 {} ms;  record fetched cold: p50 {} ms ({:.1}x RTT)  p99 {} ms",
             r.connect_cached_ms_p50,
             r.connect_cached_ms_p50 as f64 / rtt,
             r.connect_cached_ms_p99,

@@ -76,8 +76,23 @@ pub struct BehindNat {
 pub struct MatrixReport {
     /// Every ordered pair.
     pub pairs: Vec<PairResult>,
+    /// The keepalive interval each node settled on, after the pairs.
+    pub keepalive: Vec<KeepaliveResult>,
     /// The network with no public host.
     pub behind_nat: BehindNat,
+}
+
+/// The keepalive interval one node settled on.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeepaliveResult {
+    /// Its router's kind.
+    pub kind: String,
+    /// The interval (s).
+    pub interval_s: f64,
+    /// `measured`, `measuring`, `configured` or `no-nat`.
+    pub source: String,
+    /// The interval over the router's binding timeout.
+    pub share_of_timeout: f64,
 }
 
 /// A p2pos daemon running in a lab host.
@@ -436,6 +451,20 @@ pub fn run(
         }
     }
     let pairs: Vec<PairResult> = pairs.into_iter().map(|(p, _, _)| p).collect();
+    let keepalive = nodes
+        .iter()
+        .flat_map(|(kind, n)| n.iter().map(move |n| (kind, n)))
+        .map(|(kind, n)| {
+            let s = status(n);
+            let interval_s = s["keepalive_interval_s"].as_f64().unwrap_or(0.0);
+            KeepaliveResult {
+                kind: kind.to_string(),
+                interval_s,
+                source: s["keepalive"]["source"].as_str().unwrap_or("").to_owned(),
+                share_of_timeout: interval_s / f64::from(options.udp_timeout_s.max(1)),
+            }
+        })
+        .collect();
     drop(lab);
 
     let behind_nat = if options.behind_nat {
@@ -444,7 +473,11 @@ pub fn run(
     } else {
         BehindNat::default()
     };
-    Ok(MatrixReport { pairs, behind_nat })
+    Ok(MatrixReport {
+        pairs,
+        keepalive,
+        behind_nat,
+    })
 }
 
 /// Kinds in the network with no public host (the first, `upnp`, maps its
@@ -589,6 +622,19 @@ pub fn render(report: &MatrixReport, kinds: &[RouterKind]) -> String {
     }
     for (e, n) in errors {
         let _ = writeln!(out, "  {n:>3} × {e}");
+    }
+    if !report.keepalive.is_empty() {
+        let _ = writeln!(out, "keepalive interval / binding timeout:");
+        for k in &report.keepalive {
+            let _ = writeln!(
+                out,
+                "  {:>20} {:>6.1} s  {:>4.0}%  {}",
+                k.kind,
+                k.interval_s,
+                k.share_of_timeout * 100.0,
+                k.source
+            );
+        }
     }
     let b = &report.behind_nat;
     if b.hosts > 0 {

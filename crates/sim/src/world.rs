@@ -114,11 +114,11 @@ pub struct SimReport {
     /// Share of sessions that stayed relayed.
     pub relayed_share: f64,
     /// Time from the connect request to the session (handshake done at
-    /// the initiator), record lookup included (ms).
+    /// the initiator), the cold fetch of the peer record included (ms).
     pub connect_ms_p50: u64,
     /// 99th percentile.
     pub connect_ms_p99: u64,
-    /// The same with the peer record already known (no lookup).
+    /// The same with the peer record already known (no fetch).
     pub connect_cached_ms_p50: u64,
     /// 99th percentile.
     pub connect_cached_ms_p99: u64,
@@ -134,14 +134,34 @@ pub struct SimReport {
 }
 
 enum EventKind {
-    Deliver { to: u32, from: u32, bytes: Vec<u8> },
-    Timer { node: u32, gen: u32 },
-    Leave { node: u32, gen: u32 },
+    Deliver {
+        to: u32,
+        from: u32,
+        bytes: Vec<u8>,
+    },
+    Timer {
+        node: u32,
+        gen: u32,
+    },
+    Leave {
+        node: u32,
+        gen: u32,
+    },
     Lookup,
     Put,
-    Get { key: NodeId, seq: u64, owner: u32 },
+    Get {
+        key: NodeId,
+        seq: u64,
+        owner: u32,
+    },
     Progress,
     Connect,
+    ConnectGet {
+        from: u32,
+        to: u32,
+        to_gen: u32,
+        key: NodeId,
+    },
 }
 
 struct Event {
@@ -215,10 +235,13 @@ enum Pending {
         seq: u64,
     },
     Put,
+    /// A connecting node's get of its target's peer record.
     Connect {
         target_node: u32,
         target_gen: u32,
     },
+    /// A target's put of its peer record (not counted with the puts).
+    PeerRecord,
 }
 
 struct World {
@@ -500,20 +523,17 @@ impl World {
                     target_node,
                     target_gen,
                 },
-                DhtEvent::LookupDone { closest, .. },
+                DhtEvent::GetDone { record, .. },
             ) => {
                 let t = &self.nodes[target_node as usize];
                 if t.gen != target_gen || t.dht.is_none() {
                     return;
                 }
-                let lookup_ms = self.now - started;
                 self.stats.connects += 1;
-                // The record is held by the closest servers: a lookup
-                // that reached none found nothing.
-                if closest.is_empty() {
-                    return;
+                if record.is_some() {
+                    let get_ms = self.now - started;
+                    self.connect(i, target_node, get_ms);
                 }
-                self.connect(i, target_node, lookup_ms);
             }
             _ => {}
         }
@@ -547,7 +567,7 @@ impl World {
         self.flush(from);
     }
 
-    /// Node `a` connects to `b` (whose record it just found).
+    /// Node `a` connects to `b` (whose peer record it just fetched).
     fn connect(&mut self, a: u32, b: u32, lookup_ms: u64) {
         use crate::nat::{connect, Nat, Path, Rtts};
         // B's home: a reachable server (B's own record names it).
@@ -708,10 +728,72 @@ impl World {
                 self.flush(from);
             }
             EventKind::Connect => {
-                self.start_lookup(false, |_, target_node, target_gen| Pending::Connect {
-                    target_node,
-                    target_gen,
-                })
+                // The target published its peer record (as every node does
+                // at start); a minute later the initiator fetches it cold.
+                let (Some(from), Some(to)) = (self.random_online(false), self.random_online(false))
+                else {
+                    return;
+                };
+                if from == to {
+                    return;
+                }
+                let record_kp = Keypair::from_seed(self.rng.bytes32());
+                let record = SignedRecord::sign(
+                    &record_kp,
+                    b"peer",
+                    self.now,
+                    EPOCH_S + self.now / 1000 + 7200,
+                    &[0x50u8; 80],
+                )
+                .expect("small record");
+                let key = record.key();
+                let now = self.now_d();
+                let to_gen = self.nodes[to as usize].gen;
+                let q = self.nodes[to as usize]
+                    .dht
+                    .as_mut()
+                    .expect("online")
+                    .put(now, record);
+                self.pending
+                    .insert((to, to_gen, q), (Pending::PeerRecord, self.now));
+                self.flush(to);
+                self.push(
+                    self.now + 60_000,
+                    EventKind::ConnectGet {
+                        from,
+                        to,
+                        to_gen,
+                        key,
+                    },
+                );
+            }
+            EventKind::ConnectGet {
+                from,
+                to,
+                to_gen,
+                key,
+            } => {
+                if self.nodes[from as usize].dht.is_none() {
+                    return;
+                }
+                let now = self.now_d();
+                let gen = self.nodes[from as usize].gen;
+                let q = self.nodes[from as usize]
+                    .dht
+                    .as_mut()
+                    .expect("online")
+                    .get(now, key);
+                self.pending.insert(
+                    (from, gen, q),
+                    (
+                        Pending::Connect {
+                            target_node: to,
+                            target_gen: to_gen,
+                        },
+                        self.now,
+                    ),
+                );
+                self.flush(from);
             }
             EventKind::Progress => {
                 if self.cfg.progress {
