@@ -69,6 +69,8 @@ pub struct BehindNat {
     pub connected: usize,
     /// Pairs that connected without a relay.
     pub direct: usize,
+    /// The pairs that failed, and why.
+    pub failures: Vec<PairResult>,
 }
 
 /// The whole report (`p2pos-lab matrix --json`).
@@ -547,6 +549,8 @@ fn run_behind_nat(
                 if !r.path.as_deref().unwrap_or("").starts_with("relayed") {
                     report.direct += 1;
                 }
+            } else {
+                report.failures.push(r);
             }
         }
     }
@@ -643,6 +647,15 @@ pub fn render(report: &MatrixReport, kinds: &[RouterKind]) -> String {
             "everyone behind NAT: {} hosts, {}/{} pairs connected, {} direct",
             b.hosts, b.connected, b.pairs, b.direct
         );
+        for f in &b.failures {
+            let _ = writeln!(
+                out,
+                "  ✘ {} -> {}: {}",
+                f.from_kind,
+                f.to_kind,
+                without_peer_ids(f.error.as_deref().unwrap_or(""))
+            );
+        }
     }
     out
 }

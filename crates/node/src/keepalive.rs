@@ -208,7 +208,10 @@ fn spawn_measure(node: &Node, mut inbox: mpsc::Receiver<(SocketAddr, Bytes)>) {
                     Some(false) => {}
                 }
             }
-            if mapping == "unknown" || mapping.is_empty() {
+            // An unknown mapping class does not stop the measurement: it
+            // needs only a helper (a node whose own NAT verdict is pending
+            // would otherwise keep the default interval for good).
+            if mapping.is_empty() {
                 continue;
             }
             if measuring_with.is_none() {

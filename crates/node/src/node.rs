@@ -1052,12 +1052,37 @@ impl Node {
                 }
             }
         }
-        let addr = match addr.or_else(remembered).or_else(stored) {
-            Some(a) => a,
-            None => return self.dial_by_record(peer).await,
+        if let Some(addr) = addr {
+            let conn = self.handshake(peer, addr, DialKind::Normal).await?;
+            return Ok(self.install(conn, peer, self.peer_id()));
+        }
+        let Some(last) = remembered().or_else(stored) else {
+            return self.dial_by_record(peer).await;
         };
-        let conn = self.handshake(peer, addr, DialKind::Normal).await?;
-        Ok(self.install(conn, peer, self.peer_id()))
+        if self.inner.dht.get().is_none() {
+            let conn = self.handshake(peer, last, DialKind::Normal).await?;
+            return Ok(self.install(conn, peer, self.peer_id()));
+        }
+        // Where the peer was last seen, and its record (which knows its
+        // homes, and so how to get through its NAT), at once: an address
+        // from an earlier session often leads nowhere now.
+        let at_last = async {
+            let conn = self.handshake(peer, last, DialKind::Normal).await?;
+            Ok::<_, ConnectError>(self.install(conn, peer, self.peer_id()))
+        };
+        let by_record = self.dial_by_record(peer);
+        tokio::pin!(at_last);
+        tokio::pin!(by_record);
+        tokio::select! {
+            r = &mut at_last => match r {
+                Ok(s) => Ok(s),
+                Err(_) => by_record.await,
+            },
+            r = &mut by_record => match r {
+                Ok(s) => Ok(s),
+                Err(e) => at_last.await.map_err(|_| e),
+            },
+        }
     }
 
     /// Opens a session with `peer` through `relay` (at `relay_addr`), a

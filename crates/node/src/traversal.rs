@@ -4,7 +4,7 @@
 //! - **Homes.** A node that is not reachable (its reachability check says
 //!   so, or has not said yet) keeps sessions with [`HOMES`] reachable
 //!   nodes — DHT servers whose keys it verified, the nearest by round trip
-//!   of up to six — and publishes them in its peer record. Its sessions with them keep its NAT binding open.
+//!   of up to 16, checked at once — and publishes them in its peer record. Its sessions with them keep its NAT binding open.
 //! - **Signalling.** To reach such a peer B, a node A looks up B's record,
 //!   opens a session with one of B's homes H and asks it, on the built-in
 //!   stream service [`SIGNAL_SERVICE`], to introduce it. H forwards the
@@ -43,7 +43,9 @@ pub const HOMES: usize = 2;
 /// How often the homes are checked.
 const HOME_CHECK: Duration = Duration::from_secs(5);
 /// Home candidates compared by round trip at most.
-const HOME_CANDIDATES: usize = 6;
+const HOME_CANDIDATES: usize = 16;
+/// How long checking a home candidate (its record, one probe) may take.
+const HOME_CANDIDATE_CHECK: Duration = Duration::from_secs(20);
 /// How long a home candidate's probe may take.
 const HOME_PROBE: Duration = Duration::from_secs(1);
 /// How long a dial to a home candidate may take.
@@ -119,33 +121,34 @@ async fn best_home_candidates(
     dht: &crate::dht::DhtHandle,
     homes: &[Home],
 ) -> Vec<(PeerId, SocketAddr)> {
-    let mut candidates = Vec::new();
-    for (peer, addr) in dht.known_servers() {
-        if candidates.len() >= HOME_CANDIDATES {
-            break;
-        }
-        if peer == node.peer_id() || homes.iter().any(|h| h.peer == peer) {
-            continue;
-        }
-        if let Ok((_, info)) = dht.lookup_peer_info(peer).await {
-            if info.reachable {
-                candidates.push((peer, addr));
-            }
-        }
-    }
-    let mut timed = tokio::task::JoinSet::new();
-    for (peer, addr) in candidates {
-        let node = node.clone();
-        timed.spawn(async move {
-            let start = std::time::Instant::now();
-            node.probe(addr, HOME_PROBE)
+    // Each candidate's record and round trip are checked at once, so a
+    // slow or stale candidate does not hold up the others.
+    let mut checks = tokio::task::JoinSet::new();
+    for (peer, addr) in dht
+        .known_servers()
+        .into_iter()
+        .filter(|(p, _)| *p != node.peer_id() && !homes.iter().any(|h| h.peer == *p))
+        .take(HOME_CANDIDATES)
+    {
+        let (node, dht) = (node.clone(), dht.clone());
+        checks.spawn(async move {
+            let check = async {
+                let (_, info) = dht.lookup_peer_info(peer).await.ok()?;
+                if !info.reachable {
+                    return None;
+                }
+                let start = std::time::Instant::now();
+                node.probe(addr, HOME_PROBE).await.ok()?;
+                Some((start.elapsed(), peer, addr))
+            };
+            tokio::time::timeout(HOME_CANDIDATE_CHECK, check)
                 .await
                 .ok()
-                .map(|_| (start.elapsed(), peer, addr))
+                .flatten()
         });
     }
     let mut answered = Vec::new();
-    while let Some(r) = timed.join_next().await {
+    while let Some(r) = checks.join_next().await {
         if let Ok(Some(x)) = r {
             answered.push(x);
         }
