@@ -266,14 +266,13 @@ async fn handle_path_message(node: &Node, side: Option<u32>, src: SocketAddr, da
             let ack = PathMessage::Ack { circuit, nonce }.encode();
             match side {
                 Some(id) => {
-                    // On an extra socket: answer there, and probe back
-                    // from it with the many-ports nonce.
-                    let back = lock(&state.searches)
-                        .get(&circuit)
-                        .and_then(|(_, s)| s.spray_probe());
-                    let _ = socket.send_from_side(id, src, &ack);
-                    if let Some(back) = back {
-                        let _ = socket.send_from_side(id, src, &back);
+                    // On one of the many sockets: the first probe to get
+                    // through settles the path there (the easy side takes
+                    // the first ack it gets, which is this socket's), and
+                    // the other sockets close, so no second socket can
+                    // answer and split the two sides' choices.
+                    if settle_side(node, circuit, v, id, src) {
+                        let _ = socket.send_from_side(id, src, &ack);
                     }
                 }
                 None => {
@@ -298,32 +297,62 @@ async fn handle_path_message(node: &Node, side: Option<u32>, src: SocketAddr, da
             }
         }
         Ok(PathMessage::Ack { circuit, nonce }) => {
+            if let Some(id) = side {
+                if let Some(v) = socket.path_for_circuit(circuit) {
+                    settle_side(node, circuit, v, id, src);
+                }
+                return;
+            }
             let found = lock(&state.searches).get_mut(&circuit).and_then(|(v, s)| {
                 s.handle_ack(p2pos_net::canonical(src), nonce)
                     .map(|a| (*v, a))
             });
             let Some((v, addr)) = found else { return };
-            match side {
-                Some(id) => {
-                    socket.set_via(v, id, addr);
-                    // Keep the extra socket that found the path, close the
-                    // others.
-                    if let Some(ids) = lock(&state.sides).get_mut(&circuit) {
-                        let others: Vec<u32> = ids.iter().copied().filter(|i| *i != id).collect();
-                        socket.close_sides(&others);
-                        ids.retain(|i| *i == id);
-                    }
-                }
-                None => socket.set_direct(v, addr),
-            }
-            state
-                .upgraded
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let peer = lock(&state.paths).get(&v).map(|(p, _)| *p);
-            tracing::info!(peer = ?peer, %addr, extra_socket = ?side, "relayed session moved to a direct path");
+            socket.set_direct(v, addr);
+            moved(node, v, addr, None);
         }
         Err(_) => {}
     }
+}
+
+/// Settles the relayed session on circuit `circuit` (at `v`) on extra
+/// socket `id`, toward `src`, unless it settled elsewhere; returns whether
+/// the session's path runs through that socket.
+fn settle_side(node: &Node, circuit: u64, v: SocketAddr, id: u32, src: SocketAddr) -> bool {
+    let state = &node.inner.relayed;
+    let socket = node.socket();
+    let mut sides = lock(&state.sides);
+    let Some(ids) = sides.get_mut(&circuit) else {
+        return false;
+    };
+    if !ids.contains(&id) {
+        return false;
+    }
+    if ids.len() == 1 {
+        return true;
+    }
+    let newly = lock(&state.searches)
+        .get_mut(&circuit)
+        .is_some_and(|(_, s)| s.settle(p2pos_net::canonical(src)));
+    if !newly {
+        return false;
+    }
+    let others: Vec<u32> = ids.iter().copied().filter(|i| *i != id).collect();
+    ids.retain(|i| *i == id);
+    drop(sides);
+    socket.close_sides(&others);
+    socket.set_via(v, id, src);
+    moved(node, v, src, Some(id));
+    true
+}
+
+fn moved(node: &Node, v: SocketAddr, addr: SocketAddr, side: Option<u32>) {
+    let state = &node.inner.relayed;
+    state
+        .upgraded
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let peer = lock(&state.paths).get(&v).map(|(p, _)| *p);
+    tracing::info!(peer = ?peer, %addr, extra_socket = ?side, "relayed session moved to a direct path");
 }
 
 async fn write_msg(send: &mut SendStream, msg: &RelayMessage) -> Result<(), String> {

@@ -700,6 +700,17 @@ impl PathSearch {
         self.found
     }
 
+    /// Takes `addr` as the direct path (the hard side, on the first probe
+    /// that reached one of its many sockets); `false` if a path was
+    /// already found.
+    pub fn settle(&mut self, addr: SocketAddr) -> bool {
+        if self.found.is_some() {
+            return false;
+        }
+        self.found = Some(addr);
+        true
+    }
+
     /// Plans the many-ports search as `role`, toward the peer's first
     /// candidate (the address its relay sees it at).
     pub fn plan_spray(&mut self, role: SprayRole, now: Duration, rng: &mut SplitMix64) {
@@ -1060,6 +1071,9 @@ mod tests {
         assert_eq!(s.handle_ack(q, nonce), None);
         assert_eq!(s.handle_ack(p, back_nonce), None);
         assert_eq!(s.handle_ack(p, nonce), Some(p));
+        assert_eq!(s.found(), Some(p));
+        // Once found, nothing else settles it.
+        assert!(!s.settle(q));
         assert_eq!(s.found(), Some(p));
         assert_eq!(s.next_wakeup(), None);
         assert!(s.poll_probes(Duration::from_secs(100), &mut rng).is_empty());
