@@ -541,20 +541,16 @@ impl World {
 
     /// A random online node looks up a random online node (a server if
     /// `server_target`); `pending` says what the answer is for.
-    fn start_lookup(
-        &mut self,
-        server_target: bool,
-        pending: impl FnOnce(NodeId, u32, u32) -> Pending,
-    ) {
-        let (Some(from), Some(to)) = (self.random_online(false), self.random_online(server_target))
+    fn start_lookup(&mut self) {
+        let (Some(from), Some(target_node)) = (self.random_online(false), self.random_online(true))
         else {
             return;
         };
-        if from == to {
+        if from == target_node {
             return;
         }
-        let target = self.nodes[to as usize].id;
-        let target_gen = self.nodes[to as usize].gen;
+        let target = self.nodes[target_node as usize].id;
+        let target_gen = self.nodes[target_node as usize].gen;
         let gen = self.nodes[from as usize].gen;
         let now = self.now_d();
         let q = self.nodes[from as usize]
@@ -562,8 +558,50 @@ impl World {
             .as_mut()
             .expect("online")
             .lookup(now, target);
-        self.pending
-            .insert((from, gen, q), (pending(target, to, target_gen), self.now));
+        let pending = Pending::Lookup {
+            target,
+            target_node,
+            target_gen,
+        };
+        self.pending.insert((from, gen, q), (pending, self.now));
+        self.flush(from);
+    }
+
+    /// `owner` puts a record (signed with a fresh key, as a node puts its
+    /// peer record on its own behalf) expiring in two hours; returns its key.
+    fn put_record(&mut self, owner: u32, label: &[u8], value: &[u8], pending: Pending) -> NodeId {
+        let record_kp = Keypair::from_seed(self.rng.bytes32());
+        let record = SignedRecord::sign(
+            &record_kp,
+            label,
+            self.now,
+            EPOCH_S + self.now / 1000 + 7200,
+            value,
+        )
+        .expect("small record");
+        let key = record.key();
+        let now = self.now_d();
+        let gen = self.nodes[owner as usize].gen;
+        let q = self.nodes[owner as usize]
+            .dht
+            .as_mut()
+            .expect("online")
+            .put(now, record);
+        self.pending.insert((owner, gen, q), (pending, self.now));
+        self.flush(owner);
+        key
+    }
+
+    /// `from` gets the record at `key`.
+    fn start_get(&mut self, from: u32, key: NodeId, pending: Pending) {
+        let now = self.now_d();
+        let gen = self.nodes[from as usize].gen;
+        let q = self.nodes[from as usize]
+            .dht
+            .as_mut()
+            .expect("online")
+            .get(now, key);
+        self.pending.insert((from, gen, q), (pending, self.now));
         self.flush(from);
     }
 
@@ -662,49 +700,14 @@ impl World {
                 }
                 self.flush(node);
             }
-            EventKind::Lookup => {
-                self.start_lookup(true, |target, target_node, target_gen| Pending::Lookup {
-                    target,
-                    target_node,
-                    target_gen,
-                })
-            }
+            EventKind::Lookup => self.start_lookup(),
             EventKind::Put => {
                 let Some(owner) = self.random_online(false) else {
                     return;
                 };
                 let seq = self.now;
-                let now = self.now_d();
-                let gen = self.nodes[owner as usize].gen;
-                let value = vec![0x42u8; 200];
-                // The record's owner key: a fresh one per record (the node
-                // puts it on its owner's behalf, as a peer record would be).
-                let record_kp = Keypair::from_seed(self.rng.bytes32());
-                let record = SignedRecord::sign(
-                    &record_kp,
-                    b"sim",
-                    seq,
-                    EPOCH_S + self.now / 1000 + 7200,
-                    &value,
-                )
-                .expect("small record");
-                let rkey = record.key();
-                let q = self.nodes[owner as usize]
-                    .dht
-                    .as_mut()
-                    .expect("online")
-                    .put(now, record);
-                self.pending
-                    .insert((owner, gen, q), (Pending::Put, self.now));
-                self.push(
-                    self.now + 60_000,
-                    EventKind::Get {
-                        key: rkey,
-                        seq,
-                        owner,
-                    },
-                );
-                self.flush(owner);
+                let key = self.put_record(owner, b"sim", &[0x42u8; 200], Pending::Put);
+                self.push(self.now + 60_000, EventKind::Get { key, seq, owner });
             }
             EventKind::Get { key, seq, owner } => {
                 let Some(mut from) = self.random_online(false) else {
@@ -716,16 +719,7 @@ impl World {
                         return;
                     }
                 }
-                let now = self.now_d();
-                let gen = self.nodes[from as usize].gen;
-                let q = self.nodes[from as usize]
-                    .dht
-                    .as_mut()
-                    .expect("online")
-                    .get(now, key);
-                self.pending
-                    .insert((from, gen, q), (Pending::Get { seq }, self.now));
-                self.flush(from);
+                self.start_get(from, key, Pending::Get { seq });
             }
             EventKind::Connect => {
                 // The target published its peer record (as every node does
@@ -737,35 +731,15 @@ impl World {
                 if from == to {
                     return;
                 }
-                let record_kp = Keypair::from_seed(self.rng.bytes32());
-                let record = SignedRecord::sign(
-                    &record_kp,
-                    b"peer",
-                    self.now,
-                    EPOCH_S + self.now / 1000 + 7200,
-                    &[0x50u8; 80],
-                )
-                .expect("small record");
-                let key = record.key();
-                let now = self.now_d();
                 let to_gen = self.nodes[to as usize].gen;
-                let q = self.nodes[to as usize]
-                    .dht
-                    .as_mut()
-                    .expect("online")
-                    .put(now, record);
-                self.pending
-                    .insert((to, to_gen, q), (Pending::PeerRecord, self.now));
-                self.flush(to);
-                self.push(
-                    self.now + 60_000,
-                    EventKind::ConnectGet {
-                        from,
-                        to,
-                        to_gen,
-                        key,
-                    },
-                );
+                let key = self.put_record(to, b"peer", &[0x50u8; 80], Pending::PeerRecord);
+                let get = EventKind::ConnectGet {
+                    from,
+                    to,
+                    to_gen,
+                    key,
+                };
+                self.push(self.now + 60_000, get);
             }
             EventKind::ConnectGet {
                 from,
@@ -776,24 +750,11 @@ impl World {
                 if self.nodes[from as usize].dht.is_none() {
                     return;
                 }
-                let now = self.now_d();
-                let gen = self.nodes[from as usize].gen;
-                let q = self.nodes[from as usize]
-                    .dht
-                    .as_mut()
-                    .expect("online")
-                    .get(now, key);
-                self.pending.insert(
-                    (from, gen, q),
-                    (
-                        Pending::Connect {
-                            target_node: to,
-                            target_gen: to_gen,
-                        },
-                        self.now,
-                    ),
-                );
-                self.flush(from);
+                let pending = Pending::Connect {
+                    target_node: to,
+                    target_gen: to_gen,
+                };
+                self.start_get(from, key, pending);
             }
             EventKind::Progress => {
                 if self.cfg.progress {
