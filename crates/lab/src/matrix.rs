@@ -266,8 +266,7 @@ pub fn try_pair(
     to_kind: RouterKind,
 ) -> PairResult {
     let start = Instant::now();
-    let body = format!("{{\"peer\":\"{}\",\"count\":1}}", to.peer_id);
-    let (status, resp) = api(&from.data_dir, "POST", "/v1/ping", Some(&body));
+    let (status, resp) = ping_by_key(from, to);
     let elapsed = start.elapsed();
     let value: serde_json::Value = serde_json::from_str(&resp).unwrap_or_default();
     let mut result = PairResult {
@@ -750,6 +749,13 @@ pub fn two_behind(
     })
 }
 
+/// One ping from `from` to `to` by peer ID alone (the API's status code
+/// and body).
+pub fn ping_by_key(from: &LabNode, to: &LabNode) -> (u16, String) {
+    let body = format!("{{\"peer\":\"{}\",\"count\":1}}", to.peer_id);
+    api(&from.data_dir, "POST", "/v1/ping", Some(&body))
+}
+
 /// `peer`'s record as `from` finds it in the DHT (`null` if not found).
 pub fn lookup(from: &LabNode, peer: &LabNode) -> serde_json::Value {
     let body = format!("{{\"peer\":\"{}\"}}", peer.peer_id);
@@ -759,11 +765,19 @@ pub fn lookup(from: &LabNode, peer: &LabNode) -> serde_json::Value {
 
 /// The path of `from`'s session with `peer` (empty if none).
 pub fn session_path(from: &LabNode, peer: &LabNode) -> String {
+    session_with(from, peer)["path"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// `from`'s session with `peer`, as its status shows it (`null` if none).
+pub fn session_with(from: &LabNode, peer: &LabNode) -> serde_json::Value {
     status(from)["sessions"]
         .as_array()
         .into_iter()
         .flatten()
         .find(|s| s["peer"] == peer.peer_id.as_str())
-        .and_then(|s| s["path"].as_str().map(str::to_owned))
+        .cloned()
         .unwrap_or_default()
 }

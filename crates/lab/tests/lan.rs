@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use p2pos_lab::matrix::{api, start_node, start_node_with, LabNode};
+use p2pos_lab::matrix::{api, ping_by_key, start_node, start_node_with, LabNode};
 use p2pos_lab::{RouterKind, RouterOptions};
 use serde_json::Value;
 
@@ -49,8 +49,7 @@ fn shows_service(node: &LabNode, owner: &LabNode, service: &str) -> bool {
 }
 
 fn ping(from: &LabNode, to: &LabNode) -> Value {
-    let body = format!("{{\"peer\":\"{}\",\"count\":1}}", to.peer_id);
-    let (status, resp) = api(&from.data_dir, "POST", "/v1/ping", Some(&body));
+    let (status, resp) = ping_by_key(from, to);
     assert_eq!(status, 200, "ping by key failed: {resp}");
     serde_json::from_str(&resp).expect("JSON")
 }

@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use p2pos_lab::matrix::{
-    api, lookup, start_node, start_node_with, status, two_behind, wait_for, TwoBehind,
+    lookup, ping_by_key, session_with, start_node, start_node_with, status, two_behind, wait_for,
+    TwoBehind,
 };
 use p2pos_lab::{RouterKind, RouterOptions};
 use serde_json::Value;
@@ -24,8 +25,7 @@ fn nodes_behind_port_restricted_nats_connect_by_key_through_a_home() {
         "",
     )
     .unwrap();
-    let body = format!("{{\"peer\":\"{}\",\"count\":1}}", b.peer_id);
-    let (code, resp) = api(&a.data_dir, "POST", "/v1/ping", Some(&body));
+    let (code, resp) = ping_by_key(&a, &b);
     assert_eq!(code, 200, "{resp}\n{}", status(&a));
     let pong: Value = serde_json::from_str(&resp).unwrap();
     assert_eq!(
@@ -35,13 +35,7 @@ fn nodes_behind_port_restricted_nats_connect_by_key_through_a_home() {
         status(&a),
         status(&b)
     );
-    let session = status(&b)["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["peer"] == a.peer_id.as_str())
-        .cloned()
-        .expect("b holds the session");
+    let session = session_with(&b, &a);
     assert_eq!(session["path"], "punched", "{session}");
     assert!(
         status(&b)["counters"]["punches_received"]
@@ -77,8 +71,7 @@ fn a_host_behind_a_stateful_firewall_stays_reachable_through_its_home() {
     assert_ne!(status(&b)["keepalive"]["source"], "no-nat");
     // Idle for more than two firewall timeouts, then connect by key.
     std::thread::sleep(Duration::from_secs(20));
-    let body = format!("{{\"peer\":\"{}\",\"count\":1}}", b.peer_id);
-    let (code, resp) = api(&a.data_dir, "POST", "/v1/ping", Some(&body));
+    let (code, resp) = ping_by_key(&a, &b);
     assert_eq!(code, 200, "{resp}\nA: {}\nB: {}", status(&a), status(&b));
 }
 
@@ -127,16 +120,9 @@ fn hosts_behind_stateful_ipv6_firewalls_punch_over_ipv6() {
                     .is_some_and(|x| x.iter().any(|x| x.as_str().unwrap_or("").contains(&b_v6)))
         },
     );
-    let body = format!("{{\"peer\":\"{}\",\"count\":1}}", b.peer_id);
-    let (code, resp) = api(&a.data_dir, "POST", "/v1/ping", Some(&body));
+    let (code, resp) = ping_by_key(&a, &b);
     assert_eq!(code, 200, "{resp}\nA: {}\nB: {}", status(&a), status(&b));
-    let session = status(&a)["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["peer"] == b.peer_id.as_str())
-        .cloned()
-        .expect("a holds the session");
+    let session = session_with(&a, &b);
     assert_eq!(session["path"], "punched", "{session}");
     assert!(
         session["remote_addr"]

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use p2pos_lab::matrix::{api, session_path, status, two_behind, wait_for as wait, TwoBehind};
+use p2pos_lab::matrix::{
+    ping_by_key, session_path, status, two_behind, wait_for as wait, TwoBehind,
+};
 use p2pos_lab::{RouterKind, RouterOptions};
 
 #[test]
@@ -41,8 +43,7 @@ fn a_relayed_session_moves_to_a_direct_path_when_the_block_is_lifted() {
     )
     .unwrap();
 
-    let body = format!("{{\"peer\":\"{}\",\"count\":1}}", b.peer_id);
-    let (code, resp) = api(&a.data_dir, "POST", "/v1/ping", Some(&body));
+    let (code, resp) = ping_by_key(&a, &b);
     assert_eq!(code, 200, "{resp}\nA: {}\nB: {}", status(&a), status(&b));
     let path = session_path(&a, &b);
     assert!(
@@ -144,8 +145,7 @@ fn a_symmetric_nat_and_a_port_restricted_one_end_up_direct_by_many_ports() {
     )
     .unwrap();
     assert_eq!(status(&b)["nat"]["mapping"], "endpoint-dependent-random");
-    let body = format!("{{\"peer\":\"{}\",\"count\":1}}", b.peer_id);
-    let (code, resp) = api(&a.data_dir, "POST", "/v1/ping", Some(&body));
+    let (code, resp) = ping_by_key(&a, &b);
     assert_eq!(code, 200, "{resp}\nA: {}\nB: {}", status(&a), status(&b));
     let started = Instant::now();
     wait(
@@ -164,6 +164,6 @@ fn a_symmetric_nat_and_a_port_restricted_one_end_up_direct_by_many_ports() {
         started.elapsed().as_secs_f64()
     );
     // The session works on its new path.
-    let (code, resp) = api(&a.data_dir, "POST", "/v1/ping", Some(&body));
+    let (code, resp) = ping_by_key(&a, &b);
     assert_eq!(code, 200, "{resp}");
 }
