@@ -179,11 +179,6 @@ impl Paths {
         self.by_side.retain(|_, to| *to != v);
     }
 
-    /// Virtual addresses in use.
-    pub fn len(&self) -> usize {
-        self.by_virtual.len()
-    }
-
     /// Whether no virtual address is in use.
     pub fn is_empty(&self) -> bool {
         self.by_virtual.is_empty()

@@ -518,11 +518,6 @@ impl RelayTable {
         self.circuits.remove(&circuit);
     }
 
-    /// Whether the table has a circuit `circuit`.
-    pub fn has(&self, circuit: u64) -> bool {
-        self.circuits.contains_key(&circuit)
-    }
-
     /// Decides what to do with a relayed packet of `len` bytes from `src`.
     pub fn forward(&mut self, now: Duration, src: SocketAddr, circuit: u64, len: usize) -> Forward {
         let Some(c) = self.circuits.get_mut(&circuit) else {
@@ -690,11 +685,6 @@ impl PathSearch {
         }
     }
 
-    /// The circuit this search is for.
-    pub fn circuit(&self) -> u64 {
-        self.circuit
-    }
-
     /// The direct path found, if any.
     pub fn found(&self) -> Option<SocketAddr> {
         self.found
@@ -731,18 +721,6 @@ impl PathSearch {
             next: start,
             done: false,
         });
-    }
-
-    /// The probe the hard side sends from its many sockets (and answers
-    /// probes on them with).
-    pub fn spray_probe(&self) -> Option<Vec<u8>> {
-        self.spray.as_ref().map(|s| {
-            PathMessage::Probe {
-                circuit: self.circuit,
-                nonce: s.nonce,
-            }
-            .encode()
-        })
     }
 
     /// The many-ports steps due at `now`.
