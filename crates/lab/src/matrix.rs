@@ -346,7 +346,9 @@ fn host_behind(
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Whether a node has settled: it knows whether it is reachable, has homes
-/// if it is not, and its peer record is stored somewhere.
+/// if it is not, and its peer record is stored somewhere; for a node with
+/// homes, the record the DHT gives back lists them (the first record a node
+/// publishes, before it knows its reachability, has none).
 pub fn is_settled(node: &LabNode) -> bool {
     let (status, body) = api(&node.data_dir, "GET", "/v1/status", None);
     if status != 200 {
@@ -357,7 +359,13 @@ pub fn is_settled(node: &LabNode) -> bool {
     let published = v["dht"]["peer_record_seq"].as_u64().unwrap_or(0) > 0;
     match v["reachable"].as_bool() {
         Some(true) => published,
-        Some(false) => homes && published,
+        Some(false) => {
+            homes
+                && published
+                && lookup(node, node)["homes"]
+                    .as_array()
+                    .is_some_and(|h| !h.is_empty())
+        }
         None => false,
     }
 }

@@ -36,6 +36,12 @@ fn matrix_reports_every_pair_with_causes() {
     }
     assert_eq!(report.behind_nat.hosts, matrix::BEHIND_NAT_KINDS.len());
     assert_eq!(report.behind_nat.pairs, 7 * 6);
+    // The network with no public host forms and every pair connects.
+    assert_eq!(
+        report.behind_nat.connected, report.behind_nat.pairs,
+        "everyone behind NAT: {:?}",
+        report.behind_nat.failures
+    );
     let json = serde_json::to_value(&report).unwrap();
     for key in [
         "from_kind",

@@ -274,8 +274,22 @@ pub(crate) async fn connect_by_record(
             Err(e) => Err(e),
         }
     };
-    if info.reachable || info.homes.is_empty() {
+    if info.reachable {
         return direct.await;
+    }
+    if info.homes.is_empty() {
+        // A record with neither: the peer has just started (it publishes
+        // before it knows whether it is reachable) or has lost its homes.
+        return direct.await.map_err(|e| match e {
+            ConnectError::Timeout { addr, .. } => ConnectError::Traversal {
+                peer,
+                reason: format!(
+                    "no answer from {addr}, and its record lists no home to signal through \
+                     (it may have just started or lost its homes; try again in a few seconds)"
+                ),
+            },
+            other => other,
+        });
     }
     let via_homes = through_homes(node, peer, &info.homes);
     // Punching cannot open a path between two NATs that both map per

@@ -300,3 +300,23 @@ fn a_server_that_turns_client_leaves_the_tables_it_was_in() {
         n.table().check_invariants().unwrap();
     }
 }
+
+#[test]
+fn the_only_server_keeps_its_own_record_for_the_clients() {
+    // A network's first reachable node is its only server: the record it
+    // puts has no other server to live on, so it must hold it itself.
+    let mut net = Net::new(3, config());
+    let now = net.now;
+    net.nodes[1].set_server(now, false);
+    net.nodes[2].set_server(now, false);
+    net.settle();
+    assert_eq!(net.nodes[0].table().len(), 0, "clients left the table");
+    let record = SignedRecord::sign(&net.keys[0], b"peer", 1, T0 + 3600, b"home here").unwrap();
+    net.nodes[0].put(now, record.clone());
+    net.event(0);
+    net.nodes[2].get(now, record.key());
+    match net.event(2) {
+        DhtEvent::GetDone { record: got, .. } => assert_eq!(got, Some(record)),
+        other => panic!("{other:?}"),
+    }
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::address::Address;
 use super::lookup::{Lookup, LookupKind};
-use super::record::{RecordStore, SignedRecord};
+use super::record::{RecordError, RecordStore, SignedRecord};
 use super::table::{Contact, InsertOutcome, RoutingTable};
 use super::wire::{
     proof_message, DhtMessage, Request, RequestBody, Response, ResponseBody, WireError,
@@ -440,7 +440,20 @@ impl<A: Address> Dht<A> {
                 let targets = lookup.closest_answered();
                 lookup.put_waiting = targets.len();
                 let record = record.clone();
-                // This node stores it too if it is among the closest servers.
+                // This node stores it too if it is among the closest servers
+                // (with fewer than k servers, e.g. the first of a network,
+                // its own record would otherwise live nowhere).
+                let among_closest = targets.len() < self.config.k
+                    || targets.last().is_some_and(|(last, _)| {
+                        self.id.distance(&lookup.target) < last.distance(&lookup.target)
+                    });
+                if self.config.server && among_closest {
+                    if let Err(RecordError::Full) =
+                        self.records.put_local(record.clone(), now.as_secs())
+                    {
+                        self.counters.records_refused += 1;
+                    }
+                }
                 for (id, addr) in targets {
                     self.send_request(
                         now,

@@ -179,6 +179,10 @@ impl SignedRecord {
     }
 }
 
+/// The source network of records a node stores for itself (no address maps
+/// to it but by a 2^-62 hash chance).
+const LOCAL_NETWORK: u64 = u64::MAX;
+
 #[derive(Debug, Clone)]
 struct Stored {
     record: SignedRecord,
@@ -212,9 +216,25 @@ impl RecordStore {
         source: A,
         now: u64,
     ) -> Result<bool, RecordError> {
+        self.put_from(record, source.network(), now)
+    }
+
+    /// Stores a record this node put itself, as one of the closest servers
+    /// to its key (in a network of fewer than k servers, the only place it
+    /// can live). Local records share one source network, so they are
+    /// bounded like any source's.
+    pub fn put_local(&mut self, record: SignedRecord, now: u64) -> Result<bool, RecordError> {
+        self.put_from(record, LOCAL_NETWORK, now)
+    }
+
+    fn put_from(
+        &mut self,
+        record: SignedRecord,
+        network: u64,
+        now: u64,
+    ) -> Result<bool, RecordError> {
         record.verify(now)?;
         let key = record.key();
-        let network = source.network();
         if let Some(existing) = self.records.get_mut(&key) {
             if existing.record.seq > record.seq {
                 return Err(RecordError::Stale);
