@@ -12,10 +12,12 @@
 //!    the reply travels back. From then on the stream carries the
 //!    application's bytes.
 //!
-//! Simultaneous dials are resolved by `p2pos_proto::session::new_session_wins`:
-//! both ends keep the same session and close the other with
-//! [`CLOSE_DUPLICATE`]; a stream that was opened on the closed one is
-//! retried on the survivor. A session dialed by the same end as the one it
+//! Simultaneous dials are resolved so that both ends keep the same session
+//! and close the other with [`CLOSE_DUPLICATE`]: in a hole-punching attempt
+//! the initiator's dial wins (its connect call has already handed that
+//! session out), otherwise `p2pos_proto::session::new_session_wins` decides;
+//! a stream whose opening fails on the closed one is retried on the
+//! survivor. A session dialed by the same end as the one it
 //! duplicates, or arriving more than [`TWIN_WINDOW`] after it, is no twin:
 //! the peer lost the old one (it crashed and restarted, or its address
 //! changed), and the new one replaces it.
@@ -385,9 +387,9 @@ pub(crate) struct Inner {
     lan: std::sync::OnceLock<LanDiscovery>,
     /// Why LAN discovery is not running (`off` or `failed: …`).
     lan_off: Mutex<String>,
-    /// Peers a hole-punching attempt runs with, since when: a session with
-    /// one of them made in the next seconds is a punched one.
-    pub(crate) punching: Mutex<HashMap<PeerId, Instant>>,
+    /// Peers a hole-punching attempt runs with: a session with one of them
+    /// made in the next seconds is a punched one.
+    pub(crate) punching: Mutex<HashMap<PeerId, crate::traversal::Punching>>,
     /// The port mapping the router gave (PCP / NAT-PMP).
     pub(crate) portmap: crate::portmap::PortMapState,
     /// This node's homes (when it is not reachable).
@@ -757,10 +759,11 @@ impl Node {
         dialer: PeerId,
         punched: bool,
     ) -> Session {
-        let punched = punched
-            || lock(&self.inner.punching)
-                .get(&peer)
-                .is_some_and(|at| at.elapsed() < crate::traversal::PUNCH_WINDOW);
+        let punch = lock(&self.inner.punching)
+            .get(&peer)
+            .copied()
+            .filter(|p| p.at.elapsed() < crate::traversal::PUNCH_WINDOW);
+        let punched = punched || punch.is_some();
         let new = Session {
             conn: conn.clone(),
             dialer,
@@ -784,7 +787,14 @@ impl Node {
                     // The same dialer twice is never a twin either.
                     let twins =
                         existing.dialer != dialer && existing.established.elapsed() < TWIN_WINDOW;
-                    if twins && !new_session_wins(existing.dialer, dialer) {
+                    // Twins of a punching attempt: the initiator's dial
+                    // wins, so the session its connect call already handed
+                    // out is the one both ends keep.
+                    let new_wins = match punch.and_then(|p| p.initiator) {
+                        Some(initiator) => dialer == initiator,
+                        None => new_session_wins(existing.dialer, dialer),
+                    };
+                    if twins && !new_wins {
                         tracing::debug!(peer = %peer.short(), "closing duplicate session (twin kept)");
                         conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate session");
                         return existing.clone();

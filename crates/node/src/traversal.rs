@@ -210,14 +210,36 @@ fn punch(node: &Node, candidates: Vec<SocketAddr>, nonce: u64) {
     });
 }
 
-fn mark_punching(node: &Node, peer: PeerId) {
+/// A hole-punching attempt with a peer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Punching {
+    /// When it started.
+    pub at: Instant,
+    /// Who asked for the connection: its dial wins when both ends' dials
+    /// make a session. `None` when both ends asked at once (the usual
+    /// tie-break applies then).
+    pub initiator: Option<PeerId>,
+}
+
+/// Notes a punching attempt with `peer` that `initiator` asked for.
+fn mark_punching(node: &Node, peer: PeerId, initiator: PeerId) {
     let mut punching = node
         .inner
         .punching
         .lock()
         .unwrap_or_else(|p| p.into_inner());
-    punching.retain(|_, at| at.elapsed() < PUNCH_WINDOW);
-    punching.insert(peer, Instant::now());
+    punching.retain(|_, p| p.at.elapsed() < PUNCH_WINDOW);
+    let initiator = match punching.get(&peer) {
+        Some(p) if p.initiator != Some(initiator) => None,
+        _ => Some(initiator),
+    };
+    punching.insert(
+        peer,
+        Punching {
+            at: Instant::now(),
+            initiator,
+        },
+    );
 }
 
 async fn write_signal(send: &mut SendStream, signal: &Signal) -> Result<(), String> {
@@ -380,7 +402,7 @@ async fn through_home(node: &Node, peer: PeerId, home: &Home) -> Result<Session,
     };
     // From here on, a session with the peer (even the direct dial's,
     // which the peer's punches may let through) is a punched one.
-    mark_punching(node, peer);
+    mark_punching(node, peer, node.peer_id());
     write_signal(&mut stream.send, &request)
         .await
         .map_err(fail)?;
@@ -556,7 +578,7 @@ fn introduced(node: &Node, from: PeerId, nonce: u64, candidates: Vec<SocketAddr>
         .into_iter()
         .take(p2pos_proto::traversal::MAX_CANDIDATES)
         .collect();
-    mark_punching(node, from);
+    mark_punching(node, from, from);
     punch(node, candidates.clone(), nonce);
     let dial = answerer_dials(own_mapping(node));
     if dial && node.live_session(&from).is_none() {
