@@ -93,3 +93,38 @@ fn nodes_classify_their_nat_and_serve_the_dht_only_when_reachable() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("only peers this node contacted"), "{text}");
 }
+
+#[test]
+fn a_node_behind_carrier_grade_nat_finds_it_on_the_path_to_its_home() {
+    let Some(mut lab) = p2pos_lab::lab_for_test() else {
+        return;
+    };
+    let p2pos = p2pos_lab::p2pos_next_to_tests();
+    let opts = RouterOptions::default();
+    let public = lab.add_public_host("p").unwrap();
+    let cgn = lab.add_router(RouterKind::Cgn, opts).unwrap();
+    let behind_cgn = lab.add_host(cgn, "cgn").unwrap();
+    let plain = lab.add_router(RouterKind::PortRestricted, opts).unwrap();
+    let behind_plain = lab.add_host(plain, "pr").unwrap();
+    let home = start_node(&mut lab, public, 7448, &p2pos, &[]).unwrap();
+    let entry = vec![format!("{}@{}:7448", home.peer_id, lab.host(public).ipv4)];
+    let nc = start_node(&mut lab, behind_cgn, 7448, &p2pos, &entry).unwrap();
+    let np = start_node(&mut lab, behind_plain, 7448, &p2pos, &entry).unwrap();
+    // The home router maps nothing and reports no external address, so
+    // only the routers on the path to its home can tell.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(&nc);
+        if s["nat"]["cgn"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no carrier-NAT verdict: {}",
+            serde_json::to_string_pretty(&s).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let s = settled(&np, Duration::from_secs(60));
+    assert_ne!(s["nat"]["cgn"], true, "{}", s["nat"]);
+}

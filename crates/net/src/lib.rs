@@ -14,6 +14,7 @@ pub mod overlay;
 pub mod paths;
 pub mod socket;
 pub mod tls;
+pub mod trace;
 
 pub use endpoint::{transport_config, BindError, BoundEndpoint, DialKind, EndpointOptions};
 pub use paths::{is_virtual, Route};

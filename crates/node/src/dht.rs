@@ -237,6 +237,9 @@ pub struct DhtHandle {
     contacted: Arc<Mutex<ContactedIps>>,
     known_servers: Arc<Mutex<std::collections::VecDeque<(PeerId, SocketAddr)>>>,
     mapped: Arc<Mutex<Option<SocketAddr>>>,
+    /// The carrier-NAT verdict from tracing the path to a home (`None`:
+    /// not traced yet).
+    path_cgn: Arc<Mutex<Option<Option<bool>>>>,
     keypair: Keypair,
 }
 
@@ -293,9 +296,11 @@ impl DhtHandle {
             contacted: Arc::default(),
             known_servers: Arc::default(),
             mapped: Arc::default(),
+            path_cgn: Arc::default(),
             keypair: keypair.clone(),
         };
         let mapped_addr = handle.mapped.clone();
+        let path_cgn = handle.path_cgn.clone();
         let known_servers = handle.known_servers.clone();
         let mut homes: Vec<Home> = Vec::new();
         let contacted = handle.contacted.clone();
@@ -532,7 +537,8 @@ impl DhtHandle {
                             .iter()
                             .map(|a| a.ip())
                             .collect::<Vec<_>>(),
-                    ),
+                    )
+                    .or(path_cgn.lock().unwrap_or_else(|p| p.into_inner()).flatten()),
                     observed_addrs: reach
                         .observed_addrs()
                         .iter()
@@ -591,6 +597,11 @@ impl DhtHandle {
         if changed {
             let _ = self.commands.try_send(Command::PortMapped(addr.is_some()));
         }
+    }
+
+    /// Records the carrier-NAT verdict from tracing the path to a peer.
+    pub fn set_path_cgn(&self, verdict: Option<bool>) {
+        *self.path_cgn.lock().unwrap_or_else(|p| p.into_inner()) = Some(verdict);
     }
 
     /// Runs a reachability check soon (something changed, e.g. a port

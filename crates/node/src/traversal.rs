@@ -105,10 +105,39 @@ async fn keep_homes(node: &Node) {
             }
         }
     }
+    if before.is_empty() {
+        if let Some(home) = homes.first() {
+            trace_cgn(dht, home.addr);
+        }
+    }
     if homes != before {
         *node.inner.homes.lock().unwrap_or_else(|p| p.into_inner()) = homes.clone();
         dht.set_homes(homes);
     }
+}
+
+/// Routers on the path to a home, traced with small TTLs: the hops a
+/// carrier-grade NAT would be among.
+const CGN_TRACE_HOPS: u8 = 4;
+/// How long the trace waits for the routers' answers.
+const CGN_TRACE_WAIT: Duration = Duration::from_secs(2);
+
+/// Judges whether a carrier-grade NAT sits beyond the home router from the
+/// routers on the path to `home` (in the background; the verdict joins the
+/// reachability status). A node gets new homes after its network changes,
+/// so the path is traced again then.
+fn trace_cgn(dht: &crate::dht::DhtHandle, home: SocketAddr) {
+    let dht = dht.clone();
+    tokio::task::spawn_blocking(move || {
+        match p2pos_net::trace::hops(home, CGN_TRACE_HOPS, CGN_TRACE_WAIT) {
+            Ok(hops) => {
+                let verdict = p2pos_proto::reach::judge_cgn_path(&hops);
+                tracing::debug!(?hops, ?verdict, "traced the path to a home");
+                dht.set_path_cgn(verdict);
+            }
+            Err(e) => tracing::debug!("cannot trace the path to a home: {e}"),
+        }
+    });
 }
 
 /// Home candidates, nearest first: verified DHT servers whose own records

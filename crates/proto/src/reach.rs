@@ -818,8 +818,75 @@ pub fn judge_cgn(
     None
 }
 
+/// Whether a carrier-grade NAT sits on the path to a peer (`None`: cannot
+/// tell), from the routers that answered datagrams sent with TTL 1, 2, …
+/// (`None` for a hop that did not answer):
+///
+/// - a router in the shared space `100.64.0.0/10` (RFC 6598) before the
+///   first public one: a carrier NAT;
+/// - the first public router reached with every earlier hop answering and
+///   only the first (the home router) private: no carrier NAT;
+/// - anything else (a silent hop, private routers beyond the home router,
+///   no public router at all): cannot tell.
+pub fn judge_cgn_path(hops: &[Option<IpAddr>]) -> Option<bool> {
+    let mut unclear = false;
+    for (i, hop) in hops.iter().enumerate() {
+        let Some(ip) = hop else {
+            unclear = true;
+            continue;
+        };
+        let IpAddr::V4(v4) = ip.to_canonical() else {
+            return None;
+        };
+        let o = v4.octets();
+        if o[0] == 100 && (o[1] & 0xc0) == 64 {
+            return Some(true);
+        }
+        let private = v4.is_private() || v4.is_loopback() || v4.is_link_local();
+        if !private {
+            return (!unclear).then_some(false);
+        }
+        if i > 0 {
+            unclear = true;
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn carrier_grade_nat_is_judged_from_the_routers_on_the_path() {
+        use super::judge_cgn_path;
+        let hop = |s: &str| -> Option<std::net::IpAddr> { Some(s.parse().unwrap()) };
+        // Home router, then the carrier's NAT.
+        assert_eq!(
+            judge_cgn_path(&[hop("192.168.1.1"), hop("100.64.3.1"), hop("8.8.4.1")]),
+            Some(true)
+        );
+        // Home router, then the ISP's public router.
+        assert_eq!(
+            judge_cgn_path(&[hop("192.168.1.1"), hop("84.1.2.3")]),
+            Some(false)
+        );
+        // A silent hop or an ISP's private router hides what follows.
+        assert_eq!(
+            judge_cgn_path(&[hop("192.168.1.1"), None, hop("84.1.2.3")]),
+            None
+        );
+        assert_eq!(
+            judge_cgn_path(&[hop("192.168.1.1"), hop("10.0.0.1"), hop("84.1.2.3")]),
+            None
+        );
+        // A carrier NAT is a carrier NAT even after a silent hop.
+        assert_eq!(
+            judge_cgn_path(&[hop("192.168.1.1"), None, hop("100.100.0.1")]),
+            Some(true)
+        );
+        assert_eq!(judge_cgn_path(&[None, None]), None);
+        assert_eq!(judge_cgn_path(&[]), None);
+    }
+
     #[test]
     fn carrier_grade_nat_is_judged_from_what_the_node_knows() {
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
