@@ -608,6 +608,10 @@ fn sim(args: SimArgs) -> Result<()> {
         r.maintenance_bytes_per_client_per_s,
         r.maintenance_bytes_per_node_per_s
     );
+    println!(
+        "  ID proofs        {:.4} per node per second (an ed25519 signature and its check each)",
+        r.proofs_per_node_per_s
+    );
     if r.connects > 0 {
         println!(
             "  connects         {} by key, {:.2}% connected, {:.2}% direct, {:.2}% relayed",

@@ -96,6 +96,9 @@ pub struct SimReport {
     pub maintenance_bytes_per_server_per_s: f64,
     /// The same for clients.
     pub maintenance_bytes_per_client_per_s: f64,
+    /// ID proofs (an ed25519 signature each, and its check) per node per
+    /// second: the simulator's main CPU cost.
+    pub proofs_per_node_per_s: f64,
     /// Nodes that left (and were replaced).
     pub departures: u64,
     /// Events processed.
@@ -213,6 +216,7 @@ struct Stats {
     gets_ok: usize,
     departures: u64,
     server_bytes: u128,
+    proofs: u64,
     client_bytes: u128,
     server_seconds: f64,
     client_seconds: f64,
@@ -646,6 +650,7 @@ impl World {
         let node = &mut self.nodes[i as usize];
         if let Some(dht) = &node.dht {
             let bytes = dht.counters().bytes_sent - node.bytes_base;
+            self.stats.proofs += dht.counters().proofs_signed;
             let secs = (self.now - self.online_since[i as usize]) as f64 / 1000.0;
             if node.server {
                 self.stats.server_bytes += u128::from(bytes);
@@ -917,6 +922,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         ),
         maintenance_bytes_per_server_per_s: per(s.server_bytes, s.server_seconds),
         maintenance_bytes_per_client_per_s: per(s.client_bytes, s.client_seconds),
+        proofs_per_node_per_s: per(u128::from(s.proofs), s.server_seconds + s.client_seconds),
         departures: s.departures,
         events: w.events,
         wall_s: wall.elapsed().as_secs_f64(),

@@ -75,6 +75,10 @@ pub struct DhtConfig {
     pub track_peers: bool,
 }
 
+/// A replacement-cache entry older than this is worth replacing with a
+/// contact a lookup meets (and asks to prove its ID).
+const REPLACEMENT_FRESH: Duration = Duration::from_secs(15 * 60);
+
 /// Observations and request sources kept with `track_peers`.
 pub const TRACKED_PEERS: usize = 16;
 
@@ -174,6 +178,10 @@ pub struct DhtCounters {
     pub overloaded: u64,
     /// Contacts dropped because they said they no longer serve.
     pub contacts_left: u64,
+    /// ID proofs this node signed (answering requests that asked for one).
+    pub proofs_signed: u64,
+    /// ID proofs this node checked (answers to its requests).
+    pub proofs_checked: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -416,14 +424,17 @@ impl<A: Address> Dht<A> {
                 LookupKind::GetRecord => RequestBody::GetRecord(lookup.target),
                 _ => RequestBody::FindNode(lookup.target),
             };
+            let stale_before = now.as_secs().saturating_sub(REPLACEMENT_FRESH.as_secs());
             for (id, addr, _) in next {
+                // A proof only where the table would keep the contact.
                 let known = self.table.get(&id).is_some_and(|c| c.addr == addr);
+                let want_proof = !known && self.table.would_keep(&id, &addr, stale_before);
                 self.send_request(
                     now,
                     addr,
                     Some(id),
                     body.clone(),
-                    !known,
+                    want_proof,
                     Purpose::Query(query),
                 );
             }
@@ -726,6 +737,7 @@ impl<A: Address> Dht<A> {
                 ResponseBody::PutAck(stored)
             }
         };
+        self.counters.proofs_signed += u64::from(req.want_proof);
         let proof = req.want_proof.then(|| {
             let sig = self.keypair.sign(&proof_message(req.txid, &req.sender));
             (self.keypair.peer_id(), sig)
@@ -795,6 +807,7 @@ impl<A: Address> Dht<A> {
             self.sample_rtt(ms(now).saturating_sub(pending.sent_ms));
         }
         if pending.request.want_proof {
+            self.counters.proofs_checked += 1;
             let ok = resp.proof.as_ref().is_some_and(|(key, sig)| {
                 NodeId::of_peer(key) == resp.responder
                     && key.verify(&proof_message(resp.txid, &self.id), sig)
@@ -856,7 +869,12 @@ impl<A: Address> Dht<A> {
                     let nodes = match resp.body {
                         ResponseBody::Nodes(n) => n,
                         ResponseBody::Record(record, n) => {
-                            if let Some(r) = record {
+                            // The record another holder already gave needs
+                            // no second check.
+                            let seen = |r: &SignedRecord| {
+                                lookup.found.as_ref().is_some_and(|(f, _)| f == r)
+                            };
+                            if let Some(r) = record.filter(|r| !seen(r)) {
                                 if r.key() == lookup.target && r.verify(now.as_secs()).is_ok() {
                                     if lookup.found.as_ref().is_none_or(|(f, _)| f.seq < r.seq) {
                                         lookup.found = Some((r, hop));

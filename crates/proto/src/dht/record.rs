@@ -233,8 +233,14 @@ impl RecordStore {
         network: u64,
         now: u64,
     ) -> Result<bool, RecordError> {
-        record.verify(now)?;
         let key = record.key();
+        // The same record again (a republish): nothing to check or change.
+        if let Some(existing) = self.records.get(&key) {
+            if existing.record == record && record.expires > now {
+                return Ok(false);
+            }
+        }
+        record.verify(now)?;
         if let Some(existing) = self.records.get_mut(&key) {
             if existing.record.seq > record.seq {
                 return Err(RecordError::Stale);

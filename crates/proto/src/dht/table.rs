@@ -150,6 +150,31 @@ impl<A: Address> RoutingTable<A> {
             < self.max_per_prefix
     }
 
+    /// Whether a verified contact `id` at `addr` would be kept: it would
+    /// enter its bucket, or wait in the bucket's replacement cache, which
+    /// has room or holds an entry last seen before `stale_before` (seconds).
+    /// Lookups ask a node to prove its ID only then: a proof costs a
+    /// signature and its check, and is wasted on a contact the table drops.
+    pub fn would_keep(&self, id: &NodeId, addr: &A, stale_before: u64) -> bool {
+        if self.has_room_for(id, addr) {
+            return true;
+        }
+        let Some(bucket) = self
+            .bucket_index(id)
+            .and_then(|index| self.buckets.get(index))
+        else {
+            return false;
+        };
+        bucket.entries.len() >= self.k
+            && !bucket.entries.iter().any(|c| c.id == *id)
+            && !bucket.replacements.iter().any(|c| c.id == *id)
+            && (bucket.replacements.len() < self.k.div_ceil(2)
+                || bucket
+                    .replacements
+                    .first()
+                    .is_some_and(|c| c.last_seen < stale_before))
+    }
+
     /// Records that `id` answered at `now`.
     pub fn mark_seen(&mut self, id: &NodeId, now: u64) {
         if let Some(c) = self.get_mut(id) {
@@ -223,19 +248,38 @@ impl<A: Address> RoutingTable<A> {
     }
 
     /// The `n` contacts closest to `target`, closest first.
+    ///
+    /// Reads only the buckets it needs. With `i` the common prefix of this
+    /// node and `target`, bucket `i` holds the contacts sharing more than
+    /// `i` bits with `target`; every deeper bucket's contacts share exactly
+    /// `i`; bucket `j < i`'s share exactly `j`. So the order is bucket `i`,
+    /// then the deeper buckets together, then buckets `i - 1` down to 0,
+    /// each sorted by distance.
     pub fn closest(&self, target: &NodeId, n: usize) -> Vec<Contact<A>> {
-        let mut all: Vec<(NodeId, Contact<A>)> = self
-            .buckets
-            .iter()
-            .flat_map(|b| b.entries.iter())
-            .map(|c| (c.id.distance(target), *c))
-            .collect();
-        if all.len() > n {
-            all.select_nth_unstable_by(n, |a, b| a.0.cmp(&b.0));
-            all.truncate(n);
+        let i = self.me.common_prefix(target);
+        let mut out: Vec<Contact<A>> = Vec::with_capacity(n.min(self.k * 3));
+        let take_sorted = |out: &mut Vec<Contact<A>>, mut group: Vec<Contact<A>>| {
+            group.sort_unstable_by_key(|c| c.id.distance(target));
+            let room = n.saturating_sub(out.len());
+            out.extend(group.into_iter().take(room));
+        };
+        if let Some(b) = self.buckets.get(i) {
+            take_sorted(&mut out, b.entries.clone());
         }
-        all.sort_unstable_by_key(|a| a.0);
-        all.into_iter().map(|(_, c)| c).collect()
+        if out.len() < n && i + 1 < self.buckets.len() {
+            let deeper = self.buckets[i + 1..]
+                .iter()
+                .flat_map(|b| b.entries.iter().copied())
+                .collect();
+            take_sorted(&mut out, deeper);
+        }
+        for j in (0..i.min(self.buckets.len())).rev() {
+            if out.len() >= n {
+                break;
+            }
+            take_sorted(&mut out, self.buckets[j].entries.clone());
+        }
+        out
     }
 
     /// Number of contacts.
@@ -343,6 +387,39 @@ mod tests {
     }
 
     #[test]
+    fn proofs_are_asked_only_for_contacts_the_table_would_keep() {
+        let me = NodeId([0; 32]);
+        let mut table = RoutingTable::new(me, 4, 4);
+        let id = |i: u32| {
+            let mut b = [0u8; 32];
+            b[0] = 0x80; // bucket 0
+            b[1..5].copy_from_slice(&i.to_be_bytes());
+            b
+        };
+        let addr = |i: u32| i << 8;
+        for i in 0..4 {
+            assert!(
+                table.would_keep(&NodeId(id(i)), &addr(i), 0),
+                "room in the bucket"
+            );
+            table.insert(contact(id(i), addr(i), 100));
+        }
+        assert!(
+            !table.would_keep(&NodeId(id(0)), &addr(0), 0),
+            "already there"
+        );
+        // Full bucket: the replacement cache (k/2 = 2) still has room.
+        for i in 4..6 {
+            assert!(table.would_keep(&NodeId(id(i)), &addr(i), 0));
+            table.insert(contact(id(i), addr(i), 100 + u64::from(i)));
+        }
+        // Both full and fresh: a proof would be wasted.
+        assert!(!table.would_keep(&NodeId(id(9)), &addr(9), 100));
+        // The oldest replacement is stale: worth replacing.
+        assert!(table.would_keep(&NodeId(id(9)), &addr(9), 105));
+    }
+
+    #[test]
     fn a_flood_from_one_network_cannot_fill_a_bucket() {
         let me = NodeId([0; 32]);
         let mut table = RoutingTable::new(me, 20, 2);
@@ -404,10 +481,26 @@ mod tests {
             target in any::<[u8; 32]>(),
         ) {
             let mut table = RoutingTable::new(NodeId(me), 20, 64);
-            for (i, id) in ids.iter().enumerate() {
-                table.insert(contact(*id, (i as u32) << 8, 0));
-            }
             let target = NodeId(target);
+            for (i, id) in ids.iter().enumerate() {
+                // A third share a random prefix with this node, a third
+                // with the target: deep buckets and near targets get tested.
+                let id = match i % 3 {
+                    0 => NodeId(me).random_with_prefix(id[0] as usize, *id),
+                    1 => target.random_with_prefix(id[0] as usize, *id),
+                    _ => NodeId(*id),
+                };
+                table.insert(contact(id.0, (i as u32) << 8, 0));
+            }
+            for n in [1, 8, 20, 50] {
+                let got = table.closest(&target, n);
+                let mut all: Vec<NodeId> = table.closest(&target, usize::MAX).iter().map(|c| c.id).collect();
+                prop_assert_eq!(all.len(), table.len());
+                all.sort_unstable_by_key(|id| id.distance(&target));
+                all.truncate(n);
+                let got_ids: Vec<NodeId> = got.iter().map(|c| c.id).collect();
+                prop_assert_eq!(got_ids, all);
+            }
             let got = table.closest(&target, 8);
             for w in got.windows(2) {
                 prop_assert!(w[0].id.distance(&target) <= w[1].id.distance(&target));
