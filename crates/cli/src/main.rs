@@ -207,6 +207,11 @@ struct SimArgs {
     /// The seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Sign ID proofs and records with real ed25519. By default the
+    /// simulator uses a hash of the same size instead: the figures are the
+    /// same, and runs are about three times faster.
+    #[arg(long)]
+    real_signatures: bool,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -555,6 +560,11 @@ fn sim(args: SimArgs) -> Result<()> {
     let dht = p2pos_proto::dht::DhtConfig {
         k: args.k.max(1),
         alpha: args.alpha.max(1),
+        signatures: if args.real_signatures {
+            p2pos_proto::dht::Signatures::Ed25519
+        } else {
+            p2pos_proto::dht::Signatures::SimulatedInsecure
+        },
         ..Default::default()
     };
     let config = p2pos_sim::SimConfig {

@@ -4,7 +4,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
-use p2pos_proto::dht::{Dht, DhtConfig, DhtEvent, NodeId, QueryId, SignedRecord};
+use p2pos_proto::dht::{Dht, DhtConfig, DhtEvent, NodeId, QueryId, Signatures, SignedRecord};
 use p2pos_proto::rng::SplitMix64;
 use p2pos_proto::Keypair;
 use serde::Serialize;
@@ -30,7 +30,9 @@ pub struct SimConfig {
     pub loss: f64,
     /// Time before lookups start.
     pub warmup: Duration,
-    /// DHT settings of every node.
+    /// DHT settings of every node (by default with
+    /// [`Signatures::SimulatedInsecure`]: the same figures as ed25519, at a
+    /// third of the CPU).
     pub dht: DhtConfig,
     /// Report progress on stderr.
     pub progress: bool,
@@ -54,7 +56,10 @@ impl Default for SimConfig {
             client_fraction: 0.3,
             loss: 0.0,
             warmup: Duration::from_secs(60),
-            dht: DhtConfig::default(),
+            dht: DhtConfig {
+                signatures: Signatures::SimulatedInsecure,
+                ..DhtConfig::default()
+            },
             progress: false,
             nat_mix: None,
             connects: 0,
@@ -575,7 +580,8 @@ impl World {
     /// peer record on its own behalf) expiring in two hours; returns its key.
     fn put_record(&mut self, owner: u32, label: &[u8], value: &[u8], pending: Pending) -> NodeId {
         let record_kp = Keypair::from_seed(self.rng.bytes32());
-        let record = SignedRecord::sign(
+        let record = SignedRecord::sign_with(
+            self.cfg.dht.signatures,
             &record_kp,
             label,
             self.now,

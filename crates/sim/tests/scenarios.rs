@@ -53,6 +53,38 @@ fn same_seed_same_numbers() {
 }
 
 #[test]
+fn the_simulated_signatures_give_the_same_numbers_as_ed25519() {
+    use p2pos_proto::dht::{DhtConfig, Signatures};
+    let with = |signatures| {
+        let cfg = SimConfig {
+            nodes: 400,
+            duration: Duration::from_secs(12 * 60),
+            median_session: Some(Duration::from_secs(8 * 60)),
+            lookups: 100,
+            records: 20,
+            seed: 5,
+            warmup: Duration::from_secs(60),
+            dht: DhtConfig {
+                signatures,
+                ..DhtConfig::default()
+            },
+            ..SimConfig::default()
+        };
+        SimReport {
+            wall_s: 0.0,
+            peak_rss_mb: 0.0,
+            ..run(&cfg)
+        }
+    };
+    let real = with(Signatures::Ed25519);
+    assert!(
+        real.departures > 0 && real.put_success_rate > 0.9,
+        "seed 5: {real:?}"
+    );
+    assert_eq!(real, with(Signatures::SimulatedInsecure), "seed 5");
+}
+
+#[test]
 fn lookups_and_records_hold_up_under_churn() {
     // Median session 10 minutes over 20 minutes: most nodes are replaced.
     let r = sim(2000, 20, Some(10), 600, 60, 11);

@@ -47,7 +47,9 @@ mod wire;
 
 pub use address::Address;
 pub use node::{Dht, DhtConfig, DhtCounters, DhtEvent, QueryId};
-pub use record::{record_key, RecordError, RecordStore, SignedRecord, MAX_RECORD_VALUE};
+pub use record::{
+    record_key, RecordError, RecordStore, Signatures, SignedRecord, MAX_RECORD_VALUE,
+};
 pub use table::{Contact, InsertOutcome, RoutingTable};
 pub use wire::{DhtMessage, Request, RequestBody, Response, ResponseBody, WireError};
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::address::Address;
 use super::lookup::{Lookup, LookupKind};
-use super::record::{RecordError, RecordStore, SignedRecord};
+use super::record::{RecordError, RecordStore, Signatures, SignedRecord};
 use super::table::{Contact, InsertOutcome, RoutingTable};
 use super::wire::{
     proof_message, DhtMessage, Request, RequestBody, Response, ResponseBody, WireError,
@@ -28,7 +28,11 @@ pub const UNVERIFIED_REQUEST_PAD: usize = 320;
 /// The shortest adaptive query timeout.
 pub const MIN_QUERY_TIMEOUT_MS: u64 = 150;
 /// Cookies this node keeps for other nodes' addresses.
-const MAX_COOKIES: usize = 4096;
+const MAX_COOKIES: usize = 1024;
+/// Cookies are kept for two periods of this length: responders accept the
+/// cookies of their current and previous 10-minute epoch, so a cookie is
+/// good for at least 10 minutes.
+const COOKIE_PERIOD: Duration = Duration::from_secs(300);
 /// Verification pings of new server requesters in flight at most.
 const MAX_VERIFICATIONS: usize = 32;
 
@@ -73,6 +77,9 @@ pub struct DhtConfig {
     /// Keep the last few (responder, observed address) pairs and request
     /// sources for the node's reachability checks (off in the simulator).
     pub track_peers: bool,
+    /// How ID proofs and records are signed: ed25519, except in the
+    /// simulator (see [`Signatures::SimulatedInsecure`]).
+    pub signatures: Signatures,
 }
 
 /// A replacement-cache entry older than this is worth replacing with a
@@ -101,6 +108,7 @@ impl Default for DhtConfig {
             max_pending: 512,
             server: true,
             track_peers: false,
+            signatures: Signatures::Ed25519,
         }
     }
 }
@@ -224,7 +232,11 @@ pub struct Dht<A: Address> {
     next_query: u64,
     rng: SplitMix64,
     cookie_key: [u8; 32],
+    /// Cookies other nodes issued to this node in the current period, and
+    /// in the one before (older ones may no longer be accepted).
     cookies: HashMap<A, u64>,
+    old_cookies: HashMap<A, u64>,
+    next_cookie_rotation_ms: u64,
     verifying: usize,
     transmits: VecDeque<(A, Vec<u8>)>,
     events: VecDeque<DhtEvent<A>>,
@@ -261,7 +273,8 @@ impl<A: Address> Dht<A> {
         let jitter = rng.next_u64() % maintenance.max(1);
         Dht {
             table: RoutingTable::new(id, config.k, config.max_per_prefix),
-            records: RecordStore::new(config.max_records, config.max_records_per_network),
+            records: RecordStore::new(config.max_records, config.max_records_per_network)
+                .with_signatures(config.signatures),
             next_republish_ms: ms(now) + config.republish.as_millis() as u64,
             next_maintenance_ms: ms(now) + jitter + maintenance,
             created_s: now.as_secs(),
@@ -278,6 +291,8 @@ impl<A: Address> Dht<A> {
             rng,
             cookie_key,
             cookies: HashMap::new(),
+            old_cookies: HashMap::new(),
+            next_cookie_rotation_ms: ms(now) + COOKIE_PERIOD.as_millis() as u64,
             verifying: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -556,7 +571,12 @@ impl<A: Address> Dht<A> {
                 break t;
             }
         };
-        let cookie = self.cookies.get(&to).copied().unwrap_or(0);
+        let cookie = self
+            .cookies
+            .get(&to)
+            .or_else(|| self.old_cookies.get(&to))
+            .copied()
+            .unwrap_or(0);
         // Without a cookie, a request that may get a large answer is padded
         // so the answer fits within 3x (anti-amplification).
         let large_answer =
@@ -739,7 +759,10 @@ impl<A: Address> Dht<A> {
         };
         self.counters.proofs_signed += u64::from(req.want_proof);
         let proof = req.want_proof.then(|| {
-            let sig = self.keypair.sign(&proof_message(req.txid, &req.sender));
+            let sig = self
+                .config
+                .signatures
+                .sign(&self.keypair, &proof_message(req.txid, &req.sender));
             (self.keypair.peer_id(), sig)
         });
         let mut response = Response {
@@ -810,7 +833,10 @@ impl<A: Address> Dht<A> {
             self.counters.proofs_checked += 1;
             let ok = resp.proof.as_ref().is_some_and(|(key, sig)| {
                 NodeId::of_peer(key) == resp.responder
-                    && key.verify(&proof_message(resp.txid, &self.id), sig)
+                    && self
+                        .config
+                        .signatures
+                        .verify(key, &proof_message(resp.txid, &self.id), sig)
             });
             if !ok {
                 self.counters.bad_proofs += 1;
@@ -825,9 +851,7 @@ impl<A: Address> Dht<A> {
             }
         }
         if self.cookies.len() >= MAX_COOKIES && !self.cookies.contains_key(&from) {
-            if let Some(evict) = self.cookies.keys().next().copied() {
-                self.cookies.remove(&evict);
-            }
+            self.rotate_cookies(now);
         }
         self.cookies.insert(from, resp.cookie);
         self.observed = Some(resp.observed);
@@ -875,7 +899,9 @@ impl<A: Address> Dht<A> {
                                 lookup.found.as_ref().is_some_and(|(f, _)| f == r)
                             };
                             if let Some(r) = record.filter(|r| !seen(r)) {
-                                if r.key() == lookup.target && r.verify(now.as_secs()).is_ok() {
+                                if r.key() == lookup.target
+                                    && r.verify_with(self.config.signatures, now.as_secs()).is_ok()
+                                {
                                     if lookup.found.as_ref().is_none_or(|(f, _)| f.seq < r.seq) {
                                         lookup.found = Some((r, hop));
                                     }
@@ -912,33 +938,45 @@ impl<A: Address> Dht<A> {
         }
     }
 
+    /// Starts a new cookie period: the current cookies become the old ones,
+    /// the old ones go. A cookie is kept at most two periods (10 minutes),
+    /// within which its issuer still accepts it.
+    fn rotate_cookies(&mut self, now: Duration) {
+        self.old_cookies = std::mem::take(&mut self.cookies);
+        self.next_cookie_rotation_ms = ms(now) + COOKIE_PERIOD.as_millis() as u64;
+    }
+
     /// Handles timers: retries, failures, maintenance.
     pub fn handle_timeout(&mut self, now: Duration) {
         let now_ms = ms(now);
-        let stalled: Vec<(QueryId, Option<NodeId>)> = self
+        // Timers firing together are handled in txid order, not the map's
+        // (random) order: the same seed must give the same run.
+        let mut stalled: Vec<(u64, QueryId, Option<NodeId>)> = self
             .pending
-            .values_mut()
-            .filter(|p| p.soft_deadline_ms.is_some_and(|s| s <= now_ms))
-            .filter_map(|p| {
+            .iter_mut()
+            .filter(|(_, p)| p.soft_deadline_ms.is_some_and(|s| s <= now_ms))
+            .filter_map(|(t, p)| {
                 p.soft_deadline_ms = None;
                 match p.purpose {
-                    Purpose::Query(q) => Some((q, p.to_id)),
+                    Purpose::Query(q) => Some((*t, q, p.to_id)),
                     _ => None,
                 }
             })
             .collect();
-        for (q, id) in stalled {
+        stalled.sort_unstable_by_key(|(t, _, _)| *t);
+        for (_, q, id) in stalled {
             if let (Some(l), Some(id)) = (self.lookups.get_mut(&q), id) {
                 l.on_stall(&id);
             }
             self.advance(now, q);
         }
-        let expired: Vec<u64> = self
+        let mut expired: Vec<u64> = self
             .pending
             .iter()
             .filter(|(_, p)| p.deadline_ms <= now_ms)
             .map(|(t, _)| *t)
             .collect();
+        expired.sort_unstable();
         for txid in expired {
             let Some(mut p) = self.pending.remove(&txid) else {
                 continue;
@@ -962,6 +1000,9 @@ impl<A: Address> Dht<A> {
     fn maintain(&mut self, now: Duration) {
         let secs = now.as_secs();
         self.records.expire(secs);
+        if ms(now) >= self.next_cookie_rotation_ms {
+            self.rotate_cookies(now);
+        }
         let refresh = self.config.bucket_refresh.as_secs();
         if secs >= self.created_s + refresh {
             for index in self.table.take_stale_buckets(secs - refresh, secs) {

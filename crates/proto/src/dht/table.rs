@@ -113,6 +113,13 @@ impl<A: Address> RoutingTable<A> {
             return InsertOutcome::Diversity;
         }
         if bucket.entries.len() < k {
+            // Past 8 entries, grow to exactly k: doubling would leave 12 of
+            // 32 slots unused in every full bucket. Sparse (deep) buckets
+            // keep the usual small steps.
+            let len = bucket.entries.len();
+            if len == bucket.entries.capacity() && len >= 8 {
+                bucket.entries.reserve_exact(k - len);
+            }
             bucket.entries.push(contact);
             return InsertOutcome::Inserted;
         }
