@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::address::Address;
 use super::lookup::{Lookup, LookupKind};
 use super::record::{RecordError, RecordStore, Signatures, SignedRecord};
-use super::table::{Contact, InsertOutcome, RoutingTable};
+use super::table::{secs32, Contact, InsertOutcome, RoutingTable};
 use super::wire::{
     proof_message, DhtMessage, Request, RequestBody, Response, ResponseBody, WireError,
 };
@@ -374,7 +374,7 @@ impl<A: Address> Dht<A> {
         self.table.insert(Contact {
             id,
             addr,
-            last_seen: now.as_secs(),
+            last_seen: secs32(now.as_secs()),
             failures: 0,
         });
     }
@@ -866,11 +866,11 @@ impl<A: Address> Dht<A> {
             let contact = Contact {
                 id: resp.responder,
                 addr: from,
-                last_seen: now.as_secs(),
+                last_seen: secs32(now.as_secs()),
                 failures: 0,
             };
             if let InsertOutcome::Pending { oldest } = self.table.insert(contact) {
-                if oldest.last_seen + 60 < now.as_secs() {
+                if u64::from(oldest.last_seen) + 60 < now.as_secs() {
                     self.send_request(
                         now,
                         oldest.addr,

@@ -14,8 +14,9 @@ pub struct Contact<A> {
     pub id: NodeId,
     /// Where it answers.
     pub addr: A,
-    /// When it last answered (seconds since the Unix epoch).
-    pub last_seen: u64,
+    /// When it last answered (seconds since the Unix epoch; 32 bits hold
+    /// them until 2106 and save a tenth of a full table).
+    pub last_seen: u32,
     /// RPCs that failed in a row.
     pub failures: u8,
 }
@@ -54,6 +55,11 @@ impl<A> Default for Bucket<A> {
             last_refresh: 0,
         }
     }
+}
+
+/// Unix seconds as stored in a contact.
+pub fn secs32(secs: u64) -> u32 {
+    u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
 /// Failed RPCs in a row after which a contact is dropped.
@@ -179,13 +185,13 @@ impl<A: Address> RoutingTable<A> {
                 || bucket
                     .replacements
                     .first()
-                    .is_some_and(|c| c.last_seen < stale_before))
+                    .is_some_and(|c| u64::from(c.last_seen) < stale_before))
     }
 
     /// Records that `id` answered at `now`.
     pub fn mark_seen(&mut self, id: &NodeId, now: u64) {
         if let Some(c) = self.get_mut(id) {
-            c.last_seen = now;
+            c.last_seen = secs32(now);
             c.failures = 0;
         }
     }
@@ -332,7 +338,7 @@ impl<A: Address> RoutingTable<A> {
             .buckets
             .iter()
             .flat_map(|b| b.entries.iter())
-            .filter(|c| c.last_seen < before)
+            .filter(|c| u64::from(c.last_seen) < before)
             .copied()
             .collect();
         stale.sort_unstable_by_key(|c| c.last_seen);
@@ -388,7 +394,7 @@ mod tests {
         Contact {
             id: NodeId(id),
             addr,
-            last_seen: t,
+            last_seen: secs32(t),
             failures: 0,
         }
     }
