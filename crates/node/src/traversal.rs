@@ -224,14 +224,19 @@ pub(crate) fn own_mapping(node: &Node) -> Mapping {
 
 /// Sends punch datagrams for attempt `nonce` to every candidate, a few
 /// rounds apart.
-fn punch(node: &Node, candidates: Vec<SocketAddr>, nonce: u64) {
+/// The first round goes out before this returns (the target answers only
+/// after its NAT has seen it: the requester punches on the answer, and its
+/// punches would be dropped by a NAT this node had not yet opened); the
+/// other rounds follow in the background.
+async fn punch(node: &Node, candidates: Vec<SocketAddr>, nonce: u64) {
     let overlay = node.inner_overlay();
+    let datagram = encode_punch(nonce);
+    for to in &candidates {
+        let _ = overlay.send(*to, &datagram).await;
+    }
     tokio::spawn(async move {
-        let datagram = encode_punch(nonce);
-        for round in 0..PUNCH_ROUNDS {
-            if round > 0 {
-                tokio::time::sleep(PUNCH_INTERVAL).await;
-            }
+        for _ in 1..PUNCH_ROUNDS {
+            tokio::time::sleep(PUNCH_INTERVAL).await;
             for to in &candidates {
                 let _ = overlay.send(*to, &datagram).await;
             }
@@ -446,7 +451,7 @@ async fn through_home(node: &Node, peer: PeerId, home: &Home) -> Result<Session,
         Signal::Refused { reason } => return Err(fail(reason)),
         other => return Err(fail(format!("unexpected signalling answer {other:?}"))),
     };
-    punch(node, candidates.clone(), nonce);
+    punch(node, candidates.clone(), nonce).await;
     // Dial every candidate; if the peer dials too, its session may arrive
     // first as an inbound one.
     let dial = node.handshake_any(peer, candidates, DialKind::Punch);
@@ -514,7 +519,9 @@ pub(crate) async fn serve_signal(
                 from,
                 nonce,
                 candidates,
-            }) if node.live_session(&peer).is_some() => introduced(node, from, nonce, candidates),
+            }) if node.live_session(&peer).is_some() => {
+                introduced(node, from, nonce, candidates).await
+            }
             Ok(_) => Signal::Refused {
                 reason: "unexpected signalling message".into(),
             },
@@ -597,7 +604,7 @@ async fn forward(
 
 /// As the target: punches toward `from`, dials it too if this node's NAT
 /// maps per destination, and answers with this node's candidates.
-fn introduced(node: &Node, from: PeerId, nonce: u64, candidates: Vec<SocketAddr>) -> Signal {
+async fn introduced(node: &Node, from: PeerId, nonce: u64, candidates: Vec<SocketAddr>) -> Signal {
     if from == node.peer_id() {
         return Signal::Refused {
             reason: "a node cannot connect to itself".into(),
@@ -608,7 +615,7 @@ fn introduced(node: &Node, from: PeerId, nonce: u64, candidates: Vec<SocketAddr>
         .take(p2pos_proto::traversal::MAX_CANDIDATES)
         .collect();
     mark_punching(node, from, from);
-    punch(node, candidates.clone(), nonce);
+    punch(node, candidates.clone(), nonce).await;
     let dial = answerer_dials(own_mapping(node));
     if dial && node.live_session(&from).is_none() {
         let node = node.clone();
