@@ -206,8 +206,8 @@ impl SignedRecord {
         let mut at = 0;
         let (owner, n) = take(&buf[at..], 32)?;
         at += n;
-        let owner = PeerId::from_bytes(owner.try_into().map_err(|_| WireError::Length)?)
-            .map_err(|_| WireError::Invalid)?;
+        // A bad owner key fails the signature check that precedes any use.
+        let owner = PeerId::from_bytes_unchecked(owner.try_into().map_err(|_| WireError::Length)?);
         let name_len = usize::from(*buf.get(at).ok_or(WireError::Length)?);
         at += 1;
         if name_len > MAX_RECORD_NAME {

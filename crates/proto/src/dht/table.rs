@@ -271,10 +271,15 @@ impl<A: Address> RoutingTable<A> {
     pub fn closest(&self, target: &NodeId, n: usize) -> Vec<Contact<A>> {
         let i = self.me.common_prefix(target);
         let mut out: Vec<Contact<A>> = Vec::with_capacity(n.min(self.k * 3));
-        let take_sorted = |out: &mut Vec<Contact<A>>, mut group: Vec<Contact<A>>| {
-            group.sort_unstable_by_key(|c| c.id.distance(target));
+        let take_sorted = |out: &mut Vec<Contact<A>>, group: Vec<Contact<A>>| {
+            // Distances computed once each, not once per comparison.
+            let mut keyed: Vec<(NodeId, Contact<A>)> = group
+                .into_iter()
+                .map(|c| (c.id.distance(target), c))
+                .collect();
+            keyed.sort_unstable_by_key(|a| a.0);
             let room = n.saturating_sub(out.len());
-            out.extend(group.into_iter().take(room));
+            out.extend(keyed.into_iter().take(room).map(|(_, c)| c));
         };
         if let Some(b) = self.buckets.get(i) {
             take_sorted(&mut out, b.entries.clone());

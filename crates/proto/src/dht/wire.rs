@@ -302,10 +302,10 @@ impl<A: Address> DhtMessage<A> {
                 let proof = match r.u8()? {
                     0 => None,
                     1 => {
-                        let key = PeerId::from_bytes(
+                        // Checked by the proof's signature check.
+                        let key = PeerId::from_bytes_unchecked(
                             r.bytes(32)?.try_into().map_err(|_| WireError::Length)?,
-                        )
-                        .map_err(|_| WireError::Invalid)?;
+                        );
                         let sig: [u8; 64] =
                             r.bytes(64)?.try_into().map_err(|_| WireError::Length)?;
                         Some((key, sig))
