@@ -238,8 +238,8 @@ pub struct DhtHandle {
     known_servers: Arc<Mutex<std::collections::VecDeque<(PeerId, SocketAddr)>>>,
     mapped: Arc<Mutex<Option<SocketAddr>>>,
     /// The carrier-NAT verdict from tracing the path to a home (`None`:
-    /// not traced yet).
-    path_cgn: Arc<Mutex<Option<Option<bool>>>>,
+    /// not traced, or the trace could not tell).
+    path_cgn: Arc<Mutex<Option<bool>>>,
     keypair: Keypair,
 }
 
@@ -538,7 +538,7 @@ impl DhtHandle {
                             .map(|a| a.ip())
                             .collect::<Vec<_>>(),
                     )
-                    .or(path_cgn.lock().unwrap_or_else(|p| p.into_inner()).flatten()),
+                    .or(*path_cgn.lock().unwrap_or_else(|p| p.into_inner())),
                     observed_addrs: reach
                         .observed_addrs()
                         .iter()
@@ -601,7 +601,7 @@ impl DhtHandle {
 
     /// Records the carrier-NAT verdict from tracing the path to a peer.
     pub fn set_path_cgn(&self, verdict: Option<bool>) {
-        *self.path_cgn.lock().unwrap_or_else(|p| p.into_inner()) = Some(verdict);
+        *self.path_cgn.lock().unwrap_or_else(|p| p.into_inner()) = verdict;
     }
 
     /// Runs a reachability check soon (something changed, e.g. a port

@@ -224,6 +224,7 @@ pub(crate) fn own_mapping(node: &Node) -> Mapping {
 
 /// Sends punch datagrams for attempt `nonce` to every candidate, a few
 /// rounds apart.
+///
 /// The first round goes out before this returns (the target answers only
 /// after its NAT has seen it: the requester punches on the answer, and its
 /// punches would be dropped by a NAT this node had not yet opened); the
