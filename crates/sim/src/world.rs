@@ -560,20 +560,27 @@ impl World {
         }
         let target = self.nodes[target_node as usize].id;
         let target_gen = self.nodes[target_node as usize].gen;
-        let gen = self.nodes[from as usize].gen;
-        let now = self.now_d();
-        let q = self.nodes[from as usize]
-            .dht
-            .as_mut()
-            .expect("online")
-            .lookup(now, target);
         let pending = Pending::Lookup {
             target,
             target_node,
             target_gen,
         };
-        self.pending.insert((from, gen, q), (pending, self.now));
-        self.flush(from);
+        self.query(from, pending, |dht, now| dht.lookup(now, target));
+    }
+
+    /// Starts a query on node `node` (it must be online) and tracks it as
+    /// `pending` until its event.
+    fn query(
+        &mut self,
+        node: u32,
+        pending: Pending,
+        start: impl FnOnce(&mut Dht<u32>, Duration) -> QueryId,
+    ) {
+        let now = self.now_d();
+        let n = &mut self.nodes[node as usize];
+        let q = start(n.dht.as_mut().expect("online"), now);
+        self.pending.insert((node, n.gen, q), (pending, self.now));
+        self.flush(node);
     }
 
     /// `owner` puts a record (signed with a fresh key, as a node puts its
@@ -590,29 +597,13 @@ impl World {
         )
         .expect("small record");
         let key = record.key();
-        let now = self.now_d();
-        let gen = self.nodes[owner as usize].gen;
-        let q = self.nodes[owner as usize]
-            .dht
-            .as_mut()
-            .expect("online")
-            .put(now, record);
-        self.pending.insert((owner, gen, q), (pending, self.now));
-        self.flush(owner);
+        self.query(owner, pending, |dht, now| dht.put(now, record));
         key
     }
 
     /// `from` gets the record at `key`.
     fn start_get(&mut self, from: u32, key: NodeId, pending: Pending) {
-        let now = self.now_d();
-        let gen = self.nodes[from as usize].gen;
-        let q = self.nodes[from as usize]
-            .dht
-            .as_mut()
-            .expect("online")
-            .get(now, key);
-        self.pending.insert((from, gen, q), (pending, self.now));
-        self.flush(from);
+        self.query(from, pending, |dht, now| dht.get(now, key));
     }
 
     /// Node `a` connects to `b` (whose peer record it just fetched).
