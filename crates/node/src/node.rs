@@ -17,10 +17,14 @@
 //! the initiator's dial wins (its connect call has already handed that
 //! session out), otherwise `p2pos_proto::session::new_session_wins` decides;
 //! a stream whose opening fails on the closed one is retried on the
-//! survivor. A session dialed by the same end as the one it
-//! duplicates, or arriving more than [`TWIN_WINDOW`] after it, is no twin:
-//! the peer lost the old one (it crashed and restarted, or its address
-//! changed), and the new one replaces it.
+//! survivor. Two sessions dialed by the same end within [`TWIN_WINDOW`]
+//! are that end's parallel handshakes (to several addresses of the peer,
+//! or by several routes at once): the first one stays, as the dialer
+//! handed it out, and the later one is closed; a handshake the dialer gave
+//! up on would otherwise replace the session in use at the other end. A
+//! session arriving more than [`TWIN_WINDOW`] after the one it duplicates
+//! replaces it: the peer lost the old one (it crashed and restarted, or its
+//! address changed).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -780,11 +784,11 @@ impl Node {
                         .counters
                         .duplicate_sessions_closed
                         .fetch_add(1, Ordering::Relaxed);
-                    // Two sessions made within TWIN_WINDOW are simultaneous
-                    // dials: both ends keep the same one. A session to a
-                    // peer that already has an older one means the peer
-                    // lost that one (e.g. it restarted): the new one wins.
-                    // The same dialer twice is never a twin either.
+                    // Two sessions dialed by both ends within TWIN_WINDOW
+                    // are simultaneous dials: both ends keep the same one.
+                    // A session to a peer that already has an older one
+                    // means the peer lost that one (e.g. it restarted): the
+                    // new one wins.
                     let twins =
                         existing.dialer != dialer && existing.established.elapsed() < TWIN_WINDOW;
                     // Twins of a punching attempt: the initiator's dial
@@ -794,8 +798,11 @@ impl Node {
                         Some(initiator) => dialer == initiator,
                         None => new_session_wins(existing.dialer, dialer),
                     };
-                    if twins && !new_wins {
-                        tracing::debug!(peer = %peer.short(), "closing duplicate session (twin kept)");
+                    // The same end's parallel handshakes: the first stays.
+                    let parallel =
+                        existing.dialer == dialer && existing.established.elapsed() < TWIN_WINDOW;
+                    if (twins && !new_wins) || parallel {
+                        tracing::debug!(peer = %peer.short(), parallel, "closing duplicate session (twin kept)");
                         conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate session");
                         return existing.clone();
                     }

@@ -320,3 +320,32 @@ fn the_only_server_keeps_its_own_record_for_the_clients() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn a_server_that_turns_client_does_not_answer_its_gets_with_a_stale_copy() {
+    // Every node serves at first (before its reachability verdict) and
+    // stores the first version of a record; then all but node 0 turn
+    // client, and the owner updates the record on the only server left.
+    let mut net = Net::new(4, config());
+    let now = net.now;
+    let first = SignedRecord::sign(&net.keys[3], b"peer", 1, T0 + 3600, b"no home yet").unwrap();
+    net.nodes[3].put(now, first.clone());
+    net.event(3);
+    assert!(net.nodes[1].records().get(&first.key(), T0).is_some());
+    for i in 1..4 {
+        net.nodes[i].set_server(now, false);
+    }
+    net.settle();
+    assert!(
+        net.nodes[1].records().is_empty(),
+        "a client holds no records"
+    );
+    let second = SignedRecord::sign(&net.keys[3], b"peer", 2, T0 + 3600, b"home: 0").unwrap();
+    net.nodes[3].put(now, second.clone());
+    net.event(3);
+    net.nodes[1].get(now, first.key());
+    match net.event(1) {
+        DhtEvent::GetDone { record: got, .. } => assert_eq!(got, Some(second)),
+        other => panic!("{other:?}"),
+    }
+}

@@ -361,6 +361,10 @@ impl<A: Address> Dht<A> {
         let was = self.config.server;
         self.config.server = server;
         if was && !server {
+            // Records stored while serving stop being updated (puts go to
+            // servers only): a stale copy must not answer this node's own
+            // gets.
+            self.records.clear();
             for c in self.table.closest(&self.id, 64) {
                 self.ping(now, &c);
             }
@@ -417,7 +421,7 @@ impl<A: Address> Dht<A> {
             .map(|c| (c.id, c.addr))
             .collect();
         lookup.add(seeds, 1, &self.id);
-        if let LookupKind::GetRecord = lookup.kind {
+        if let (LookupKind::GetRecord, true) = (&lookup.kind, self.config.server) {
             if let Some(r) = self.records.get(&target, now.as_secs()) {
                 lookup.found = Some((r.clone(), 0));
             }

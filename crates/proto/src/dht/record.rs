@@ -354,6 +354,12 @@ impl RecordStore {
         before - self.records.len()
     }
 
+    /// Drops every record (a node that stops serving holds none: a copy
+    /// it kept would go stale without anyone updating it).
+    pub fn clear(&mut self) {
+        self.records.clear();
+    }
+
     /// Number of records held.
     pub fn len(&self) -> usize {
         self.records.len()
