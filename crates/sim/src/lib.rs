@@ -22,6 +22,7 @@
 //!   (`--connects`) run through emulated routers (see [`nat`]).
 
 pub mod nat;
+mod queue;
 mod world;
 
 pub use world::{run, SimConfig, SimReport};

@@ -1,13 +1,14 @@
 //! The simulated world and its event loop.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use p2pos_proto::dht::{Dht, DhtConfig, DhtEvent, NodeId, QueryId, Signatures, SignedRecord};
 use p2pos_proto::rng::SplitMix64;
 use p2pos_proto::Keypair;
 use serde::Serialize;
+
+use crate::queue::EventQueue;
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -172,29 +173,6 @@ enum EventKind {
     },
 }
 
-struct Event {
-    at: u64,
-    seq: u64,
-    kind: EventKind,
-}
-
-impl PartialEq for Event {
-    fn eq(&self, o: &Self) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
-    }
-}
-impl Eq for Event {}
-impl PartialOrd for Event {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Event {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(o.at, o.seq))
-    }
-}
-
 struct Node {
     dht: Option<Box<Dht<u32>>>,
     id: NodeId,
@@ -257,8 +235,7 @@ struct World {
     cfg: SimConfig,
     rng: SplitMix64,
     now: u64,
-    seq: u64,
-    queue: BinaryHeap<Reverse<Event>>,
+    queue: EventQueue<EventKind>,
     nodes: Vec<Node>,
     by_addr: HashMap<u32, u32>,
     pending: HashMap<(u32, u32, QueryId), (Pending, u64)>,
@@ -286,12 +263,7 @@ impl World {
     }
 
     fn push(&mut self, at: u64, kind: EventKind) {
-        self.seq += 1;
-        self.queue.push(Reverse(Event {
-            at,
-            seq: self.seq,
-            kind,
-        }));
+        self.queue.push(at, kind);
     }
 
     fn one_way_ms(&self, a: u32, b: u32) -> u64 {
@@ -659,10 +631,10 @@ impl World {
         }
     }
 
-    fn step(&mut self, ev: Event) {
+    fn step(&mut self, at: u64, kind: EventKind) {
         self.events += 1;
-        self.now = ev.at;
-        match ev.kind {
+        self.now = at;
+        match kind {
             EventKind::Deliver { to, from, bytes } => {
                 let now = self.now_d();
                 let Some(dht) = self.nodes[to as usize].dht.as_mut() else {
@@ -673,7 +645,7 @@ impl World {
             }
             EventKind::Timer { node, gen } => {
                 let n = &self.nodes[node as usize];
-                if n.gen != gen || n.timer_at != ev.at {
+                if n.gen != gen || n.timer_at != at {
                     return;
                 }
                 self.nodes[node as usize].timer_at = u64::MAX;
@@ -827,8 +799,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         rng: SplitMix64(cfg.seed),
         cfg: cfg.clone(),
         now: 0,
-        seq: 0,
-        queue: BinaryHeap::new(),
+        queue: EventQueue::new(),
         nodes: Vec::with_capacity(cfg.nodes),
         by_addr: HashMap::with_capacity(cfg.nodes),
         pending: HashMap::new(),
@@ -873,11 +844,11 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         }
     }
     w.push(0, EventKind::Progress);
-    while let Some(Reverse(ev)) = w.queue.pop() {
-        if ev.at > end {
+    while let Some((at, kind)) = w.queue.pop() {
+        if at > end {
             break;
         }
-        w.step(ev);
+        w.step(at, kind);
     }
     w.now = end;
     for i in 0..w.nodes.len() as u32 {

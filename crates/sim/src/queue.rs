@@ -1,0 +1,155 @@
+//! The simulator's event queue: a timing wheel of 1-ms slots for the near
+//! future and a heap for the rest.
+//!
+//! Nearly every event is a datagram delivery (under 300 ms ahead) or a
+//! request's timer (about a second ahead), so a slot per millisecond makes
+//! pushing and popping them O(1); a binary heap of a million nodes' events
+//! costs a cache miss per level instead. The wheel spans 4 s: a slot keeps
+//! the capacity of its busiest millisecond, so a longer wheel would hold
+//! memory for little gain (the minute-long maintenance timers are few). Events come out in exactly the
+//! order a heap keyed on (time, sequence number) would give: a slot holds
+//! its events in sequence order, because events are numbered as they are
+//! pushed, and later events move from the heap into a slot before any event
+//! can be pushed straight into it.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+/// Milliseconds the wheel covers.
+const WHEEL_MS: u64 = 1 << 12;
+
+/// An entry: when, its sequence number, and what.
+pub(crate) struct Timed<T> {
+    pub at: u64,
+    pub seq: u64,
+    pub item: T,
+}
+
+impl<T> PartialEq for Timed<T> {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl<T> Eq for Timed<T> {}
+impl<T> PartialOrd for Timed<T> {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl<T> Ord for Timed<T> {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+/// Items ordered by time, then by push order.
+pub(crate) struct EventQueue<T> {
+    /// Slot `t % WHEEL_MS` holds the items for time `t`, for `now <= t <
+    /// now + WHEEL_MS`.
+    slots: Vec<Vec<Timed<T>>>,
+    /// Items in the slots.
+    in_wheel: usize,
+    /// Items for `now` being handed out, last first.
+    current: Vec<Timed<T>>,
+    /// Items for `now + WHEEL_MS` and later.
+    far: BinaryHeap<Reverse<Timed<T>>>,
+    now: u64,
+    seq: u64,
+}
+
+impl<T> EventQueue<T> {
+    pub fn new() -> Self {
+        EventQueue {
+            slots: (0..WHEEL_MS).map(|_| Vec::new()).collect(),
+            in_wheel: 0,
+            current: Vec::new(),
+            far: BinaryHeap::new(),
+            now: 0,
+            seq: 0,
+        }
+    }
+
+    /// Adds `item` for time `at` (never before the last popped item's).
+    pub fn push(&mut self, at: u64, item: T) {
+        debug_assert!(at >= self.now, "an event in the past");
+        let at = at.max(self.now);
+        self.seq += 1;
+        let timed = Timed {
+            at,
+            seq: self.seq,
+            item,
+        };
+        if at < self.now + WHEEL_MS {
+            self.slots[(at % WHEEL_MS) as usize].push(timed);
+            self.in_wheel += 1;
+        } else {
+            self.far.push(Reverse(timed));
+        }
+    }
+
+    /// The earliest item (the first pushed among equals), with its time.
+    pub fn pop(&mut self) -> Option<(u64, T)> {
+        loop {
+            if let Some(t) = self.current.pop() {
+                return Some((t.at, t.item));
+            }
+            let slot = &mut self.slots[(self.now % WHEEL_MS) as usize];
+            if !slot.is_empty() {
+                self.in_wheel -= slot.len();
+                std::mem::swap(&mut self.current, slot);
+                self.current.reverse();
+                continue;
+            }
+            if self.in_wheel > 0 {
+                self.now += 1;
+            } else {
+                self.now = self.far.peek()?.0.at;
+            }
+            // Items now within the wheel's reach move into their slots, in
+            // order, before anything can be pushed there directly.
+            while let Some(Reverse(t)) = self.far.peek() {
+                if t.at >= self.now + WHEEL_MS {
+                    break;
+                }
+                let Reverse(t) = self.far.pop().expect("peeked");
+                self.slots[(t.at % WHEEL_MS) as usize].push(t);
+                self.in_wheel += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Pops in the order of a heap keyed on (time, push order), with
+        /// pushes between pops, near and far.
+        #[test]
+        fn pops_in_heap_order(ops in proptest::collection::vec((0u64..3, 0u64..200_000, any::<bool>()), 1..400)) {
+            let mut q = EventQueue::new();
+            let mut heap = BinaryHeap::new();
+            let (mut seq, mut now) = (0u64, 0u64);
+            for (i, (pops, delay, near)) in ops.into_iter().enumerate() {
+                let at = now + if near { delay % 300 } else { delay };
+                q.push(at, i);
+                seq += 1;
+                heap.push(Reverse((at, seq, i)));
+                for _ in 0..pops {
+                    let want = heap.pop().map(|Reverse((at, _, i))| (at, i));
+                    let got = q.pop();
+                    prop_assert_eq!(got, want);
+                    if let Some((at, _)) = got {
+                        now = at;
+                    }
+                }
+            }
+            while let Some(Reverse((at, _, i))) = heap.pop() {
+                prop_assert_eq!(q.pop(), Some((at, i)));
+            }
+            prop_assert_eq!(q.pop(), None);
+        }
+    }
+}
