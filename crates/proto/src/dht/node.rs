@@ -489,7 +489,7 @@ impl<A: Address> Dht<A> {
                         now,
                         addr,
                         Some(id),
-                        RequestBody::PutRecord(record.clone()),
+                        RequestBody::PutRecord(Box::new(record.clone())),
                         false,
                         Purpose::Put(query),
                     );
@@ -751,7 +751,7 @@ impl<A: Address> Dht<A> {
             }
             RequestBody::PutRecord(record) => {
                 let stored = self.config.server
-                    && match self.records.put(record.clone(), from, now.as_secs()) {
+                    && match self.records.put((**record).clone(), from, now.as_secs()) {
                         Ok(_) => true,
                         Err(_) => {
                             self.counters.records_refused += 1;
@@ -1003,6 +1003,11 @@ impl<A: Address> Dht<A> {
 
     fn maintain(&mut self, now: Duration) {
         let secs = now.as_secs();
+        // A burst of lookups leaves the request map large; a million
+        // simulated nodes would keep that memory for good.
+        if self.pending.capacity() > 4 * self.pending.len().max(4) {
+            self.pending.shrink_to(2 * self.pending.len());
+        }
         self.records.expire(secs);
         if ms(now) >= self.next_cookie_rotation_ms {
             self.rotate_cookies(now);

@@ -57,6 +57,14 @@ impl<A> Default for Bucket<A> {
     }
 }
 
+/// Pushes without growing the capacity past the length.
+fn push_exact<T>(v: &mut Vec<T>, item: T) {
+    if v.len() == v.capacity() {
+        v.reserve_exact(1);
+    }
+    v.push(item);
+}
+
 /// Unix seconds as stored in a contact.
 pub fn secs32(secs: u64) -> u32 {
     u32::try_from(secs).unwrap_or(u32::MAX)
@@ -119,21 +127,18 @@ impl<A: Address> RoutingTable<A> {
             return InsertOutcome::Diversity;
         }
         if bucket.entries.len() < k {
-            // Past 8 entries, grow to exactly k: doubling would leave 12 of
-            // 32 slots unused in every full bucket. Sparse (deep) buckets
-            // keep the usual small steps.
-            let len = bucket.entries.len();
-            if len == bucket.entries.capacity() && len >= 8 {
-                bucket.entries.reserve_exact(k - len);
-            }
-            bucket.entries.push(contact);
+            // Buckets grow one entry at a time: doubling would leave 12 of
+            // 32 slots unused in every full bucket, and most of a big
+            // network's memory is routing tables. Inserts are rare (a
+            // verified newcomer), so the copies cost nothing.
+            push_exact(&mut bucket.entries, contact);
             return InsertOutcome::Inserted;
         }
         bucket.replacements.retain(|c| c.id != contact.id);
         if bucket.replacements.len() >= k.div_ceil(2) {
             bucket.replacements.remove(0);
         }
-        bucket.replacements.push(contact);
+        push_exact(&mut bucket.replacements, contact);
         let oldest = *bucket
             .entries
             .iter()

@@ -73,8 +73,9 @@ pub enum RequestBody {
     FindNode(NodeId),
     /// The record under this key, or closer nodes.
     GetRecord(NodeId),
-    /// Store this record.
-    PutRecord(SignedRecord),
+    /// Store this record (boxed: a request waiting for its answer is kept
+    /// for retransmission, and most requests carry no record).
+    PutRecord(Box<SignedRecord>),
 }
 
 /// A response.
@@ -109,6 +110,9 @@ pub enum ResponseBody<A> {
 }
 
 /// Any DHT message.
+// Decoded and handled at once, never stored: boxing the larger variant
+// would cost an allocation per response for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DhtMessage<A> {
     /// A request.
@@ -279,7 +283,7 @@ impl<A: Address> DhtMessage<A> {
                     0 => RequestBody::Ping,
                     1 => RequestBody::FindNode(r.id()?),
                     2 => RequestBody::GetRecord(r.id()?),
-                    3 => RequestBody::PutRecord(r.record()?),
+                    3 => RequestBody::PutRecord(Box::new(r.record()?)),
                     _ => return Err(WireError::Invalid),
                 };
                 if r.0.iter().any(|&b| b != 0) {
@@ -358,7 +362,7 @@ mod tests {
             RequestBody::Ping,
             RequestBody::FindNode(NodeId([1; 32])),
             RequestBody::GetRecord(NodeId([2; 32])),
-            RequestBody::PutRecord(record.clone()),
+            RequestBody::PutRecord(Box::new(record.clone())),
         ];
         for (i, body) in requests.into_iter().enumerate() {
             let req = Request {
