@@ -701,9 +701,24 @@ impl<A: Address> Dht<A> {
         };
         match message {
             DhtMessage::Request(req) => self.handle_request(now, from, req, datagram.len()),
-            DhtMessage::Response(resp) => self.handle_response(now, from, resp),
+            DhtMessage::Response(resp) => {
+                self.handle_response(now, from, resp);
+                self.release_idle();
+            }
         }
         Ok(())
+    }
+
+    /// Frees the request and lookup maps once they are empty: a node is
+    /// idle most of the time, and a burst of lookups would otherwise keep
+    /// their memory for good (a million simulated nodes feel it).
+    fn release_idle(&mut self) {
+        if self.pending.is_empty() && self.pending.capacity() > 0 {
+            self.pending = HashMap::new();
+        }
+        if self.lookups.is_empty() && self.lookups.capacity() > 0 {
+            self.lookups = HashMap::new();
+        }
     }
 
     fn handle_request(&mut self, now: Duration, from: A, req: Request, request_len: usize) {
@@ -999,15 +1014,11 @@ impl<A: Address> Dht<A> {
             self.next_maintenance_ms = now_ms + self.config.maintenance.as_millis() as u64;
             self.maintain(now);
         }
+        self.release_idle();
     }
 
     fn maintain(&mut self, now: Duration) {
         let secs = now.as_secs();
-        // A burst of lookups leaves the request map large; a million
-        // simulated nodes would keep that memory for good.
-        if self.pending.capacity() > 4 * self.pending.len().max(4) {
-            self.pending.shrink_to(2 * self.pending.len());
-        }
         self.records.expire(secs);
         if ms(now) >= self.next_cookie_rotation_ms {
             self.rotate_cookies(now);

@@ -104,6 +104,7 @@ impl<A: Address> RoutingTable<A> {
             return InsertOutcome::SelfId;
         };
         if self.buckets.len() <= index {
+            self.buckets.reserve_exact(index + 1 - self.buckets.len());
             self.buckets.resize_with(index + 1, Bucket::default);
         }
         let (k, max_per_prefix) = (self.k, self.max_per_prefix);
