@@ -248,6 +248,14 @@ struct World {
 /// carry realistic expiry times.
 const EPOCH_S: u64 = 1_800_000_000;
 
+/// The nodes of the start have been up for up to this long, and last
+/// heard from their contacts within it: a network that has been running,
+/// not one whose nodes all started together. Otherwise every node's first
+/// self-lookup, bucket refresh and stale-contact pings fell due in the same
+/// minute, 30 minutes in (at 10^6 nodes that minute alone took longer than
+/// the 30 before it).
+const WARM_START_MS: u64 = 30 * 60 * 1000;
+
 fn percentile<T: Copy + Ord + Default>(v: &mut [T], p: f64) -> T {
     if v.is_empty() {
         return T::default();
@@ -292,8 +300,9 @@ impl World {
         (key, addr)
     }
 
-    /// Creates the node in slot `index` (a new identity each time).
-    fn spawn(&mut self, index: u32) -> Keypair {
+    /// Creates the node in slot `index`, up for `up_ms` already (a new
+    /// identity each time).
+    fn spawn(&mut self, index: u32, up_ms: u64) -> Keypair {
         let gen = self.nodes.get(index as usize).map_or(0, |n| n.gen + 1);
         let (key, addr) = self.new_identity();
         let nat = match &self.cfg.nat_mix {
@@ -307,7 +316,12 @@ impl World {
         let mut dht_cfg = self.cfg.dht.clone();
         dht_cfg.server = server;
         let seed = self.rng.next_u64();
-        let dht = Dht::new(key.clone(), dht_cfg, seed, self.now_d());
+        let dht = Dht::new(
+            key.clone(),
+            dht_cfg,
+            seed,
+            self.now_d() - Duration::from_millis(up_ms),
+        );
         let u = self.rng.unit() as f32;
         let node = Node {
             id: dht.id(),
@@ -395,9 +409,11 @@ impl World {
                     }
                 }
             }
-            let dht = self.nodes[i].dht.as_mut().expect("online");
             for (id, addr) in picks {
-                dht.seed_contact(id, addr, now);
+                // Heard from at some point of the warm start.
+                let seen = now - Duration::from_millis(self.rng.next_u64() % WARM_START_MS);
+                let dht = self.nodes[i].dht.as_mut().expect("online");
+                dht.seed_contact(id, addr, seen);
             }
         }
     }
@@ -664,7 +680,7 @@ impl World {
                 let addr = self.nodes[node as usize].addr;
                 self.by_addr.remove(&addr);
                 self.nodes[node as usize].dht = None;
-                self.spawn(node);
+                self.spawn(node, 0);
                 let now = self.now_d();
                 if let Some(b) = self.random_online(true) {
                     let baddr = self.nodes[b as usize].addr;
@@ -808,7 +824,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         online_since: Vec::with_capacity(cfg.nodes),
     };
     for i in 0..cfg.nodes {
-        w.spawn(i as u32);
+        let up_ms = w.rng.next_u64() % WARM_START_MS;
+        w.spawn(i as u32, up_ms);
     }
     if cfg.progress {
         eprintln!("sim: {} nodes created, building routing tables", cfg.nodes);
