@@ -784,25 +784,21 @@ impl Node {
                         .counters
                         .duplicate_sessions_closed
                         .fetch_add(1, Ordering::Relaxed);
-                    // Two sessions dialed by both ends within TWIN_WINDOW
-                    // are simultaneous dials: both ends keep the same one.
-                    // A session to a peer that already has an older one
-                    // means the peer lost that one (e.g. it restarted): the
-                    // new one wins.
-                    let twins =
-                        existing.dialer != dialer && existing.established.elapsed() < TWIN_WINDOW;
-                    // Twins of a punching attempt: the initiator's dial
-                    // wins, so the session its connect call already handed
-                    // out is the one both ends keep.
-                    let new_wins = match punch.and_then(|p| p.initiator) {
-                        Some(initiator) => dialer == initiator,
-                        None => new_session_wins(existing.dialer, dialer),
-                    };
-                    // The same end's parallel handshakes: the first stays.
-                    let parallel =
-                        existing.dialer == dialer && existing.established.elapsed() < TWIN_WINDOW;
-                    if (twins && !new_wins) || parallel {
-                        tracing::debug!(peer = %peer.short(), parallel, "closing duplicate session (twin kept)");
+                    // A session arriving more than TWIN_WINDOW after the
+                    // existing one means the peer lost that one (e.g. it
+                    // restarted): the new one wins. Within the window, the
+                    // same end's parallel handshakes keep the first, and
+                    // simultaneous dials by both ends keep the same one:
+                    // in a punching attempt the initiator's (its connect
+                    // call already handed that session out).
+                    let keep_existing = existing.established.elapsed() < TWIN_WINDOW
+                        && (existing.dialer == dialer
+                            || match punch.and_then(|p| p.initiator) {
+                                Some(initiator) => dialer != initiator,
+                                None => !new_session_wins(existing.dialer, dialer),
+                            });
+                    if keep_existing {
+                        tracing::debug!(peer = %peer.short(), "closing duplicate session (twin kept)");
                         conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate session");
                         return existing.clone();
                     }

@@ -270,10 +270,6 @@ impl World {
         Duration::from_millis(EPOCH_S * 1000 + self.now)
     }
 
-    fn push(&mut self, at: u64, kind: EventKind) {
-        self.queue.push(at, kind);
-    }
-
     fn one_way_ms(&self, a: u32, b: u32) -> u64 {
         let (na, nb) = (&self.nodes[a as usize], &self.nodes[b as usize]);
         let d = ((na.x - nb.x).powi(2) + (na.y - nb.y).powi(2)).sqrt();
@@ -345,7 +341,7 @@ impl World {
             self.online_since.push(self.now);
         }
         if let Some(s) = self.session_ms() {
-            self.push(
+            self.queue.push(
                 self.now + s.max(1000),
                 EventKind::Leave { node: index, gen },
             );
@@ -453,7 +449,8 @@ impl World {
             };
             let delay = self.one_way_ms(i, to);
             let from = self.nodes[i as usize].addr;
-            self.push(self.now + delay, EventKind::Deliver { to, from, bytes });
+            self.queue
+                .push(self.now + delay, EventKind::Deliver { to, from, bytes });
         }
         for e in events {
             self.on_event(i, gen, e);
@@ -465,7 +462,7 @@ impl World {
             let node = &mut self.nodes[i as usize];
             if at < node.timer_at || node.timer_at < self.now {
                 node.timer_at = at;
-                self.push(at, EventKind::Timer { node: i, gen });
+                self.queue.push(at, EventKind::Timer { node: i, gen });
             }
         }
     }
@@ -697,7 +694,8 @@ impl World {
                 };
                 let seq = self.now;
                 let key = self.put_record(owner, b"sim", &[0x42u8; 200], Pending::Put);
-                self.push(self.now + 60_000, EventKind::Get { key, seq, owner });
+                self.queue
+                    .push(self.now + 60_000, EventKind::Get { key, seq, owner });
             }
             EventKind::Get { key, seq, owner } => {
                 let Some(mut from) = self.random_online(false) else {
@@ -729,7 +727,7 @@ impl World {
                     to_gen,
                     key,
                 };
-                self.push(self.now + 60_000, get);
+                self.queue.push(self.now + 60_000, get);
             }
             EventKind::ConnectGet {
                 from,
@@ -758,7 +756,7 @@ impl World {
                     );
                 }
                 let step = (self.cfg.duration.as_millis() as u64 / 100).max(1000);
-                self.push(self.now + step, EventKind::Progress);
+                self.queue.push(self.now + step, EventKind::Progress);
             }
         }
     }
@@ -848,19 +846,19 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let window = end.saturating_sub(warm + 90_000).max(1);
     for _ in 0..cfg.lookups {
         let at = warm + w.rng.next_u64() % window;
-        w.push(at, EventKind::Lookup);
+        w.queue.push(at, EventKind::Lookup);
     }
     for _ in 0..cfg.records {
         let at = warm + w.rng.next_u64() % window;
-        w.push(at, EventKind::Put);
+        w.queue.push(at, EventKind::Put);
     }
     if cfg.nat_mix.is_some() {
         for _ in 0..cfg.connects {
             let at = warm + w.rng.next_u64() % window;
-            w.push(at, EventKind::Connect);
+            w.queue.push(at, EventKind::Connect);
         }
     }
-    w.push(0, EventKind::Progress);
+    w.queue.push(0, EventKind::Progress);
     while let Some((at, kind)) = w.queue.pop() {
         if at > end {
             break;

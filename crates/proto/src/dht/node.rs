@@ -421,7 +421,8 @@ impl<A: Address> Dht<A> {
             .map(|c| (c.id, c.addr))
             .collect();
         lookup.add(seeds, 1, &self.id);
-        if let (LookupKind::GetRecord, true) = (&lookup.kind, self.config.server) {
+        // Only servers hold records (a node that stops serving drops them).
+        if let LookupKind::GetRecord = lookup.kind {
             if let Some(r) = self.records.get(&target, now.as_secs()) {
                 lookup.found = Some((r.clone(), 0));
             }
