@@ -22,9 +22,16 @@ use super::NodeId;
 use crate::rng::SplitMix64;
 use crate::Keypair;
 
-/// Requests without a cookie are padded to this size so that a full answer
-/// (20 IPv4 contacts with a proof) fits within 3× the request.
-pub const UNVERIFIED_REQUEST_PAD: usize = 320;
+/// Contacts in one answer by default ([`DhtConfig::answer_nodes`]).
+pub const ANSWER_NODES: usize = 10;
+/// Requests without a cookie that may get a list of contacts are padded to
+/// this size so that a full answer (10 IPv6 contacts with a proof) fits
+/// within 3× the request.
+pub const UNVERIFIED_REQUEST_PAD: usize = 230;
+/// Other requests that ask for an ID proof are padded to this size, so that
+/// the answer with the proof (168 bytes with an IPv6 address) fits within
+/// 3× the request.
+pub const PROOF_REQUEST_PAD: usize = 64;
 /// The shortest adaptive query timeout.
 pub const MIN_QUERY_TIMEOUT_MS: u64 = 150;
 /// Cookies this node keeps for other nodes' addresses.
@@ -54,9 +61,18 @@ pub struct DhtConfig {
     pub query_timeout: Duration,
     /// Retries after a timeout.
     pub retries: u8,
-    /// Refresh a bucket that is not full and no lookup has touched for this
-    /// long.
+    /// Refresh a bucket that is not full (but should be) and no lookup has
+    /// touched for this long. A refresh is one request and the checks of
+    /// the nodes it names, so it can be frequent: under churn, tables stay
+    /// full only if their gaps are filled within minutes.
     pub bucket_refresh: Duration,
+    /// Look up this node's own ID this often (refreshes the deep buckets,
+    /// and tells the closest nodes this one is there).
+    pub self_lookup: Duration,
+    /// Contacts in one answer to FindNode or GetRecord at most (fewer than
+    /// k: a lookup gathers the k closest from several answers, and an
+    /// answer's contacts are most of the DHT's bytes).
+    pub answer_nodes: usize,
     /// Ping a contact not heard from for this long (keeps full buckets
     /// alive and finds dead entries).
     pub contact_stale: Duration,
@@ -98,7 +114,9 @@ impl Default for DhtConfig {
             rpc_timeout: Duration::from_millis(1000),
             query_timeout: Duration::from_millis(500),
             retries: 1,
-            bucket_refresh: Duration::from_secs(30 * 60),
+            bucket_refresh: Duration::from_secs(10 * 60),
+            self_lookup: Duration::from_secs(30 * 60),
+            answer_nodes: ANSWER_NODES,
             contact_stale: Duration::from_secs(30 * 60),
             pings_per_maintenance: 4,
             republish: Duration::from_secs(20 * 60),
@@ -201,6 +219,12 @@ enum Purpose {
     Liveness,
     /// A ping to a new address: verify the node and add it to the table.
     Verify,
+    /// A ping to a node a refresh named, for a free entry of its bucket
+    /// (bounded by the bucket's room, not by [`MAX_VERIFICATIONS`]).
+    Fill,
+    /// A bucket refresh: one contact is asked for the nodes of a random ID
+    /// in the bucket; the ones the bucket has room for are verified.
+    Refresh,
 }
 
 #[derive(Debug, Clone)]
@@ -536,6 +560,28 @@ impl<A: Address> Dht<A> {
         u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes")) | 1
     }
 
+    /// Refreshes the bucket of `target` (a random ID in it): asks the
+    /// closest contact for the nodes it knows near `target`, and verifies
+    /// those the bucket has room for.
+    ///
+    /// Not a full lookup: the nodes near a random ID of the bucket are all
+    /// in the bucket, so one answer names plenty of them, and a bucket
+    /// under churn usually misses only one or two entries. A full lookup
+    /// asked some 28 nodes for what one answer gives.
+    fn refresh(&mut self, now: Duration, target: NodeId) {
+        self.table.touch_bucket(&target, now.as_secs());
+        if let Some(c) = self.table.closest(&target, 1).first() {
+            self.send_request(
+                now,
+                c.addr,
+                Some(c.id),
+                RequestBody::FindNode(target),
+                false,
+                Purpose::Refresh,
+            );
+        }
+    }
+
     /// A liveness ping to a contact (it also carries this node's server
     /// flag).
     fn ping(&mut self, now: Duration, c: &Contact<A>) {
@@ -584,12 +630,10 @@ impl<A: Address> Dht<A> {
             .unwrap_or(0);
         // Without a cookie, a request that may get a large answer is padded
         // so the answer fits within 3x (anti-amplification).
-        let large_answer =
-            want_proof || matches!(body, RequestBody::FindNode(_) | RequestBody::GetRecord(_));
-        let pad = if cookie == 0 && large_answer {
-            UNVERIFIED_REQUEST_PAD
-        } else {
-            0
+        let pad = match (cookie, &body) {
+            (0, RequestBody::FindNode(_) | RequestBody::GetRecord(_)) => UNVERIFIED_REQUEST_PAD,
+            (0, _) if want_proof => PROOF_REQUEST_PAD,
+            _ => 0,
         };
         let request = Request {
             txid,
@@ -607,6 +651,12 @@ impl<A: Address> Dht<A> {
                 self.config.query_timeout,
                 self.config.retries.saturating_add(1),
                 Some(ms(now) + self.query_timeout().as_millis() as u64),
+            ),
+            // A node a refresh named is one of several: no retry.
+            Purpose::Fill => (
+                self.config.rpc_timeout,
+                self.config.retries.saturating_add(1),
+                None,
             ),
             _ => (self.config.rpc_timeout, 1, None),
         };
@@ -681,6 +731,7 @@ impl<A: Address> Dht<A> {
                 }
             }
             Purpose::Verify => self.verifying = self.verifying.saturating_sub(1),
+            Purpose::Refresh | Purpose::Fill => {}
         }
     }
 
@@ -744,12 +795,13 @@ impl<A: Address> Dht<A> {
             }
             self.recent_sources.push_back(from);
         }
-        let k = self.config.k;
+        let n = self.config.answer_nodes;
         let nodes_for = |table: &RoutingTable<A>, target: &NodeId| -> Vec<(NodeId, A)> {
             table
-                .closest(target, k)
+                .closest(target, n + 1)
                 .into_iter()
                 .filter(|c| c.id != req.sender)
+                .take(n)
                 .map(|c| (c.id, c.addr))
                 .collect()
         };
@@ -946,7 +998,32 @@ impl<A: Address> Dht<A> {
                 }
                 self.advance(now, q);
             }
-            Purpose::Liveness => {}
+            Purpose::Liveness | Purpose::Fill => {}
+            Purpose::Refresh => {
+                if let (ResponseBody::Nodes(nodes), RequestBody::FindNode(target)) =
+                    (resp.body, &pending.request.body)
+                {
+                    // The closest first, as many as the bucket has room for
+                    // (a few may fail to verify: the next refresh fills in).
+                    let mut room = self.table.room_for(target);
+                    for (id, addr) in nodes {
+                        if room == 0 {
+                            break;
+                        }
+                        if id != self.id && self.table.has_room_for(&id, &addr) {
+                            room -= 1;
+                            self.send_request(
+                                now,
+                                addr,
+                                Some(id),
+                                RequestBody::Ping,
+                                true,
+                                Purpose::Fill,
+                            );
+                        }
+                    }
+                }
+            }
             Purpose::Verify => {
                 self.verifying = self.verifying.saturating_sub(1);
                 if was_empty && !self.table.is_empty() {
@@ -1025,14 +1102,20 @@ impl<A: Address> Dht<A> {
             self.rotate_cookies(now);
         }
         let refresh = self.config.bucket_refresh.as_secs();
-        if secs >= self.created_s + refresh {
-            for index in self.table.take_stale_buckets(secs - refresh, secs) {
-                let target = self.id.random_with_prefix(index, self.rng.bytes32());
-                self.lookup(now, target);
-            }
+        // A new node refreshes its buckets at once (after its join lookup):
+        // that is how it fills the buckets far from its own ID.
+        for index in self
+            .table
+            .take_stale_buckets(secs.saturating_sub(refresh), secs)
+        {
+            let target = self.id.random_with_prefix(index, self.rng.bytes32());
+            self.refresh(now, target);
+        }
+        let self_lookup = self.config.self_lookup.as_secs();
+        if secs >= self.created_s + self_lookup {
             // One lookup of our own ID refreshes the deep buckets (and tells
             // our closest neighbours we are here).
-            if secs >= self.last_self_lookup_s + refresh {
+            if secs >= self.last_self_lookup_s + self_lookup {
                 self.last_self_lookup_s = secs;
                 let me = self.id;
                 self.lookup(now, me);

@@ -169,6 +169,15 @@ impl<A: Address> RoutingTable<A> {
             < self.max_per_prefix
     }
 
+    /// Free entries in the bucket that covers `target`.
+    pub fn room_for(&self, target: &NodeId) -> usize {
+        let Some(index) = self.bucket_index(target) else {
+            return 0;
+        };
+        let used = self.buckets.get(index).map_or(0, |b| b.entries.len());
+        self.k.saturating_sub(used)
+    }
+
     /// Whether a verified contact `id` at `addr` would be kept: it would
     /// enter its bucket, or wait in the bucket's replacement cache, which
     /// has room or holds an entry last seen before `stale_before` (seconds).
@@ -324,16 +333,25 @@ impl<A: Address> RoutingTable<A> {
     /// Indices of buckets that are not full but should be, and were not
     /// refreshed since `before` (seconds), marking them refreshed at `now`.
     ///
-    /// Buckets deeper than the deepest full one are under-full by nature
-    /// (few nodes share that long a prefix with this node): a lookup of the
-    /// node's own ID refreshes all of them at once, so they are left out.
+    /// Buckets near the deepest one in use are under-full by nature (few
+    /// nodes share that long a prefix with this node): a lookup of the
+    /// node's own ID refreshes them all at once, so they are left out. A
+    /// bucket should be full if a deeper one is, or if it lies
+    /// `log2(k) + 2` buckets above the deepest non-empty one (it covers some
+    /// 4k nodes or more). The second rule is what a new node's table needs:
+    /// after its join lookup no bucket may be full yet.
     pub fn take_stale_buckets(&mut self, before: u64, now: u64) -> Vec<usize> {
         let k = self.k;
-        let Some(deepest_full) = self.buckets.iter().rposition(|b| b.entries.len() >= k) else {
+        let Some(deepest) = self.buckets.iter().rposition(|b| !b.entries.is_empty()) else {
             return Vec::new();
         };
+        let deepest_full = self.buckets.iter().rposition(|b| b.entries.len() >= k);
+        let margin = k.ilog2() as usize + 2;
+        let should_be_full = deepest_full
+            .unwrap_or(0)
+            .max(deepest.saturating_sub(margin));
         let mut out = Vec::new();
-        for (i, b) in self.buckets.iter_mut().enumerate().take(deepest_full) {
+        for (i, b) in self.buckets.iter_mut().enumerate().take(should_be_full) {
             if b.entries.len() < k && b.last_refresh < before {
                 b.last_refresh = now;
                 out.push(i);

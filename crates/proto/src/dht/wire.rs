@@ -407,17 +407,27 @@ mod tests {
     }
 
     #[test]
-    fn twenty_ipv4_contacts_fit_three_times_a_padded_request() {
-        let a: SocketAddr = "192.0.2.1:7447".parse().unwrap();
+    fn a_full_answer_fits_three_times_a_padded_request() {
+        let a: SocketAddr = "[2001:db8::1]:7447".parse().unwrap();
         let resp = Response {
             txid: 1,
             responder: NodeId([8; 32]),
             observed: a,
             cookie: 5,
             proof: Some((Keypair::from_seed([1; 32]).peer_id(), [0; 64])),
-            body: ResponseBody::Nodes(vec![(NodeId([3; 32]), a); 20]),
+            body: ResponseBody::Nodes(vec![(NodeId([3; 32]), a); super::super::node::ANSWER_NODES]),
         };
-        assert!(resp.encode().len() <= 3 * super::super::node::UNVERIFIED_REQUEST_PAD);
+        let len = resp.encode().len();
+        assert!(
+            len <= 3 * super::super::node::UNVERIFIED_REQUEST_PAD,
+            "{len}"
+        );
+        // And a pong with a proof fits 3× a padded ping.
+        let pong = Response {
+            body: ResponseBody::Pong,
+            ..resp
+        };
+        assert!(pong.encode().len() <= 3 * super::super::node::PROOF_REQUEST_PAD);
     }
 
     proptest! {
