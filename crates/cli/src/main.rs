@@ -199,10 +199,10 @@ struct SimArgs {
     #[arg(long)]
     connects: Option<usize>,
     /// Bucket size k.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().k)]
     k: usize,
     /// Parallel requests per lookup.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().alpha)]
     alpha: usize,
     /// The seed.
     #[arg(long, default_value_t = 42)]

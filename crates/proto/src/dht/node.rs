@@ -109,7 +109,7 @@ impl Default for DhtConfig {
     fn default() -> Self {
         DhtConfig {
             k: 20,
-            alpha: 3,
+            alpha: 8,
             max_per_prefix: 2,
             rpc_timeout: Duration::from_millis(1000),
             query_timeout: Duration::from_millis(500),
