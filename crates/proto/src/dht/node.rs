@@ -14,7 +14,7 @@ use std::time::Duration;
 use super::address::Address;
 use super::lookup::{Lookup, LookupKind};
 use super::record::{RecordError, RecordStore, Signatures, SignedRecord};
-use super::table::{secs32, Contact, InsertOutcome, RoutingTable};
+use super::table::{Contact, InsertOutcome, RoutingTable};
 use super::wire::{
     proof_message, DhtMessage, Request, RequestBody, Response, ResponseBody, WireError,
 };
@@ -435,12 +435,7 @@ impl<A: Address> Dht<A> {
     /// simulators that build a network's tables directly instead of running
     /// every join; a node never calls it for contacts from the network.
     pub fn seed_contact(&mut self, id: NodeId, addr: A, now: Duration) {
-        self.table.insert(Contact {
-            id,
-            addr,
-            last_seen: secs32(now.as_secs()),
-            failures: 0,
-        });
+        self.table.insert(Contact::new(id, addr, now.as_secs()));
     }
 
     /// Contacts a known node at `addr` (bootstrap): verifies it, adds it to
@@ -970,14 +965,9 @@ impl<A: Address> Dht<A> {
         }
         let was_empty = self.table.is_empty();
         if pending.request.want_proof {
-            let contact = Contact {
-                id: resp.responder,
-                addr: from,
-                last_seen: secs32(now.as_secs()),
-                failures: 0,
-            };
+            let contact = Contact::new(resp.responder, from, now.as_secs());
             if let InsertOutcome::Pending { oldest } = self.table.insert(contact) {
-                if u64::from(oldest.last_seen) + 60 < now.as_secs() {
+                if oldest.last_seen() + 60 < now.as_secs() {
                     self.send_request(
                         now,
                         oldest.addr,
