@@ -1114,7 +1114,13 @@ impl<A: Address> Dht<A> {
             }
         }
         if now_ms >= self.next_maintenance_ms {
-            self.next_maintenance_ms = now_ms + self.config.maintenance.as_millis() as u64;
+            // The next run keeps this node's phase (its random offset from
+            // creation): nodes that were asleep, or started long ago in a
+            // simulator, must not all run maintenance in the same
+            // millisecond from then on.
+            let period = self.config.maintenance.as_millis().max(1) as u64;
+            let missed = (now_ms - self.next_maintenance_ms) / period;
+            self.next_maintenance_ms += (missed + 1) * period;
             self.maintain(now);
         }
         self.release_idle();
@@ -1165,7 +1171,12 @@ impl<A: Address> Dht<A> {
 
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<(A, Vec<u8>)> {
-        self.transmits.pop_front()
+        let next = self.transmits.pop_front();
+        if next.is_none() && self.transmits.capacity() > 0 {
+            // Drained: give the buffer back, as the idle maps do.
+            self.transmits = VecDeque::new();
+        }
+        next
     }
 
     /// When [`Dht::handle_timeout`] should be called next.
@@ -1186,7 +1197,11 @@ impl<A: Address> Dht<A> {
 
     /// The next event.
     pub fn poll_event(&mut self) -> Option<DhtEvent<A>> {
-        self.events.pop_front()
+        let next = self.events.pop_front();
+        if next.is_none() && self.events.capacity() > 0 {
+            self.events = VecDeque::new();
+        }
+        next
     }
 
     /// Lookups in progress.
@@ -1197,7 +1212,22 @@ impl<A: Address> Dht<A> {
 
 #[cfg(test)]
 mod tests {
-    use super::CookieJar;
+    use super::{CookieJar, Dht, DhtConfig};
+    use crate::Keypair;
+    use std::time::Duration;
+
+    #[test]
+    fn maintenance_keeps_its_phase_after_a_late_timer() {
+        let start = Duration::from_secs(1_800_000_000);
+        let mut dht: Dht<u32> =
+            Dht::new(Keypair::from_seed([3; 32]), DhtConfig::default(), 7, start);
+        let first = dht.poll_timeout().expect("a maintenance timer");
+        let period = DhtConfig::default().maintenance;
+        // Asleep for ten periods and a bit: the next run is where the
+        // node's own schedule puts it, not a period after waking.
+        dht.handle_timeout(first + period * 10 + Duration::from_millis(1234));
+        assert_eq!(dht.poll_timeout(), Some(first + period * 11));
+    }
     use proptest::prelude::*;
     use std::collections::HashMap;
 
