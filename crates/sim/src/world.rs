@@ -233,6 +233,8 @@ enum Pending {
 
 struct World {
     cfg: SimConfig,
+    /// The DHT settings, one copy for all nodes.
+    dht_cfg: std::sync::Arc<DhtConfig>,
     rng: SplitMix64,
     now: u64,
     queue: EventQueue<EventKind>,
@@ -318,12 +320,11 @@ impl World {
             Some(_) => nat.reachable(),
             None => self.rng.unit() >= self.cfg.client_fraction,
         };
-        let mut dht_cfg = self.cfg.dht.clone();
-        dht_cfg.server = server;
         let seed = self.rng.next_u64();
-        let dht = Dht::new(
+        let dht = Dht::with_shared_config(
             key.clone(),
-            dht_cfg,
+            self.dht_cfg.clone(),
+            server,
             seed,
             self.now_d() - Duration::from_millis(up_ms),
         );
@@ -821,6 +822,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let mut w = World {
         rng: SplitMix64(cfg.seed),
         cfg: cfg.clone(),
+        dht_cfg: std::sync::Arc::new(cfg.dht.clone()),
         now: 0,
         queue: EventQueue::new(),
         nodes: Vec::with_capacity(cfg.nodes),

@@ -9,6 +9,7 @@
 //! reproducible.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::address::Address;
@@ -227,6 +228,38 @@ enum Purpose {
     Refresh,
 }
 
+/// What signs this node's ID proofs: its key pair, or with the simulator's
+/// insecure scheme only its peer ID (which is all that scheme uses; a key
+/// pair takes 224 bytes, and a simulator holds a million).
+#[derive(Debug)]
+enum Signer {
+    Ed25519(Box<Keypair>),
+    SimulatedInsecure(crate::PeerId),
+}
+
+impl Signer {
+    fn new(keypair: Keypair, scheme: Signatures) -> Self {
+        match scheme {
+            Signatures::Ed25519 => Signer::Ed25519(Box::new(keypair)),
+            Signatures::SimulatedInsecure => Signer::SimulatedInsecure(keypair.peer_id()),
+        }
+    }
+
+    fn peer_id(&self) -> crate::PeerId {
+        match self {
+            Signer::Ed25519(k) => k.peer_id(),
+            Signer::SimulatedInsecure(p) => *p,
+        }
+    }
+
+    fn sign(&self, message: &[u8]) -> [u8; 64] {
+        match self {
+            Signer::Ed25519(k) => Signatures::Ed25519.sign(k, message),
+            Signer::SimulatedInsecure(p) => Signatures::simulated_sign(p, message),
+        }
+    }
+}
+
 /// Cookies by address: a vector sorted by address, grown by an eighth at a
 /// time. A node holds a few dozen; a hash map took twice the memory, and at
 /// a million simulated nodes that is half a gigabyte.
@@ -280,8 +313,12 @@ struct Pending<A> {
 /// A DHT node.
 #[derive(Debug)]
 pub struct Dht<A: Address> {
-    config: DhtConfig,
-    keypair: Keypair,
+    /// Settings; shared by the simulator's nodes (its `server` is only the
+    /// initial mode: see `server`).
+    config: Arc<DhtConfig>,
+    /// Whether this node serves now.
+    server: bool,
+    signer: Signer,
     id: NodeId,
     table: RoutingTable<A>,
     records: RecordStore,
@@ -324,6 +361,19 @@ fn ms(now: Duration) -> u64 {
 impl<A: Address> Dht<A> {
     /// A DHT node with identity `keypair`, randomness from `seed`.
     pub fn new(keypair: Keypair, config: DhtConfig, seed: u64, now: Duration) -> Self {
+        let server = config.server;
+        Self::with_shared_config(keypair, Arc::new(config), server, seed, now)
+    }
+
+    /// A DHT node whose settings are shared with others (a simulator's
+    /// million nodes need one copy), serving or not.
+    pub fn with_shared_config(
+        keypair: Keypair,
+        config: Arc<DhtConfig>,
+        server: bool,
+        seed: u64,
+        now: Duration,
+    ) -> Self {
         let id = NodeId::of_peer(&keypair.peer_id());
         let mut rng = SplitMix64(seed ^ u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes")));
         let cookie_key = rng.bytes32();
@@ -341,8 +391,9 @@ impl<A: Address> Dht<A> {
             last_self_lookup_s: now.as_secs(),
             srtt_ms: 0.0,
             rttvar_ms: 0.0,
+            signer: Signer::new(keypair, config.signatures),
             config,
-            keypair,
+            server,
             id,
             own_records: Vec::new(),
             pending: HashMap::new(),
@@ -409,7 +460,7 @@ impl<A: Address> Dht<A> {
 
     /// Whether this node serves routing and storage.
     pub fn is_server(&self) -> bool {
-        self.config.server
+        self.server
     }
 
     /// Switches between server and client mode (when reachability changes).
@@ -418,8 +469,8 @@ impl<A: Address> Dht<A> {
     /// that says it no longer serves), so they drop it instead of sending it
     /// lookups its NAT may never let in.
     pub fn set_server(&mut self, now: Duration, server: bool) {
-        let was = self.config.server;
-        self.config.server = server;
+        let was = self.server;
+        self.server = server;
         if was && !server {
             // Records stored while serving stop being updated (puts go to
             // servers only): a stale copy must not answer this node's own
@@ -457,7 +508,7 @@ impl<A: Address> Dht<A> {
     /// Stores `record` at the k nodes closest to its key. If this node owns
     /// it, it is also republished until it expires or is replaced.
     pub fn put(&mut self, now: Duration, record: SignedRecord) -> QueryId {
-        if record.owner == self.keypair.peer_id() {
+        if record.owner == self.signer.peer_id() {
             self.own_records.retain(|r| r.key() != record.key());
             self.own_records.push(record.clone());
         }
@@ -533,7 +584,7 @@ impl<A: Address> Dht<A> {
                     || targets.last().is_some_and(|(last, _)| {
                         self.id.distance(&lookup.target) < last.distance(&lookup.target)
                     });
-                if self.config.server && among_closest {
+                if self.server && among_closest {
                     if let Err(RecordError::Full) =
                         self.records.put_local(record.clone(), now.as_secs())
                     {
@@ -668,7 +719,7 @@ impl<A: Address> Dht<A> {
         let request = Request {
             txid,
             sender: self.id,
-            server: self.config.server,
+            server: self.server,
             want_proof,
             cookie,
             body,
@@ -840,7 +891,7 @@ impl<A: Address> Dht<A> {
             RequestBody::FindNode(target) => ResponseBody::Nodes(nodes_for(&self.table, target)),
             RequestBody::GetRecord(key) => {
                 // Only servers hold records for others.
-                let record = if self.config.server {
+                let record = if self.server {
                     self.records.get(key, now.as_secs()).cloned()
                 } else {
                     None
@@ -848,7 +899,7 @@ impl<A: Address> Dht<A> {
                 ResponseBody::Record(record, nodes_for(&self.table, key))
             }
             RequestBody::PutRecord(record) => {
-                let stored = self.config.server
+                let stored = self.server
                     && match self.records.put((**record).clone(), from, now.as_secs()) {
                         Ok(_) => true,
                         Err(_) => {
@@ -861,11 +912,8 @@ impl<A: Address> Dht<A> {
         };
         self.counters.proofs_signed += u64::from(req.want_proof);
         let proof = req.want_proof.then(|| {
-            let sig = self
-                .config
-                .signatures
-                .sign(&self.keypair, &proof_message(req.txid, &req.sender));
-            (self.keypair.peer_id(), sig)
+            let sig = self.signer.sign(&proof_message(req.txid, &req.sender));
+            (self.signer.peer_id(), sig)
         });
         let mut response = Response {
             txid: req.txid,
