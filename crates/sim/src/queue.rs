@@ -5,8 +5,9 @@
 //! request's timer (about a second ahead), so a slot per millisecond makes
 //! pushing and popping them O(1); a binary heap of a million nodes' events
 //! costs a cache miss per level instead. The wheel spans 4 s; the
-//! minute-long maintenance timers are few enough for the heap. Events come out in exactly the
-//! order a heap keyed on (time, sequence number) would give: a slot holds
+//! minute-long maintenance timers are few enough for the heap. Events come
+//! out in exactly the order a heap keyed on (time, sequence number) would
+//! give: a slot holds
 //! its events in sequence order, because events are numbered as they are
 //! pushed, and later events move from the heap into a slot before any event
 //! can be pushed straight into it.

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::address::Address;
 use super::lookup::{Lookup, LookupKind};
-use super::record::{RecordError, RecordStore, Signatures, SignedRecord};
+use super::record::{simulated_signature, RecordError, RecordStore, Signatures, SignedRecord};
 use super::table::{Contact, InsertOutcome, RoutingTable};
 use super::wire::{
     proof_message, DhtMessage, Request, RequestBody, Response, ResponseBody, WireError,
@@ -89,7 +89,9 @@ pub struct DhtConfig {
     pub max_records_per_network: usize,
     /// Requests in flight at most (new ones wait their turn by failing fast).
     pub max_pending: usize,
-    /// Whether this node serves routing and storage (reachable nodes only).
+    /// Whether this node serves routing and storage (reachable nodes only)
+    /// at first (`Dht::new`; `Dht::with_shared_config` takes it apart,
+    /// and `Dht::set_server` changes it).
     pub server: bool,
     /// Keep the last few (responder, observed address) pairs and request
     /// sources for the node's reachability checks (off in the simulator).
@@ -255,7 +257,7 @@ impl Signer {
     fn sign(&self, message: &[u8]) -> [u8; 64] {
         match self {
             Signer::Ed25519(k) => Signatures::Ed25519.sign(k, message),
-            Signer::SimulatedInsecure(p) => Signatures::simulated_sign(p, message),
+            Signer::SimulatedInsecure(p) => simulated_signature(p, message),
         }
     }
 }
@@ -338,7 +340,6 @@ pub struct Dht<A: Address> {
     transmits: VecDeque<(A, Vec<u8>)>,
     events: VecDeque<DhtEvent<A>>,
     next_maintenance_ms: u64,
-    created_s: u64,
     last_self_lookup_s: u64,
     /// Smoothed RTT and its mean deviation (ms), from answered requests.
     srtt_ms: f64,
@@ -387,7 +388,6 @@ impl<A: Address> Dht<A> {
                 .with_signatures(config.signatures),
             next_republish_ms: ms(now) + config.republish.as_millis() as u64,
             next_maintenance_ms: ms(now) + jitter + maintenance,
-            created_s: now.as_secs(),
             last_self_lookup_s: now.as_secs(),
             srtt_ms: 0.0,
             rttvar_ms: 0.0,
@@ -1190,15 +1190,12 @@ impl<A: Address> Dht<A> {
             let target = self.id.random_with_prefix(index, self.rng.bytes32());
             self.refresh(now, target);
         }
-        let self_lookup = self.config.self_lookup.as_secs();
-        if secs >= self.created_s + self_lookup {
-            // One lookup of our own ID refreshes the deep buckets (and tells
-            // our closest neighbours we are here).
-            if secs >= self.last_self_lookup_s + self_lookup {
-                self.last_self_lookup_s = secs;
-                let me = self.id;
-                self.lookup(now, me);
-            }
+        // One lookup of our own ID refreshes the deep buckets (and tells our
+        // closest neighbours we are here).
+        if secs >= self.last_self_lookup_s + self.config.self_lookup.as_secs() {
+            self.last_self_lookup_s = secs;
+            let me = self.id;
+            self.lookup(now, me);
         }
         let stale_before = secs.saturating_sub(self.config.contact_stale.as_secs());
         for c in self
@@ -1262,6 +1259,8 @@ impl<A: Address> Dht<A> {
 mod tests {
     use super::{CookieJar, Dht, DhtConfig};
     use crate::Keypair;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
     use std::time::Duration;
 
     #[test]
@@ -1276,8 +1275,6 @@ mod tests {
         dht.handle_timeout(first + period * 10 + Duration::from_millis(1234));
         assert_eq!(dht.poll_timeout(), Some(first + period * 11));
     }
-    use proptest::prelude::*;
-    use std::collections::HashMap;
 
     proptest! {
         #[test]

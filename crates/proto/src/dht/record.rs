@@ -40,26 +40,22 @@ impl Signatures {
     pub fn sign(self, keypair: &Keypair, message: &[u8]) -> [u8; 64] {
         match self {
             Signatures::Ed25519 => keypair.sign(message),
-            Signatures::SimulatedInsecure => simulated(&keypair.peer_id(), message),
+            Signatures::SimulatedInsecure => simulated_signature(&keypair.peer_id(), message),
         }
-    }
-
-    /// The insecure scheme's signature of `signer` over `message` (it
-    /// needs no key).
-    pub(crate) fn simulated_sign(signer: &PeerId, message: &[u8]) -> [u8; 64] {
-        simulated(signer, message)
     }
 
     /// Whether `signature` is `signer`'s over `message`.
     pub fn verify(self, signer: &PeerId, message: &[u8], signature: &[u8; 64]) -> bool {
         match self {
             Signatures::Ed25519 => signer.verify(message, signature),
-            Signatures::SimulatedInsecure => simulated(signer, message) == *signature,
+            Signatures::SimulatedInsecure => simulated_signature(signer, message) == *signature,
         }
     }
 }
 
-fn simulated(signer: &PeerId, message: &[u8]) -> [u8; 64] {
+/// The insecure scheme's signature of `signer` over `message` (it needs
+/// no key).
+pub(crate) fn simulated_signature(signer: &PeerId, message: &[u8]) -> [u8; 64] {
     let mut h = blake3::Hasher::new_derive_key("p2pos simulated signature v1");
     h.update(signer.as_bytes());
     h.update(message);

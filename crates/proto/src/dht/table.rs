@@ -81,7 +81,7 @@ pub enum InsertOutcome<A> {
 struct Bucket<A> {
     contacts: Vec<Contact<A>>,
     /// How many of `contacts` are entries (the rest wait as replacements).
-    len: u16,
+    entry_count: u16,
     /// When a lookup last covered the bucket (Unix seconds).
     last_refresh: u32,
 }
@@ -90,7 +90,7 @@ impl<A> Default for Bucket<A> {
     fn default() -> Self {
         Bucket {
             contacts: Vec::new(),
-            len: 0,
+            entry_count: 0,
             last_refresh: 0,
         }
     }
@@ -98,35 +98,39 @@ impl<A> Default for Bucket<A> {
 
 impl<A> Bucket<A> {
     fn entries(&self) -> &[Contact<A>] {
-        &self.contacts[..usize::from(self.len)]
+        &self.contacts[..usize::from(self.entry_count)]
     }
 
     fn entries_mut(&mut self) -> &mut [Contact<A>] {
-        &mut self.contacts[..usize::from(self.len)]
+        &mut self.contacts[..usize::from(self.entry_count)]
     }
 
     fn replacements(&self) -> &[Contact<A>] {
-        &self.contacts[usize::from(self.len)..]
+        &self.contacts[usize::from(self.entry_count)..]
     }
 
     fn push_entry(&mut self, contact: Contact<A>) {
         grow_exact(&mut self.contacts);
-        self.contacts.insert(usize::from(self.len), contact);
-        self.len += 1;
+        self.contacts.insert(usize::from(self.entry_count), contact);
+        self.entry_count += 1;
     }
 
-    fn remove_entry(&mut self, pos: usize) -> Contact<A> {
-        self.len -= 1;
-        self.contacts.remove(pos)
+    fn remove_entry(&mut self, pos: usize) {
+        self.entry_count -= 1;
+        self.contacts.remove(pos);
     }
 
-    fn push_replacement(&mut self, contact: Contact<A>) {
+    /// Adds the freshest replacement; the oldest goes if `max` are waiting.
+    fn push_replacement(&mut self, contact: Contact<A>, max: usize) {
+        if self.replacements().len() >= max {
+            self.contacts.remove(usize::from(self.entry_count));
+        }
         grow_exact(&mut self.contacts);
         self.contacts.push(contact);
     }
 
     fn retain_replacements(&mut self, keep: impl Fn(&Contact<A>) -> bool) {
-        let mut i = usize::from(self.len);
+        let mut i = usize::from(self.entry_count);
         while i < self.contacts.len() {
             if keep(&self.contacts[i]) {
                 i += 1;
@@ -138,12 +142,12 @@ impl<A> Bucket<A> {
 
     /// The freshest replacement takes the place of a removed entry.
     fn promote_replacement(&mut self) {
-        if self.contacts.len() > usize::from(self.len) {
+        if self.contacts.len() > usize::from(self.entry_count) {
             // The freshest is last, right where the next entry goes when
             // it is the only one; otherwise move it there.
             let r = self.contacts.pop().expect("a replacement");
-            self.contacts.insert(usize::from(self.len), r);
-            self.len += 1;
+            self.contacts.insert(usize::from(self.entry_count), r);
+            self.entry_count += 1;
         }
     }
 }
@@ -223,11 +227,7 @@ impl<A: Address> RoutingTable<A> {
             return InsertOutcome::Inserted;
         }
         bucket.retain_replacements(|c| c.id != contact.id);
-        if bucket.replacements().len() >= k.div_ceil(2) {
-            let oldest = usize::from(bucket.len);
-            bucket.contacts.remove(oldest);
-        }
-        bucket.push_replacement(contact);
+        bucket.push_replacement(contact, k.div_ceil(2));
         let oldest = *bucket
             .entries()
             .iter()
