@@ -107,6 +107,7 @@ impl Overlay {
                     continue;
                 }
                 if p2pos_proto::traversal::decode_punch(&datagram).is_ok() {
+                    tracing::debug!(%src, "punch received");
                     task.counters
                         .punches_received
                         .fetch_add(1, Ordering::Relaxed);

@@ -232,6 +232,7 @@ pub(crate) fn own_mapping(node: &Node) -> Mapping {
 async fn punch(node: &Node, candidates: Vec<SocketAddr>, nonce: u64) {
     let overlay = node.inner_overlay();
     let datagram = encode_punch(nonce);
+    tracing::debug!(?candidates, nonce, "punching");
     for to in &candidates {
         let _ = overlay.send(*to, &datagram).await;
     }
