@@ -40,8 +40,10 @@
 //! probe from each of [`SPRAY_SOCKETS`] fresh sockets to the easy side,
 //! opening as many mappings, and the easy side probes [`SPRAY_PROBES`]
 //! random ports of the hard side's address (≈98% to hit one of them: the
-//! birthday bound). Only the address of a peer this node already has a
-//! relayed session with is sprayed, at most once per session, paced at
+//! birthday bound). A round that misses is run once more with fresh
+//! sockets, [`SPRAY_WINDOW`] later ([`SPRAY_ROUNDS`] in all: ≈99.97%).
+//! Only the address of a peer this node already has a relayed session
+//! with is sprayed, at most that often per session, paced at
 //! [`SPRAY_PER_TICK`] probes per 100 ms.
 
 use std::collections::HashMap;
@@ -579,8 +581,12 @@ pub const SPRAY_HARD_AT: Duration = Duration::from_millis(1500);
 /// When the easy side starts probing, after the search starts.
 pub const SPRAY_EASY_AT: Duration = Duration::from_millis(2500);
 /// How long the hard side keeps its sockets, and resends from them every
-/// second, without a hit.
+/// second, without a hit; a round of the search on both sides.
 pub const SPRAY_WINDOW: Duration = Duration::from_secs(10);
+/// Rounds of the many-ports search at most: a round misses with odds of
+/// about e^-4 (1.7%), and a second, with other random ports on both sides,
+/// squares that.
+pub const SPRAY_ROUNDS: u8 = 2;
 
 /// A side's part in the many-ports search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -637,11 +643,29 @@ struct Spray {
     role: SprayRole,
     target: SocketAddr,
     nonce: u64,
+    /// When the current round started (or starts).
     start: Duration,
+    /// Rounds started before the current one.
+    round: u8,
     /// Hard: resends done; easy: probes sent.
     sent: usize,
     next: Duration,
     done: bool,
+}
+
+impl Spray {
+    /// Moves to the next round, [`SPRAY_WINDOW`] after this one started;
+    /// false if this was the last.
+    fn next_round(&mut self) -> bool {
+        if self.round + 1 >= SPRAY_ROUNDS {
+            return false;
+        }
+        self.round += 1;
+        self.start += SPRAY_WINDOW;
+        self.sent = 0;
+        self.next = self.start;
+        true
+    }
 }
 
 /// The shortest time between two probes triggered by the peer's probes.
@@ -717,6 +741,7 @@ impl PathSearch {
             target,
             nonce: rng.next_u64(),
             start,
+            round: 0,
             sent: 0,
             next: start,
             done: false,
@@ -733,7 +758,7 @@ impl PathSearch {
         }
         let probe = |nonce| PathMessage::Probe { circuit, nonce }.encode();
         match spray.role {
-            SprayRole::Hard if spray.sent == 0 => {
+            SprayRole::Hard if spray.sent == 0 && !found => {
                 spray.sent = 1;
                 spray.next = now + Duration::from_secs(1);
                 Some(SprayAction::Open {
@@ -742,9 +767,20 @@ impl PathSearch {
                     datagram: probe(spray.nonce),
                 })
             }
-            SprayRole::Hard if found || now >= spray.start + SPRAY_WINDOW => {
+            SprayRole::Hard if found => {
                 spray.done = true;
-                (!found).then_some(SprayAction::Close)
+                None
+            }
+            SprayRole::Hard if now >= spray.start + SPRAY_WINDOW => {
+                // A miss: close these sockets, and open others for the
+                // next round at once (the easy side starts its next round
+                // as long after its first as this side does).
+                if spray.next_round() {
+                    spray.next = now;
+                } else {
+                    spray.done = true;
+                }
+                Some(SprayAction::Close)
             }
             SprayRole::Hard => {
                 spray.sent += 1;
@@ -755,8 +791,14 @@ impl PathSearch {
                 })
             }
             SprayRole::Easy => {
-                if found || spray.sent >= SPRAY_PROBES {
+                if found {
                     spray.done = true;
+                    return None;
+                }
+                if spray.sent >= SPRAY_PROBES {
+                    if !spray.next_round() {
+                        spray.done = true;
+                    }
                     return None;
                 }
                 let n = SPRAY_PER_TICK.min(SPRAY_PROBES - spray.sent);
@@ -1102,15 +1144,24 @@ mod tests {
         assert_eq!(s.poll_spray(T0, &mut rng), None);
         let mut now = SPRAY_EASY_AT;
         let mut sent = Vec::new();
-        while let Some(action) = s.poll_spray(now, &mut rng) {
-            let SprayAction::Probes(p) = action else {
-                panic!("the easy side only probes")
-            };
-            assert!(p.len() <= SPRAY_PER_TICK);
-            sent.extend(p);
+        let mut rounds = Vec::new();
+        while now < SPRAY_EASY_AT + SPRAY_WINDOW * 4 {
+            match s.poll_spray(now, &mut rng) {
+                Some(SprayAction::Probes(p)) => {
+                    assert!(p.len() <= SPRAY_PER_TICK);
+                    if sent.len() % SPRAY_PROBES == 0 {
+                        rounds.push(now);
+                    }
+                    sent.extend(p);
+                }
+                Some(other) => panic!("the easy side only probes, not {other:?}"),
+                None => {}
+            }
             now += Duration::from_millis(100);
         }
-        assert_eq!(sent.len(), SPRAY_PROBES);
+        // Each round, a window apart, probes SPRAY_PROBES ports.
+        assert_eq!(sent.len(), SPRAY_PROBES * usize::from(SPRAY_ROUNDS));
+        assert_eq!(rounds, [SPRAY_EASY_AT, SPRAY_EASY_AT + SPRAY_WINDOW]);
         assert!(sent
             .iter()
             .all(|(a, _)| a.ip() == hard.ip() && a.port() >= 1024));
@@ -1135,17 +1186,43 @@ mod tests {
         };
         assert_eq!((count, to), (SPRAY_SOCKETS, easy));
         let mut now = SPRAY_HARD_AT;
-        let mut resends = 0;
-        loop {
+        let (mut resends, mut opens, mut closes) = (0, 1, 0);
+        while now < SPRAY_HARD_AT + SPRAY_WINDOW * 4 {
             now += Duration::from_secs(1);
             match s.poll_spray(now, &mut rng) {
                 Some(SprayAction::Resend { .. }) => resends += 1,
-                Some(SprayAction::Close) => break,
+                Some(SprayAction::Open { count, to, .. }) => {
+                    // A miss: fresh sockets for the next round.
+                    assert_eq!((count, to), (SPRAY_SOCKETS, easy));
+                    assert_eq!(closes, opens);
+                    opens += 1;
+                }
+                Some(SprayAction::Close) => closes += 1,
+                None => {}
                 other => panic!("unexpected {other:?}"),
             }
         }
-        assert!((5..=10).contains(&resends), "{resends}");
-        assert_eq!(s.poll_spray(now + SPRAY_WINDOW, &mut rng), None);
+        assert_eq!((opens, closes), (SPRAY_ROUNDS, SPRAY_ROUNDS));
+        assert!((10..=20).contains(&resends), "{resends}");
+    }
+
+    #[test]
+    fn a_hit_ends_the_many_ports_search() {
+        let easy = addr("11.0.2.1:7447");
+        let mut s = PathSearch::new(1, addr("9.9.9.9:1"), T0);
+        s.add_candidates(&[easy]);
+        let mut rng = SplitMix64(7);
+        s.plan_spray(SprayRole::Hard, T0, &mut rng);
+        assert!(matches!(
+            s.poll_spray(SPRAY_HARD_AT, &mut rng),
+            Some(SprayAction::Open { .. })
+        ));
+        s.found = Some(easy);
+        let mut now = SPRAY_HARD_AT;
+        while now < SPRAY_HARD_AT + SPRAY_WINDOW * 4 {
+            now += Duration::from_secs(1);
+            assert_eq!(s.poll_spray(now, &mut rng), None);
+        }
     }
 
     proptest! {
