@@ -651,6 +651,15 @@ fn sim(args: SimArgs) -> Result<()> {
         "  run              {} events in {:.1} s wall, peak RSS {:.0} MB",
         r.events, r.wall_s, r.peak_rss_mb
     );
+    let m = &r.memory_mb;
+    println!(
+        "  memory at end    tables {:.0} MB, DHT nodes {:.0}, requests {:.0}, lookups {:.0}, records {:.0}, cookies {:.0}, queues {:.0}, simulator {:.0}",
+        m.tables, m.dht_nodes, m.requests, m.lookups, m.records, m.cookies, m.queues, m.world
+    );
+    println!(
+        "  routing tables   {:.1} entries and {:.1} replacements per node, mean",
+        m.table_entries_mean, m.table_replacements_mean
+    );
     Ok(())
 }
 

@@ -138,8 +138,71 @@ pub struct SimReport {
     /// Signalling (home introductions, punches, relay setup, path probes)
     /// bytes per node per second.
     pub signalling_bytes_per_node_per_s: f64,
+    /// Heap the nodes hold at the end of the run, by part (MB). Not quite
+    /// the same from run to run: a hash map's capacity after removals
+    /// depends on its randomly seeded hashes.
+    pub memory_mb: SimMemory,
     /// The seed.
     pub seed: u64,
+}
+
+/// Memory held at the end of a run, by part (MB; capacities, so what the
+/// allocator has handed out, not its free space or the event queue).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct SimMemory {
+    /// The DHT nodes' fixed parts.
+    pub dht_nodes: f64,
+    /// Routing tables.
+    pub tables: f64,
+    /// Requests waiting for answers.
+    pub requests: f64,
+    /// Lookups under way.
+    pub lookups: f64,
+    /// Records.
+    pub records: f64,
+    /// Cookies.
+    pub cookies: f64,
+    /// Unpolled datagrams and events.
+    pub queues: f64,
+    /// The simulator's own per-node state and pending queries.
+    pub world: f64,
+    /// Routing-table entries per live node, mean.
+    pub table_entries_mean: f64,
+    /// Contacts in replacement caches per live node, mean.
+    pub table_replacements_mean: f64,
+}
+
+impl SimMemory {
+    fn of(w: &World) -> Self {
+        let mut sum = p2pos_proto::dht::MemoryUse::default();
+        let (mut live, mut entries, mut replacements) = (0usize, 0usize, 0usize);
+        for node in &w.nodes {
+            if let Some(dht) = &node.dht {
+                sum.add(&dht.memory_use());
+                live += 1;
+                entries += dht.table().len();
+                replacements += dht.table().replacement_count();
+            }
+        }
+        let mean = |n: usize| n as f64 / live.max(1) as f64;
+        let world = w.nodes.capacity() * std::mem::size_of::<Node>()
+            + w.by_addr.capacity() * 9
+            + w.pending.capacity() * std::mem::size_of::<((u32, u32, QueryId), (Pending, u64))>()
+            + w.online_since.capacity() * 8;
+        let mb = |b: usize| b as f64 / 1e6;
+        SimMemory {
+            dht_nodes: mb(sum.node),
+            tables: mb(sum.table),
+            requests: mb(sum.requests),
+            lookups: mb(sum.lookups),
+            records: mb(sum.records),
+            cookies: mb(sum.cookies),
+            queues: mb(sum.queues),
+            world: mb(world),
+            table_entries_mean: mean(entries),
+            table_replacements_mean: mean(replacements),
+        }
+    }
 }
 
 enum EventKind {
@@ -883,6 +946,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     if cfg.progress {
         eprintln!();
     }
+    let memory_mb = SimMemory::of(&w);
     let s = &mut w.stats;
     let per = |bytes: u128, secs: f64| if secs > 0.0 { bytes as f64 / secs } else { 0.0 };
     SimReport {
@@ -937,6 +1001,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         relay_circuits_max: s.relay_circuits.values().copied().max().unwrap_or(0),
         signalling_bytes_per_node_per_s: s.signalling_bytes as f64
             / (cfg.nodes as f64 * (end.saturating_sub(warm)) as f64 / 1000.0).max(1.0),
+        memory_mb,
         seed: cfg.seed,
     }
 }

@@ -47,6 +47,7 @@ fn same_seed_same_numbers() {
     let strip = |r: SimReport| SimReport {
         wall_s: 0.0,
         peak_rss_mb: 0.0,
+        memory_mb: Default::default(),
         ..r
     };
     assert_eq!(strip(a), strip(b));
@@ -73,6 +74,7 @@ fn the_simulated_signatures_give_the_same_numbers_as_ed25519() {
         SimReport {
             wall_s: 0.0,
             peak_rss_mb: 0.0,
+            memory_mb: Default::default(),
             ..run(&cfg)
         }
     };

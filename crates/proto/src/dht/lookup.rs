@@ -60,6 +60,15 @@ pub(crate) struct Lookup<A> {
 }
 
 impl<A: Address> Lookup<A> {
+    /// Heap bytes the lookup holds besides itself.
+    pub fn heap_bytes(&self) -> usize {
+        self.candidates.capacity() * std::mem::size_of::<Candidate<A>>()
+            + self
+                .found
+                .as_ref()
+                .map_or(0, |(r, _)| r.name.capacity() + r.value.capacity())
+    }
+
     pub fn new(target: NodeId, kind: LookupKind, k: usize, alpha: usize, started_ms: u64) -> Self {
         Lookup {
             target,

@@ -45,8 +45,17 @@ mod record;
 mod table;
 mod wire;
 
+/// Heap bytes of a hash map's table at its capacity (hashbrown keeps 1/8
+/// of the slots free, in power-of-two tables, with a control byte each).
+pub(crate) fn map_heap_bytes<K, V, S>(map: &std::collections::HashMap<K, V, S>) -> usize {
+    match map.capacity() {
+        0 => 0,
+        cap => (cap * 8 / 7 + 1).next_power_of_two() * (std::mem::size_of::<(K, V)>() + 1),
+    }
+}
+
 pub use address::Address;
-pub use node::{Dht, DhtConfig, DhtCounters, DhtEvent, QueryId};
+pub use node::{Dht, DhtConfig, DhtCounters, DhtEvent, MemoryUse, QueryId};
 pub use record::{
     record_key, RecordError, RecordStore, Signatures, SignedRecord, MAX_RECORD_VALUE,
 };

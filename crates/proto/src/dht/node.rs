@@ -312,6 +312,50 @@ struct Pending<A> {
     purpose: Purpose,
 }
 
+/// Heap bytes a node holds, by part (capacities, not only what is in
+/// use): what a simulator of a million nodes must fit in memory.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// The node itself (its fixed part).
+    pub node: usize,
+    /// The routing table.
+    pub table: usize,
+    /// Requests waiting for their answers.
+    pub requests: usize,
+    /// Lookups under way.
+    pub lookups: usize,
+    /// Records held for others and its own.
+    pub records: usize,
+    /// Cookies for other nodes' addresses.
+    pub cookies: usize,
+    /// Datagrams, events and observations not yet polled.
+    pub queues: usize,
+}
+
+impl MemoryUse {
+    /// The sum of the parts.
+    pub fn total(&self) -> usize {
+        self.node
+            + self.table
+            + self.requests
+            + self.lookups
+            + self.records
+            + self.cookies
+            + self.queues
+    }
+
+    /// Adds `other` part by part.
+    pub fn add(&mut self, other: &MemoryUse) {
+        self.node += other.node;
+        self.table += other.table;
+        self.requests += other.requests;
+        self.lookups += other.lookups;
+        self.records += other.records;
+        self.cookies += other.cookies;
+        self.queues += other.queues;
+    }
+}
+
 /// A DHT node.
 #[derive(Debug)]
 pub struct Dht<A: Address> {
@@ -423,6 +467,47 @@ impl<A: Address> Dht<A> {
     /// The routing table.
     pub fn table(&self) -> &RoutingTable<A> {
         &self.table
+    }
+
+    /// Heap bytes this node holds, by part.
+    pub fn memory_use(&self) -> MemoryUse {
+        use std::mem::size_of;
+        let queue_bytes = |cap: usize, item: usize| cap * item;
+        MemoryUse {
+            node: size_of::<Self>(),
+            table: self.table.heap_bytes(),
+            requests: super::map_heap_bytes(&self.pending)
+                + self
+                    .pending
+                    .values()
+                    .map(|p| match &p.request.body {
+                        RequestBody::PutRecord(r) => {
+                            size_of::<SignedRecord>() + r.name.capacity() + r.value.capacity()
+                        }
+                        _ => 0,
+                    })
+                    .sum::<usize>(),
+            lookups: super::map_heap_bytes(&self.lookups)
+                + self.lookups.values().map(Lookup::heap_bytes).sum::<usize>(),
+            records: self.records.heap_bytes()
+                + self
+                    .own_records
+                    .iter()
+                    .map(|r| size_of::<SignedRecord>() + r.name.capacity() + r.value.capacity())
+                    .sum::<usize>(),
+            cookies: (self.cookies.0.capacity() + self.old_cookies.0.capacity())
+                * size_of::<(A, u64)>(),
+            queues: queue_bytes(self.transmits.capacity(), size_of::<(A, Vec<u8>)>())
+                + self
+                    .transmits
+                    .iter()
+                    .map(|(_, d)| d.capacity())
+                    .sum::<usize>()
+                + queue_bytes(self.events.capacity(), size_of::<DhtEvent<A>>())
+                + queue_bytes(self.observations.capacity(), size_of::<(A, A)>())
+                + queue_bytes(self.recent_sources.capacity(), size_of::<A>())
+                + queue_bytes(self.verified.capacity(), size_of::<(A, crate::PeerId)>()),
+        }
     }
 
     /// The records held for others.

@@ -367,6 +367,16 @@ impl RecordStore {
         self.records.len()
     }
 
+    /// Heap bytes the store holds (its capacity, not only what is in use).
+    pub fn heap_bytes(&self) -> usize {
+        super::map_heap_bytes(&self.records)
+            + self
+                .records
+                .values()
+                .map(|s| s.record.name.capacity() + s.record.value.capacity())
+                .sum::<usize>()
+    }
+
     /// Whether no record is held.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()

@@ -398,9 +398,24 @@ impl<A: Address> RoutingTable<A> {
         out
     }
 
+    /// Heap bytes the table holds (its capacity, not only what is in use).
+    pub fn heap_bytes(&self) -> usize {
+        self.buckets.capacity() * std::mem::size_of::<Bucket<A>>()
+            + self
+                .buckets
+                .iter()
+                .map(|b| b.contacts.capacity() * std::mem::size_of::<Contact<A>>())
+                .sum::<usize>()
+    }
+
     /// Number of contacts.
     pub fn len(&self) -> usize {
         self.buckets.iter().map(|b| b.entries().len()).sum()
+    }
+
+    /// Number of contacts waiting in replacement caches.
+    pub fn replacement_count(&self) -> usize {
+        self.buckets.iter().map(|b| b.replacements().len()).sum()
     }
 
     /// Whether the table is empty.
