@@ -656,6 +656,12 @@ fn sim(args: SimArgs) -> Result<()> {
         "  memory at end    tables {:.0} MB, DHT nodes {:.0}, requests {:.0}, lookups {:.0}, records {:.0}, cookies {:.0}, queues {:.0}, simulator {:.0}",
         m.tables, m.dht_nodes, m.requests, m.lookups, m.records, m.cookies, m.queues, m.world
     );
+    if m.allocator_in_use > 0.0 {
+        println!(
+            "  allocator        {:.0} MB in use, {:.0} MB free inside its heap",
+            m.allocator_in_use, m.allocator_free
+        );
+    }
     println!(
         "  routing tables   {:.1} entries and {:.1} replacements per node, mean",
         m.table_entries_mean, m.table_replacements_mean

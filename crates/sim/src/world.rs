@@ -166,6 +166,12 @@ pub struct SimMemory {
     pub queues: f64,
     /// The simulator's own per-node state and pending queries.
     pub world: f64,
+    /// The allocator's heap in use, all of the process (glibc only; 0
+    /// elsewhere).
+    pub allocator_in_use: f64,
+    /// Free space inside the allocator's heap: what fragmentation costs
+    /// (glibc only).
+    pub allocator_free: f64,
     /// Routing-table entries per live node, mean.
     pub table_entries_mean: f64,
     /// Contacts in replacement caches per live node, mean.
@@ -190,6 +196,7 @@ impl SimMemory {
             + w.pending.capacity() * std::mem::size_of::<((u32, u32, QueryId), (Pending, u64))>()
             + w.online_since.capacity() * 8;
         let mb = |b: usize| b as f64 / 1e6;
+        let heap = allocator_heap();
         SimMemory {
             dht_nodes: mb(sum.node),
             tables: mb(sum.table),
@@ -199,6 +206,8 @@ impl SimMemory {
             cookies: mb(sum.cookies),
             queues: mb(sum.queues),
             world: mb(world),
+            allocator_in_use: mb(heap.0),
+            allocator_free: mb(heap.1),
             table_entries_mean: mean(entries),
             table_replacements_mean: mean(replacements),
         }
@@ -856,6 +865,20 @@ fn fmt_duration(d: Duration) -> String {
     } else {
         format!("{s}s")
     }
+}
+
+/// Bytes the allocator's heap has in use and free (glibc's `mallinfo2`;
+/// the simulator runs on one thread, so one arena).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn allocator_heap() -> (usize, usize) {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd, info.fordblks)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn allocator_heap() -> (usize, usize) {
+    (0, 0)
 }
 
 fn peak_rss_mb() -> f64 {

@@ -389,14 +389,40 @@ pub struct Dht<A: Address> {
     srtt_ms: f64,
     rttvar_ms: f64,
     observed: Option<A>,
-    /// (responder, observed) pairs not yet polled (with `track_peers`).
-    observations: VecDeque<(A, A)>,
-    /// Recent sources of requests, newest last (with `track_peers`).
-    recent_sources: VecDeque<A>,
-    /// Servers whose key a proof verified, not yet polled (with
-    /// `track_peers`).
-    verified: VecDeque<(A, crate::PeerId)>,
+    /// What a daemon tracks of its peers (with `track_peers`; boxed, as a
+    /// simulated node tracks nothing).
+    tracked: Option<Box<Tracked<A>>>,
     counters: DhtCounters,
+}
+
+/// Peers a node tracks for the daemon (`DhtConfig::track_peers`), each
+/// list at most [`TRACKED_PEERS`] long.
+#[derive(Debug)]
+struct Tracked<A> {
+    /// (responder, observed) pairs not yet polled.
+    observations: VecDeque<(A, A)>,
+    /// Recent sources of requests, newest last.
+    recent_sources: VecDeque<A>,
+    /// Servers whose key a proof verified, not yet polled.
+    verified: VecDeque<(A, crate::PeerId)>,
+}
+
+impl<A> Default for Tracked<A> {
+    fn default() -> Self {
+        Tracked {
+            observations: VecDeque::new(),
+            recent_sources: VecDeque::new(),
+            verified: VecDeque::new(),
+        }
+    }
+}
+
+/// Appends `item` to a tracked list, dropping its oldest when full.
+fn track<T>(list: &mut VecDeque<T>, item: T) {
+    if list.len() >= TRACKED_PEERS {
+        list.pop_front();
+    }
+    list.push_back(item);
 }
 
 fn ms(now: Duration) -> u64 {
@@ -426,6 +452,7 @@ impl<A: Address> Dht<A> {
         // Spread maintenance over the interval so nodes started together do
         // not all refresh at once.
         let jitter = rng.next_u64() % maintenance.max(1);
+        let tracked = config.track_peers.then(Box::default);
         Dht {
             table: RoutingTable::new(id, config.k, config.max_per_prefix),
             records: RecordStore::new(config.max_records, config.max_records_per_network)
@@ -452,9 +479,7 @@ impl<A: Address> Dht<A> {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             observed: None,
-            observations: VecDeque::new(),
-            recent_sources: VecDeque::new(),
-            verified: VecDeque::new(),
+            tracked,
             counters: DhtCounters::default(),
         }
     }
@@ -504,9 +529,12 @@ impl<A: Address> Dht<A> {
                     .map(|(_, d)| d.capacity())
                     .sum::<usize>()
                 + queue_bytes(self.events.capacity(), size_of::<DhtEvent<A>>())
-                + queue_bytes(self.observations.capacity(), size_of::<(A, A)>())
-                + queue_bytes(self.recent_sources.capacity(), size_of::<A>())
-                + queue_bytes(self.verified.capacity(), size_of::<(A, crate::PeerId)>()),
+                + self.tracked.as_ref().map_or(0, |t| {
+                    size_of::<Tracked<A>>()
+                        + queue_bytes(t.observations.capacity(), size_of::<(A, A)>())
+                        + queue_bytes(t.recent_sources.capacity(), size_of::<A>())
+                        + queue_bytes(t.verified.capacity(), size_of::<(A, crate::PeerId)>())
+                }),
         }
     }
 
@@ -528,19 +556,22 @@ impl<A: Address> Dht<A> {
     /// The next (responder, observed address) pair from a response (with
     /// `track_peers`).
     pub fn poll_observation(&mut self) -> Option<(A, A)> {
-        self.observations.pop_front()
+        self.tracked.as_mut()?.observations.pop_front()
     }
 
     /// The next server whose peer key a proof verified, with its address
     /// (with `track_peers`): candidates for homes.
     pub fn poll_verified(&mut self) -> Option<(A, crate::PeerId)> {
-        self.verified.pop_front()
+        self.tracked.as_mut()?.verified.pop_front()
     }
 
     /// Nodes that recently sent this node requests, newest first (with
     /// `track_peers`).
     pub fn recent_sources(&self) -> Vec<A> {
-        self.recent_sources.iter().rev().copied().collect()
+        self.tracked
+            .as_ref()
+            .map(|t| t.recent_sources.iter().rev().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Whether this node serves routing and storage.
@@ -954,12 +985,9 @@ impl<A: Address> Dht<A> {
             }
         }
         // Only sources that proved their address (a cookie) are remembered.
-        if self.config.track_peers && verified {
-            self.recent_sources.retain(|a| *a != from);
-            if self.recent_sources.len() >= TRACKED_PEERS {
-                self.recent_sources.pop_front();
-            }
-            self.recent_sources.push_back(from);
+        if let (Some(t), true) = (&mut self.tracked, verified) {
+            t.recent_sources.retain(|a| *a != from);
+            track(&mut t.recent_sources, from);
         }
         let n = self.config.answer_nodes;
         let nodes_for = |table: &RoutingTable<A>, target: &NodeId| -> Vec<(NodeId, A)> {
@@ -1078,11 +1106,8 @@ impl<A: Address> Dht<A> {
                 self.fail(now, pending.purpose, pending.to_id);
                 return;
             }
-            if let (true, Some((key, _))) = (self.config.track_peers, &resp.proof) {
-                if self.verified.len() >= TRACKED_PEERS {
-                    self.verified.pop_front();
-                }
-                self.verified.push_back((from, *key));
+            if let (Some(t), Some((key, _))) = (&mut self.tracked, &resp.proof) {
+                track(&mut t.verified, (from, *key));
             }
         }
         if self.cookies.len() >= MAX_COOKIES && self.cookies.get(&from).is_none() {
@@ -1090,11 +1115,8 @@ impl<A: Address> Dht<A> {
         }
         self.cookies.insert(from, resp.cookie);
         self.observed = Some(resp.observed);
-        if self.config.track_peers {
-            if self.observations.len() >= TRACKED_PEERS {
-                self.observations.pop_front();
-            }
-            self.observations.push_back((from, resp.observed));
+        if let Some(t) = &mut self.tracked {
+            track(&mut t.observations, (from, resp.observed));
         }
         let was_empty = self.table.is_empty();
         if pending.request.want_proof {
