@@ -442,9 +442,12 @@ impl World {
         servers.sort_unstable_by_key(|s| s.0);
         let k = self.cfg.dht.k;
         let now = self.now_d();
+        // One buffer for all nodes: a fresh one per node left its freed
+        // copies as holes between the tables, a fifth of the heap.
+        let mut picks: Vec<(NodeId, u32)> = Vec::new();
         for i in 0..self.nodes.len() {
             let me = self.nodes[i].id;
-            let mut picks: Vec<(NodeId, u32)> = Vec::new();
+            picks.clear();
             for prefix in 0..256usize {
                 // IDs sharing exactly `prefix` bits with me.
                 let lo_id = me.random_with_prefix(prefix, [0; 32]);
@@ -487,11 +490,20 @@ impl World {
                     }
                 }
             }
-            for (id, addr) in picks {
+            let dht = self.nodes[i].dht.as_mut().expect("online");
+            for &(id, addr) in &picks {
                 // Heard from at some point of the warm start.
                 let seen = now - Duration::from_millis(self.rng.next_u64() % WARM_START_MS);
-                let dht = self.nodes[i].dht.as_mut().expect("online");
                 dht.seed_contact(id, addr, seen);
+            }
+            // Each bucket refreshed at some point of the last refresh
+            // period (all due at once, every node refreshed its buckets
+            // in the first second: 21 events a node, and the requests'
+            // state then took a fifth of the heap for good, as holes).
+            let refresh_ms = self.cfg.dht.bucket_refresh.as_millis().max(1) as u64;
+            for b in 0..dht.table().bucket_count() {
+                let at = now - Duration::from_millis(self.rng.next_u64() % refresh_ms);
+                dht.seed_refreshed(b, at);
             }
         }
     }

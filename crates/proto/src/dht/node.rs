@@ -605,6 +605,14 @@ impl<A: Address> Dht<A> {
         self.table.insert(Contact::new(id, addr, now.as_secs()));
     }
 
+    /// Marks bucket `index` as last refreshed at `at`: a simulator starting
+    /// a network that has been running seeds it with `seed_contact`, and
+    /// its nodes refreshed their buckets at various times before, not all
+    /// at its first instant.
+    pub fn seed_refreshed(&mut self, index: usize, at: Duration) {
+        self.table.set_refreshed(index, at.as_secs());
+    }
+
     /// Contacts a known node at `addr` (bootstrap): verifies it, adds it to
     /// the table, and joins with a lookup of this node's own ID.
     pub fn add_bootstrap(&mut self, now: Duration, addr: A) {

@@ -482,6 +482,13 @@ impl<A: Address> RoutingTable<A> {
         }
     }
 
+    /// Marks bucket `index` as refreshed at `at` (seconds).
+    pub fn set_refreshed(&mut self, index: usize, at: u64) {
+        if let Some(b) = self.buckets.get_mut(index) {
+            b.last_refresh = secs32(at);
+        }
+    }
+
     /// Checks the table's invariants (for tests): every entry is in the
     /// bucket of its prefix length, no bucket over k, no duplicate IDs, the
     /// diversity limit holds.
