@@ -608,9 +608,14 @@ fn sim(args: SimArgs) -> Result<()> {
         r.rtt_ms_p50
     );
     println!(
-        "  records          put {:.2}%  get {:.2}%",
+        "  records          put {:.2}%  get {:.2}%;  gets: hops p50 {}  p99 {},  time p50 {} ms ({:.1}x RTT)  p99 {} ms",
         r.put_success_rate * 100.0,
-        r.get_success_rate * 100.0
+        r.get_success_rate * 100.0,
+        r.get_hops_p50,
+        r.get_hops_p99,
+        r.get_latency_ms_p50,
+        r.get_latency_ms_p50 as f64 / rtt,
+        r.get_latency_ms_p99
     );
     println!(
         "  DHT bytes/node/s servers {:.1}  clients {:.1}  all {:.1}",

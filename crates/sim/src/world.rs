@@ -96,6 +96,16 @@ pub struct SimReport {
     /// Share of gets (a minute after the put, by another node) that found
     /// the record.
     pub get_success_rate: f64,
+    /// Hops of successful gets (the round in which the first holder that
+    /// returned the record was asked): what finding a peer's record costs.
+    pub get_hops_p50: u32,
+    /// 99th percentile.
+    pub get_hops_p99: u32,
+    /// Time of successful gets, until the get ends (a few more holders
+    /// confirm no higher sequence exists) (ms).
+    pub get_latency_ms_p50: u64,
+    /// 99th percentile.
+    pub get_latency_ms_p99: u64,
     /// DHT bytes sent per node per second, all nodes.
     pub maintenance_bytes_per_node_per_s: f64,
     /// The same for servers.
@@ -263,6 +273,8 @@ struct Node {
 struct Stats {
     hops: Vec<u32>,
     latency: Vec<u64>,
+    get_hops: Vec<u32>,
+    get_latency: Vec<u64>,
     lookups: usize,
     lookups_ok: usize,
     puts: usize,
@@ -594,10 +606,12 @@ impl World {
                     self.stats.latency.push(self.now - started);
                 }
             }
-            (Pending::Get { seq }, DhtEvent::GetDone { record, .. }) => {
+            (Pending::Get { seq }, DhtEvent::GetDone { record, hops, .. }) => {
                 self.stats.gets += 1;
                 if record.is_some_and(|r| r.seq == seq) {
                     self.stats.gets_ok += 1;
+                    self.stats.get_hops.push(u32::from(hops));
+                    self.stats.get_latency.push(self.now - started);
                 }
             }
             (Pending::Put, DhtEvent::PutDone { stored, .. }) => {
@@ -1009,6 +1023,10 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         } else {
             0.0
         },
+        get_hops_p50: percentile(&mut s.get_hops, 0.5),
+        get_hops_p99: percentile(&mut s.get_hops, 0.99),
+        get_latency_ms_p50: percentile(&mut s.get_latency, 0.5),
+        get_latency_ms_p99: percentile(&mut s.get_latency, 0.99),
         maintenance_bytes_per_node_per_s: per(
             s.server_bytes + s.client_bytes,
             s.server_seconds + s.client_seconds,
