@@ -57,6 +57,15 @@ async fn relayed_pair(upgrade: bool) -> (Node, Node, Node) {
     b.connect(relay.peer_id(), Some(relay.local_addr()))
         .await
         .unwrap();
+    // The relay installs its session with B when its side of the
+    // handshake completes, which can be after B's: until then it refuses
+    // to relay to B (this failed a CI run).
+    for _ in 0..50 {
+        if !path_to(&relay, &b).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     a.connect_relayed(b.peer_id(), relay.peer_id(), relay.local_addr())
         .await
         .unwrap();
