@@ -773,11 +773,9 @@ impl PathSearch {
             }
             SprayRole::Hard if now >= spray.start + SPRAY_WINDOW => {
                 // A miss: close these sockets, and open others for the
-                // next round at once (the easy side starts its next round
-                // as long after its first as this side does).
-                if spray.next_round() {
-                    spray.next = now;
-                } else {
+                // next round at once (it is due now; the easy side starts
+                // its next round as long after its first as this side does).
+                if !spray.next_round() {
                     spray.done = true;
                 }
                 Some(SprayAction::Close)

@@ -377,7 +377,9 @@ pub fn connect(
     }
     // The hard side's probes: one per socket, resent every second while
     // searching.
-    let resends = hit_at.map_or(u64::from(SPRAY_ROUNDS) * 10, |t| t.as_secs() + 1);
+    let resends = hit_at.map_or(u64::from(SPRAY_ROUNDS) * SPRAY_WINDOW.as_secs(), |t| {
+        t.as_secs() + 1
+    });
     bytes += (sent + SPRAY_SOCKETS as u64 * resends) * PATH_PROBE_BYTES;
     match hit_at {
         Some(_) => Outcome {

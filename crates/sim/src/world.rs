@@ -201,10 +201,12 @@ impl SimMemory {
             }
         }
         let mean = |n: usize| n as f64 / live.max(1) as f64;
-        let world = w.nodes.capacity() * std::mem::size_of::<Node>()
-            + w.by_addr.capacity() * 9
-            + w.pending.capacity() * std::mem::size_of::<((u32, u32, QueryId), (Pending, u64))>()
-            + w.online_since.capacity() * 8;
+        use std::mem::size_of;
+        // Hash maps: a slot and a control byte per entry of capacity.
+        let world = w.nodes.capacity() * size_of::<Node>()
+            + w.by_addr.capacity() * (size_of::<(u32, u32)>() + 1)
+            + w.pending.capacity() * (size_of::<((u32, u32, QueryId), (Pending, u64))>() + 1)
+            + w.online_since.capacity() * size_of::<u64>();
         let mb = |b: usize| b as f64 / 1e6;
         let heap = allocator_heap();
         SimMemory {
@@ -454,8 +456,7 @@ impl World {
         servers.sort_unstable_by_key(|s| s.0);
         let k = self.cfg.dht.k;
         let now = self.now_d();
-        // One buffer for all nodes: a fresh one per node left its freed
-        // copies as holes between the tables, a fifth of the heap.
+        // One buffer, reused for every node.
         let mut picks: Vec<(NodeId, u32)> = Vec::new();
         for i in 0..self.nodes.len() {
             let me = self.nodes[i].id;

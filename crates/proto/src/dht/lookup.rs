@@ -63,10 +63,7 @@ impl<A: Address> Lookup<A> {
     /// Heap bytes the lookup holds besides itself.
     pub fn heap_bytes(&self) -> usize {
         self.candidates.capacity() * std::mem::size_of::<Candidate<A>>()
-            + self
-                .found
-                .as_ref()
-                .map_or(0, |(r, _)| r.name.capacity() + r.value.capacity())
+            + self.found.as_ref().map_or(0, |(r, _)| r.heap_bytes())
     }
 
     pub fn new(target: NodeId, kind: LookupKind, k: usize, alpha: usize, started_ms: u64) -> Self {

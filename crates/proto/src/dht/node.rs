@@ -333,17 +333,6 @@ pub struct MemoryUse {
 }
 
 impl MemoryUse {
-    /// The sum of the parts.
-    pub fn total(&self) -> usize {
-        self.node
-            + self.table
-            + self.requests
-            + self.lookups
-            + self.records
-            + self.cookies
-            + self.queues
-    }
-
     /// Adds `other` part by part.
     pub fn add(&mut self, other: &MemoryUse) {
         self.node += other.node;
@@ -497,7 +486,6 @@ impl<A: Address> Dht<A> {
     /// Heap bytes this node holds, by part.
     pub fn memory_use(&self) -> MemoryUse {
         use std::mem::size_of;
-        let queue_bytes = |cap: usize, item: usize| cap * item;
         MemoryUse {
             node: size_of::<Self>(),
             table: self.table.heap_bytes(),
@@ -506,9 +494,7 @@ impl<A: Address> Dht<A> {
                     .pending
                     .values()
                     .map(|p| match &p.request.body {
-                        RequestBody::PutRecord(r) => {
-                            size_of::<SignedRecord>() + r.name.capacity() + r.value.capacity()
-                        }
+                        RequestBody::PutRecord(r) => size_of::<SignedRecord>() + r.heap_bytes(),
                         _ => 0,
                     })
                     .sum::<usize>(),
@@ -518,22 +504,22 @@ impl<A: Address> Dht<A> {
                 + self
                     .own_records
                     .iter()
-                    .map(|r| size_of::<SignedRecord>() + r.name.capacity() + r.value.capacity())
+                    .map(|r| size_of::<SignedRecord>() + r.heap_bytes())
                     .sum::<usize>(),
             cookies: (self.cookies.0.capacity() + self.old_cookies.0.capacity())
                 * size_of::<(A, u64)>(),
-            queues: queue_bytes(self.transmits.capacity(), size_of::<(A, Vec<u8>)>())
+            queues: self.transmits.capacity() * size_of::<(A, Vec<u8>)>()
                 + self
                     .transmits
                     .iter()
                     .map(|(_, d)| d.capacity())
                     .sum::<usize>()
-                + queue_bytes(self.events.capacity(), size_of::<DhtEvent<A>>())
+                + self.events.capacity() * size_of::<DhtEvent<A>>()
                 + self.tracked.as_ref().map_or(0, |t| {
                     size_of::<Tracked<A>>()
-                        + queue_bytes(t.observations.capacity(), size_of::<(A, A)>())
-                        + queue_bytes(t.recent_sources.capacity(), size_of::<A>())
-                        + queue_bytes(t.verified.capacity(), size_of::<(A, crate::PeerId)>())
+                        + t.observations.capacity() * size_of::<(A, A)>()
+                        + t.recent_sources.capacity() * size_of::<A>()
+                        + t.verified.capacity() * size_of::<(A, crate::PeerId)>()
                 }),
         }
     }

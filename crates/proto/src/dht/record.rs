@@ -161,6 +161,11 @@ impl SignedRecord {
         })
     }
 
+    /// Heap bytes its name and value hold.
+    pub fn heap_bytes(&self) -> usize {
+        self.name.capacity() + self.value.capacity()
+    }
+
     /// The key it is stored under.
     pub fn key(&self) -> NodeId {
         record_key(&self.owner, &self.name)
@@ -373,7 +378,7 @@ impl RecordStore {
             + self
                 .records
                 .values()
-                .map(|s| s.record.name.capacity() + s.record.value.capacity())
+                .map(|s| s.record.heap_bytes())
                 .sum::<usize>()
     }
 
