@@ -581,6 +581,7 @@ fn sim(args: SimArgs) -> Result<()> {
         progress: !args.json || std::io::IsTerminal::is_terminal(&std::io::stderr()),
         nat_mix: (args.nat == "realistic").then(|| p2pos_sim::nat::REALISTIC_MIX.to_vec()),
         connects: args.connects.unwrap_or(args.lookups),
+        key_pairs: false,
     };
     let r = p2pos_sim::run(&config);
     if args.json {
@@ -627,6 +628,11 @@ fn sim(args: SimArgs) -> Result<()> {
         "  ID proofs        {:.4} per node per second (an ed25519 signature and its check each)",
         r.proofs_per_node_per_s
     );
+    let q = &r.requests_per_node_per_s;
+    println!(
+        "  requests/node/s  queries {:.4}  stores {:.4}  liveness {:.4}  verify {:.4}  fill {:.4}  refresh {:.4}",
+        q.queries, q.stores, q.liveness, q.verify, q.fill, q.refresh
+    );
     if r.connects > 0 {
         println!(
             "  connects         {} by key, {:.2}% connected, {:.2}% direct, {:.2}% relayed",
@@ -653,8 +659,8 @@ fn sim(args: SimArgs) -> Result<()> {
     }
     println!("  churn            {} departures", r.departures);
     println!(
-        "  run              {} events in {:.1} s wall, peak RSS {:.0} MB",
-        r.events, r.wall_s, r.peak_rss_mb
+        "  run              {} events ({} deliveries, {} timers) in {:.1} s wall, peak RSS {:.0} MB",
+        r.events, r.deliveries, r.timers, r.wall_s, r.peak_rss_mb
     );
     let m = &r.memory_mb;
     println!(

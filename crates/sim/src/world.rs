@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use p2pos_proto::dht::{Dht, DhtConfig, DhtEvent, NodeId, QueryId, Signatures, SignedRecord};
+use p2pos_proto::dht::{
+    Dht, DhtConfig, DhtEvent, NodeId, QueryId, RequestsSent, Signatures, SignedRecord,
+};
 use p2pos_proto::rng::SplitMix64;
 use p2pos_proto::Keypair;
 use serde::Serialize;
@@ -43,6 +45,12 @@ pub struct SimConfig {
     /// Connections by key between random online nodes, spread over the
     /// run after the warm-up (with a NAT mix).
     pub connects: usize,
+    /// Derive an ed25519 key pair for every node even with the insecure
+    /// scheme, so that both schemes give the same network run for run. By
+    /// default the insecure scheme's identities are 32 random bytes
+    /// standing for a public key (deriving a million key pairs took a
+    /// minute at a simulator's start).
+    pub key_pairs: bool,
 }
 
 impl Default for SimConfig {
@@ -64,6 +72,7 @@ impl Default for SimConfig {
             progress: false,
             nat_mix: None,
             connects: 0,
+            key_pairs: false,
         }
     }
 }
@@ -115,10 +124,18 @@ pub struct SimReport {
     /// ID proofs (an ed25519 signature each, and its check) per node per
     /// second: the simulator's main CPU cost.
     pub proofs_per_node_per_s: f64,
+    /// DHT requests sent per node per second, by purpose (first attempts
+    /// and retries): where the maintenance traffic goes.
+    pub requests_per_node_per_s: RequestRates,
     /// Nodes that left (and were replaced).
     pub departures: u64,
     /// Events processed.
     pub events: u64,
+    /// Of them, datagrams delivered.
+    pub deliveries: u64,
+    /// Of them, node timers that fired (retries, soft timeouts of lookup
+    /// queries, maintenance; a timer whose node had nothing due counts too).
+    pub timers: u64,
     /// Wall-clock seconds.
     pub wall_s: f64,
     /// Peak resident memory (MB).
@@ -154,6 +171,23 @@ pub struct SimReport {
     pub memory_mb: SimMemory,
     /// The seed.
     pub seed: u64,
+}
+
+/// Requests per node per second, by purpose.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct RequestRates {
+    /// Lookups, gets and the search phase of puts (own lookups included).
+    pub queries: f64,
+    /// Stores of records.
+    pub stores: f64,
+    /// Liveness pings of stale contacts.
+    pub liveness: f64,
+    /// Pings verifying new server requesters and bootstrap nodes.
+    pub verify: f64,
+    /// Pings of nodes a refresh named.
+    pub fill: f64,
+    /// Bucket refreshes.
+    pub refresh: f64,
 }
 
 /// Memory held at the end of a run, by part (MB; capacities, so what the
@@ -268,7 +302,6 @@ struct Node {
     y: f32,
     access_ms: f32,
     timer_at: u64,
-    bytes_base: u64,
 }
 
 #[derive(Default)]
@@ -286,6 +319,7 @@ struct Stats {
     departures: u64,
     server_bytes: u128,
     proofs: u64,
+    requests: RequestsSent,
     client_bytes: u128,
     server_seconds: f64,
     client_seconds: f64,
@@ -329,6 +363,8 @@ struct World {
     pending: HashMap<(u32, u32, QueryId), (Pending, u64)>,
     stats: Stats,
     events: u64,
+    deliveries: u64,
+    timers: u64,
     online_since: Vec<u64>,
 }
 
@@ -382,22 +418,22 @@ impl World {
         Some((session - up_ms as f64) as u64)
     }
 
-    fn new_identity(&mut self) -> (Keypair, u32) {
-        let key = Keypair::from_seed(self.rng.bytes32());
-        let addr = loop {
+    /// A free address.
+    fn new_addr(&mut self) -> u32 {
+        loop {
             let a = (self.rng.next_u64() >> 32) as u32;
             if a != 0 && !self.by_addr.contains_key(&a) {
-                break a;
+                return a;
             }
-        };
-        (key, addr)
+        }
     }
 
     /// Creates the node in slot `index`, up for `up_ms` already (a new
     /// identity each time).
-    fn spawn(&mut self, index: u32, up_ms: u64) -> Keypair {
+    fn spawn(&mut self, index: u32, up_ms: u64) {
         let gen = self.nodes.get(index as usize).map_or(0, |n| n.gen + 1);
-        let (key, addr) = self.new_identity();
+        let identity = self.rng.bytes32();
+        let addr = self.new_addr();
         let nat = match &self.cfg.nat_mix {
             Some(mix) => crate::nat::NatKind::draw(mix, &mut self.rng),
             None => crate::nat::NatKind::Public,
@@ -407,13 +443,20 @@ impl World {
             None => self.rng.unit() >= self.cfg.client_fraction,
         };
         let seed = self.rng.next_u64();
-        let dht = Dht::with_shared_config(
-            key.clone(),
-            self.dht_cfg.clone(),
-            server,
-            seed,
-            self.now_d() - Duration::from_millis(up_ms),
-        );
+        let started = self.now_d() - Duration::from_millis(up_ms);
+        let config = self.dht_cfg.clone();
+        // The insecure scheme's nodes need no key pair: their identity
+        // stands for a public key.
+        let simulated = (!self.cfg.key_pairs)
+            .then(|| Dht::with_simulated_identity(identity, config.clone(), server, seed, started))
+            .flatten();
+        let dht = match simulated {
+            Some(dht) => dht,
+            None => {
+                let keypair = Keypair::from_seed(identity);
+                Dht::with_shared_config(keypair, config, server, seed, started)
+            }
+        };
         let u = self.rng.unit() as f32;
         let node = Node {
             id: dht.id(),
@@ -426,7 +469,6 @@ impl World {
             y: self.rng.unit() as f32,
             access_ms: 1.0 + 30.0 * u * u,
             timer_at: u64::MAX,
-            bytes_base: 0,
         };
         self.by_addr.insert(addr, index);
         if (index as usize) < self.nodes.len() {
@@ -442,7 +484,6 @@ impl World {
                 EventKind::Leave { node: index, gen },
             );
         }
-        key
     }
 
     /// Fills every routing table from the global sorted list of servers.
@@ -458,49 +499,38 @@ impl World {
         let now = self.now_d();
         // One buffer, reused for every node.
         let mut picks: Vec<(NodeId, u32)> = Vec::new();
+        let mut chosen: Vec<usize> = Vec::with_capacity(k);
         for i in 0..self.nodes.len() {
             let me = self.nodes[i].id;
             picks.clear();
+            // `lo..hi`: the servers sharing the first `prefix` bits with me
+            // (a range of the sorted list). Bit `prefix` splits it into the
+            // ones of bucket `prefix` and the ones sharing more.
+            let (mut lo, mut hi) = (0, servers.len());
             for prefix in 0..256usize {
-                // IDs sharing exactly `prefix` bits with me.
-                let lo_id = me.random_with_prefix(prefix, [0; 32]);
-                let lo = {
-                    let mut b = lo_id.0;
-                    clear_after(&mut b, prefix + 1);
-                    NodeId(b)
-                };
-                let hi = {
-                    let mut b = lo_id.0;
-                    set_after(&mut b, prefix + 1);
-                    NodeId(b)
-                };
-                let start = servers.partition_point(|s| s.0 < lo);
-                let end = servers.partition_point(|s| s.0 <= hi);
-                let count = end - start;
-                if count == 0 {
-                    // Deeper prefixes can only be emptier once the range of
-                    // "my subtree" holds just me.
-                    let mut mine = me.0;
-                    set_after(&mut mine, prefix + 1);
-                    let sub_lo = {
-                        let mut b = me.0;
-                        clear_after(&mut b, prefix + 1);
-                        NodeId(b)
-                    };
-                    let s2 = servers.partition_point(|s| s.0 < sub_lo);
-                    let e2 = servers.partition_point(|s| s.0 <= NodeId(mine));
-                    if e2 - s2 <= 1 {
-                        break;
-                    }
-                    continue;
-                }
-                if count <= k {
-                    picks.extend_from_slice(&servers[start..end]);
+                let split = lo + servers[lo..hi].partition_point(|s| !bit(&s.0, prefix));
+                let (other, same) = if bit(&me, prefix) {
+                    (lo..split, split..hi)
                 } else {
-                    for _ in 0..k {
-                        let j = start + self.rng.below(count);
-                        picks.push(servers[j]);
+                    (split..hi, lo..split)
+                };
+                let count = other.len();
+                if count <= k {
+                    picks.extend_from_slice(&servers[other]);
+                } else {
+                    // k distinct ones (Floyd's sampling).
+                    chosen.clear();
+                    for j in count - k..count {
+                        let t = self.rng.below(j + 1);
+                        chosen.push(if chosen.contains(&t) { j } else { t });
                     }
+                    picks.extend(chosen.iter().map(|&j| servers[other.start + j]));
+                }
+                (lo, hi) = (same.start, same.end);
+                // Deeper buckets are empty once no other server shares
+                // this prefix.
+                if hi - lo == 0 || (hi - lo == 1 && servers[lo].0 == me) {
+                    break;
                 }
             }
             let dht = self.nodes[i].dht.as_mut().expect("online");
@@ -740,8 +770,9 @@ impl World {
     fn account_bytes(&mut self, i: u32) {
         let node = &mut self.nodes[i as usize];
         if let Some(dht) = &node.dht {
-            let bytes = dht.counters().bytes_sent - node.bytes_base;
+            let bytes = dht.counters().bytes_sent;
             self.stats.proofs += dht.counters().proofs_signed;
+            self.stats.requests.add(&dht.counters().requests);
             let secs = (self.now - self.online_since[i as usize]) as f64 / 1000.0;
             if node.server {
                 self.stats.server_bytes += u128::from(bytes);
@@ -758,6 +789,7 @@ impl World {
         self.now = at;
         match kind {
             EventKind::Deliver { to, from, bytes } => {
+                self.deliveries += 1;
                 let now = self.now_d();
                 let Some(dht) = self.nodes[to as usize].dht.as_mut() else {
                     return;
@@ -771,6 +803,7 @@ impl World {
                     return;
                 }
                 self.nodes[node as usize].timer_at = u64::MAX;
+                self.timers += 1;
                 let now = self.now_d();
                 if let Some(dht) = self.nodes[node as usize].dht.as_mut() {
                     dht.handle_timeout(now);
@@ -871,16 +904,9 @@ impl World {
     }
 }
 
-fn clear_after(b: &mut [u8; 32], bits: usize) {
-    for bit in bits..256 {
-        b[bit / 8] &= !(0x80 >> (bit % 8));
-    }
-}
-
-fn set_after(b: &mut [u8; 32], bits: usize) {
-    for bit in bits..256 {
-        b[bit / 8] |= 0x80 >> (bit % 8);
-    }
+/// Bit `i` of `id`, from the most significant.
+fn bit(id: &NodeId, i: usize) -> bool {
+    id.0[i / 8] & (0x80 >> (i % 8)) != 0
 }
 
 fn fmt_duration(d: Duration) -> String {
@@ -943,6 +969,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         pending: HashMap::new(),
         stats: Stats::default(),
         events: 0,
+        deliveries: 0,
+        timers: 0,
         online_since: Vec::with_capacity(cfg.nodes),
     };
     for i in 0..cfg.nodes {
@@ -1035,8 +1063,23 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         maintenance_bytes_per_server_per_s: per(s.server_bytes, s.server_seconds),
         maintenance_bytes_per_client_per_s: per(s.client_bytes, s.client_seconds),
         proofs_per_node_per_s: per(u128::from(s.proofs), s.server_seconds + s.client_seconds),
+        requests_per_node_per_s: {
+            let secs = s.server_seconds + s.client_seconds;
+            let r = &s.requests;
+            let rate = |n: u64| per(u128::from(n), secs);
+            RequestRates {
+                queries: rate(r.queries),
+                stores: rate(r.stores),
+                liveness: rate(r.liveness),
+                verify: rate(r.verify),
+                fill: rate(r.fill),
+                refresh: rate(r.refresh),
+            }
+        },
         departures: s.departures,
         events: w.events,
+        deliveries: w.deliveries,
+        timers: w.timers,
         wall_s: wall.elapsed().as_secs_f64(),
         peak_rss_mb: peak_rss_mb(),
         connects: s.connects,

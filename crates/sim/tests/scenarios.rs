@@ -69,6 +69,7 @@ fn the_simulated_signatures_give_the_same_numbers_as_ed25519() {
                 signatures,
                 ..DhtConfig::default()
             },
+            key_pairs: true,
             ..SimConfig::default()
         };
         SimReport {

@@ -55,7 +55,7 @@ pub(crate) fn map_heap_bytes<K, V, S>(map: &std::collections::HashMap<K, V, S>) 
 }
 
 pub use address::Address;
-pub use node::{Dht, DhtConfig, DhtCounters, DhtEvent, MemoryUse, QueryId};
+pub use node::{Dht, DhtConfig, DhtCounters, DhtEvent, MemoryUse, QueryId, RequestsSent};
 pub use record::{
     record_key, RecordError, RecordStore, Signatures, SignedRecord, MAX_RECORD_VALUE,
 };

@@ -211,6 +211,54 @@ pub struct DhtCounters {
     pub proofs_signed: u64,
     /// ID proofs this node checked (answers to its requests).
     pub proofs_checked: u64,
+    /// Requests sent (first attempts and retries), by what they were for.
+    pub requests: RequestsSent,
+}
+
+/// Requests sent, by purpose: where a node's DHT traffic goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestsSent {
+    /// Lookups, gets and the search phase of puts (own lookups included).
+    pub queries: u64,
+    /// Stores of records at the closest nodes.
+    pub stores: u64,
+    /// Liveness pings of stale contacts.
+    pub liveness: u64,
+    /// Pings verifying new server requesters and bootstrap nodes.
+    pub verify: u64,
+    /// Pings of nodes a refresh named, for free entries.
+    pub fill: u64,
+    /// Bucket refreshes.
+    pub refresh: u64,
+}
+
+impl RequestsSent {
+    /// All of them.
+    pub fn total(&self) -> u64 {
+        self.queries + self.stores + self.liveness + self.verify + self.fill + self.refresh
+    }
+
+    /// Adds `other`'s counts.
+    pub fn add(&mut self, other: &RequestsSent) {
+        self.queries += other.queries;
+        self.stores += other.stores;
+        self.liveness += other.liveness;
+        self.verify += other.verify;
+        self.fill += other.fill;
+        self.refresh += other.refresh;
+    }
+
+    fn count(&mut self, purpose: Purpose) {
+        let slot = match purpose {
+            Purpose::Query(_) => &mut self.queries,
+            Purpose::Put(_) => &mut self.stores,
+            Purpose::Liveness => &mut self.liveness,
+            Purpose::Verify => &mut self.verify,
+            Purpose::Fill => &mut self.fill,
+            Purpose::Refresh => &mut self.refresh,
+        };
+        *slot += 1;
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -434,7 +482,37 @@ impl<A: Address> Dht<A> {
         seed: u64,
         now: Duration,
     ) -> Self {
-        let id = NodeId::of_peer(&keypair.peer_id());
+        let signer = Signer::new(keypair, config.signatures);
+        Self::with_signer(signer, config, server, seed, now)
+    }
+
+    /// A simulated node whose identity is 32 random bytes standing for a
+    /// public key: no key pair to derive (a scalar multiplication each, a
+    /// million of them at a simulator's start). `None` unless `config`
+    /// signs with [`Signatures::SimulatedInsecure`], the only scheme that
+    /// needs no secret.
+    pub fn with_simulated_identity(
+        peer: [u8; 32],
+        config: Arc<DhtConfig>,
+        server: bool,
+        seed: u64,
+        now: Duration,
+    ) -> Option<Self> {
+        if config.signatures != Signatures::SimulatedInsecure {
+            return None;
+        }
+        let signer = Signer::SimulatedInsecure(crate::PeerId::from_bytes_unchecked(peer));
+        Some(Self::with_signer(signer, config, server, seed, now))
+    }
+
+    fn with_signer(
+        signer: Signer,
+        config: Arc<DhtConfig>,
+        server: bool,
+        seed: u64,
+        now: Duration,
+    ) -> Self {
+        let id = NodeId::of_peer(&signer.peer_id());
         let mut rng = SplitMix64(seed ^ u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes")));
         let cookie_key = rng.bytes32();
         let maintenance = config.maintenance.as_millis() as u64;
@@ -451,7 +529,7 @@ impl<A: Address> Dht<A> {
             last_self_lookup_s: now.as_secs(),
             srtt_ms: 0.0,
             rttvar_ms: 0.0,
-            signer: Signer::new(keypair, config.signatures),
+            signer,
             config,
             server,
             id,
@@ -851,6 +929,7 @@ impl<A: Address> Dht<A> {
             ),
             _ => (self.config.rpc_timeout, 1, None),
         };
+        self.counters.requests.count(purpose);
         self.transmit(to, request.encode(pad));
         self.pending.insert(
             txid,
@@ -1255,6 +1334,7 @@ impl<A: Address> Dht<A> {
             if p.attempts <= self.config.retries {
                 p.attempts += 1;
                 p.deadline_ms = now_ms + self.config.rpc_timeout.as_millis() as u64;
+                self.counters.requests.count(p.purpose);
                 self.transmit(p.to, p.request.encode(p.pad));
                 self.pending.insert(txid, p);
             } else {
