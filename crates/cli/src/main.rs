@@ -674,8 +674,10 @@ fn sim(args: SimArgs) -> Result<()> {
         );
     }
     println!(
-        "  routing tables   {:.1} entries and {:.1} replacements per node, mean",
-        m.table_entries_mean, m.table_replacements_mean
+        "  routing tables   {:.1} entries and {:.1} replacements per node, mean; {:.1}% of entries are nodes that left",
+        m.table_entries_mean,
+        m.table_replacements_mean,
+        m.table_dead_share * 100.0
     );
     Ok(())
 }

@@ -220,18 +220,30 @@ pub struct SimMemory {
     pub table_entries_mean: f64,
     /// Contacts in replacement caches per live node, mean.
     pub table_replacements_mean: f64,
+    /// Share of routing-table entries whose node has left (the table does
+    /// not know yet).
+    pub table_dead_share: f64,
 }
 
 impl SimMemory {
     fn of(w: &World) -> Self {
         let mut sum = p2pos_proto::dht::MemoryUse::default();
         let (mut live, mut entries, mut replacements) = (0usize, 0usize, 0usize);
+        let mut dead = 0usize;
         for node in &w.nodes {
             if let Some(dht) = &node.dht {
                 sum.add(&dht.memory_use());
                 live += 1;
                 entries += dht.table().len();
                 replacements += dht.table().replacement_count();
+                dead += dht
+                    .table()
+                    .contacts()
+                    .filter(|c| {
+                        let at = w.by_addr.get(&c.addr).map(|&j| &w.nodes[j as usize]);
+                        !at.is_some_and(|n| n.dht.is_some() && n.id == c.id)
+                    })
+                    .count();
             }
         }
         let mean = |n: usize| n as f64 / live.max(1) as f64;
@@ -256,6 +268,7 @@ impl SimMemory {
             allocator_free: mb(heap.1),
             table_entries_mean: mean(entries),
             table_replacements_mean: mean(replacements),
+            table_dead_share: dead as f64 / entries.max(1) as f64,
         }
     }
 }

@@ -408,6 +408,11 @@ impl<A: Address> RoutingTable<A> {
                 .sum::<usize>()
     }
 
+    /// All contacts (not the replacements), bucket by bucket.
+    pub fn contacts(&self) -> impl Iterator<Item = &Contact<A>> {
+        self.buckets.iter().flat_map(|b| b.entries().iter())
+    }
+
     /// Number of contacts.
     pub fn len(&self) -> usize {
         self.buckets.iter().map(|b| b.entries().len()).sum()
