@@ -8,6 +8,7 @@ use p2pos_proto::dht::{
 };
 use p2pos_proto::rng::SplitMix64;
 use p2pos_proto::Keypair;
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::queue::EventQueue;
@@ -314,7 +315,16 @@ struct Node {
     x: f32,
     y: f32,
     access_ms: f32,
+    /// When the node's timer is due: the one timer event in the queue
+    /// that counts (others for it are stale).
     timer_at: u64,
+    /// The latest timer event in the queue for the node (`u64::MAX`: none), usually
+    /// its next maintenance: when the node is due then again, that event
+    /// counts again, and no second one is queued. A node that sent a
+    /// request and heard back within the timeout went back to its
+    /// maintenance time each time, and every time a new event for it went
+    /// into the heap beside the stale one.
+    timer_queued: u64,
 }
 
 #[derive(Default)]
@@ -372,13 +382,18 @@ struct World {
     now: u64,
     queue: EventQueue<EventKind>,
     nodes: Vec<Node>,
-    by_addr: HashMap<u32, u32>,
-    pending: HashMap<(u32, u32, QueryId), (Pending, u64)>,
+    /// Node slots by address (Fx: addresses are random and the simulator's
+    /// own, so a keyed hash buys nothing; SipHash was a tenth of a run).
+    by_addr: FxHashMap<u32, u32>,
+    pending: FxHashMap<(u32, u32, QueryId), (Pending, u64)>,
     stats: Stats,
     events: u64,
     deliveries: u64,
     timers: u64,
     online_since: Vec<u64>,
+    /// [`World::flush`]'s buffers.
+    out_buf: Vec<(u32, Vec<u8>)>,
+    event_buf: Vec<DhtEvent<u32>>,
 }
 
 /// Simulated time starts here (seconds since the Unix epoch), so records
@@ -482,6 +497,7 @@ impl World {
             y: self.rng.unit() as f32,
             access_ms: 1.0 + 30.0 * u * u,
             timer_at: u64::MAX,
+            timer_queued: u64::MAX,
         };
         self.by_addr.insert(addr, index);
         if (index as usize) < self.nodes.len() {
@@ -577,8 +593,10 @@ impl World {
 
     /// Drains what node `i` wants to send and report, and re-arms its timer.
     fn flush(&mut self, i: u32) {
-        let mut out = Vec::new();
-        let mut events = Vec::new();
+        // The buffers live in the world between calls (a node that
+        // reports an event can reenter: it then gets fresh ones).
+        let mut out = std::mem::take(&mut self.out_buf);
+        let mut events = std::mem::take(&mut self.event_buf);
         let (timer, gen) = {
             let node = &mut self.nodes[i as usize];
             let Some(dht) = node.dht.as_mut() else { return };
@@ -590,7 +608,7 @@ impl World {
             }
             (dht.poll_timeout(), node.gen)
         };
-        for (to_addr, bytes) in out {
+        for (to_addr, bytes) in out.drain(..) {
             if self.cfg.loss > 0.0 && self.rng.unit() < self.cfg.loss {
                 continue;
             }
@@ -602,9 +620,11 @@ impl World {
             self.queue
                 .push(self.now + delay, EventKind::Deliver { to, from, bytes });
         }
-        for e in events {
+        self.out_buf = out;
+        for e in events.drain(..) {
             self.on_event(i, gen, e);
         }
+        self.event_buf = events;
         if let Some(t) = timer {
             let at = (t.as_millis() as u64)
                 .saturating_sub(EPOCH_S * 1000)
@@ -612,7 +632,13 @@ impl World {
             let node = &mut self.nodes[i as usize];
             if at < node.timer_at || node.timer_at < self.now {
                 node.timer_at = at;
-                self.queue.push(at, EventKind::Timer { node: i, gen });
+                if at != node.timer_queued {
+                    node.timer_queued = match node.timer_queued {
+                        u64::MAX => at,
+                        queued => queued.max(at),
+                    };
+                    self.queue.push(at, EventKind::Timer { node: i, gen });
+                }
             }
         }
     }
@@ -811,8 +837,14 @@ impl World {
                 self.flush(to);
             }
             EventKind::Timer { node, gen } => {
-                let n = &self.nodes[node as usize];
-                if n.gen != gen || n.timer_at != at {
+                let n = &mut self.nodes[node as usize];
+                if n.gen != gen {
+                    return;
+                }
+                if n.timer_queued == at {
+                    n.timer_queued = u64::MAX;
+                }
+                if n.timer_at != at {
                     return;
                 }
                 self.nodes[node as usize].timer_at = u64::MAX;
@@ -978,13 +1010,15 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         now: 0,
         queue: EventQueue::new(),
         nodes: Vec::with_capacity(cfg.nodes),
-        by_addr: HashMap::with_capacity(cfg.nodes),
-        pending: HashMap::new(),
+        by_addr: FxHashMap::with_capacity_and_hasher(cfg.nodes, Default::default()),
+        pending: FxHashMap::default(),
         stats: Stats::default(),
         events: 0,
         deliveries: 0,
         timers: 0,
         online_since: Vec::with_capacity(cfg.nodes),
+        out_buf: Vec::new(),
+        event_buf: Vec::new(),
     };
     for i in 0..cfg.nodes {
         let up_ms = w.rng.next_u64() % WARM_START_MS;

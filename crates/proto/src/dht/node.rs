@@ -8,9 +8,11 @@
 //! epoch) and randomness comes from the seed given at creation, so a run is
 //! reproducible.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
+
+use rustc_hash::FxHashMap;
 
 use super::address::Address;
 use super::lookup::{Lookup, LookupKind};
@@ -407,8 +409,11 @@ pub struct Dht<A: Address> {
     records: RecordStore,
     own_records: Vec<SignedRecord>,
     next_republish_ms: u64,
-    pending: HashMap<u64, Pending<A>>,
-    lookups: HashMap<QueryId, Lookup<A>>,
+    /// Requests waiting for answers, by txid. The keys are this node's own
+    /// (random txids, sequential query IDs), so a keyed hash buys nothing
+    /// against floods, and Fx is much cheaper than SipHash.
+    pending: FxHashMap<u64, Pending<A>>,
+    lookups: FxHashMap<QueryId, Lookup<A>>,
     next_query: u64,
     rng: SplitMix64,
     cookie_key: [u8; 32],
@@ -534,8 +539,8 @@ impl<A: Address> Dht<A> {
             server,
             id,
             own_records: Vec::new(),
-            pending: HashMap::new(),
-            lookups: HashMap::new(),
+            pending: FxHashMap::default(),
+            lookups: FxHashMap::default(),
             next_query: 1,
             rng,
             cookie_key,
@@ -1036,10 +1041,10 @@ impl<A: Address> Dht<A> {
     /// their memory for good (a million simulated nodes feel it).
     fn release_idle(&mut self) {
         if self.pending.is_empty() && self.pending.capacity() > 0 {
-            self.pending = HashMap::new();
+            self.pending = FxHashMap::default();
         }
         if self.lookups.is_empty() && self.lookups.capacity() > 0 {
-            self.lookups = HashMap::new();
+            self.lookups = FxHashMap::default();
         }
     }
 

@@ -369,31 +369,31 @@ impl<A: Address> RoutingTable<A> {
     pub fn closest(&self, target: &NodeId, n: usize) -> Vec<Contact<A>> {
         let i = self.me.common_prefix(target);
         let mut out: Vec<Contact<A>> = Vec::with_capacity(n.min(self.k * 3));
-        let take_sorted = |out: &mut Vec<Contact<A>>, group: Vec<Contact<A>>| {
-            // Distances computed once each, not once per comparison.
-            let mut keyed: Vec<(NodeId, Contact<A>)> = group
-                .into_iter()
-                .map(|c| (c.id.distance(target), c))
-                .collect();
-            keyed.sort_unstable_by_key(|a| a.0);
-            let room = n.saturating_sub(out.len());
-            out.extend(keyed.into_iter().take(room).map(|(_, c)| c));
-        };
+        // One buffer for each group's contacts and their distances (each
+        // computed once, not once per comparison).
+        let mut keyed: Vec<(NodeId, Contact<A>)> = Vec::new();
+        let mut take_sorted =
+            |out: &mut Vec<Contact<A>>, group: &mut dyn Iterator<Item = &Contact<A>>| {
+                keyed.clear();
+                keyed.extend(group.map(|c| (c.id.distance(target), *c)));
+                keyed.sort_unstable_by_key(|a| a.0);
+                let room = n.saturating_sub(out.len());
+                out.extend(keyed.iter().take(room).map(|(_, c)| *c));
+            };
         if let Some(b) = self.buckets.get(i) {
-            take_sorted(&mut out, b.entries().to_vec());
+            take_sorted(&mut out, &mut b.entries().iter());
         }
         if out.len() < n && i + 1 < self.buckets.len() {
-            let deeper = self.buckets[i + 1..]
+            let mut deeper = self.buckets[i + 1..]
                 .iter()
-                .flat_map(|b| b.entries().iter().copied())
-                .collect();
-            take_sorted(&mut out, deeper);
+                .flat_map(|b| b.entries().iter());
+            take_sorted(&mut out, &mut deeper);
         }
         for j in (0..i.min(self.buckets.len())).rev() {
             if out.len() >= n {
                 break;
             }
-            take_sorted(&mut out, self.buckets[j].entries().to_vec());
+            take_sorted(&mut out, &mut self.buckets[j].entries().iter());
         }
         out
     }
