@@ -679,6 +679,18 @@ fn sim(args: SimArgs) -> Result<()> {
         m.table_replacements_mean,
         m.table_dead_share * 100.0
     );
+    let bands: Vec<String> = m
+        .tables_by_age
+        .iter()
+        .filter(|b| b.nodes > 0)
+        .map(|b| {
+            format!(
+                "{}+ min: {} nodes, {:.0} ({:.0} gone)",
+                b.min_age_min, b.nodes, b.entries_mean, b.dead_mean
+            )
+        })
+        .collect();
+    println!("  tables by age    {}", bands.join("; "));
     Ok(())
 }
 

@@ -193,7 +193,7 @@ pub struct RequestRates {
 
 /// Memory held at the end of a run, by part (MB; capacities, so what the
 /// allocator has handed out, not its free space or the event queue).
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct SimMemory {
     /// The DHT nodes' fixed parts.
     pub dht_nodes: f64,
@@ -224,20 +224,45 @@ pub struct SimMemory {
     /// Share of routing-table entries whose node has left (the table does
     /// not know yet).
     pub table_dead_share: f64,
+    /// Routing tables by the age of their node: how fast a new node's
+    /// table fills, and how dead entries pile up in old ones.
+    pub tables_by_age: Vec<TablesByAge>,
 }
+
+/// The routing tables of the nodes of one age band at the end of a run.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct TablesByAge {
+    /// Nodes up for at least this many minutes (and less than the next
+    /// band's).
+    pub min_age_min: u64,
+    /// Live nodes in the band.
+    pub nodes: usize,
+    /// Table entries per node, mean.
+    pub entries_mean: f64,
+    /// Of them, nodes that left, per node, mean.
+    pub dead_mean: f64,
+}
+
+/// Lower bounds of the age bands (minutes).
+const AGE_BANDS_MIN: [u64; 6] = [0, 2, 5, 10, 20, 40];
 
 impl SimMemory {
     fn of(w: &World) -> Self {
         let mut sum = p2pos_proto::dht::MemoryUse::default();
         let (mut live, mut entries, mut replacements) = (0usize, 0usize, 0usize);
         let mut dead = 0usize;
-        for node in &w.nodes {
+        let mut bands = AGE_BANDS_MIN.map(|min_age_min| TablesByAge {
+            min_age_min,
+            ..TablesByAge::default()
+        });
+        for (i, node) in w.nodes.iter().enumerate() {
             if let Some(dht) = &node.dht {
                 sum.add(&dht.memory_use());
                 live += 1;
-                entries += dht.table().len();
+                let len = dht.table().len();
+                entries += len;
                 replacements += dht.table().replacement_count();
-                dead += dht
+                let gone = dht
                     .table()
                     .contacts()
                     .filter(|c| {
@@ -245,7 +270,18 @@ impl SimMemory {
                         !at.is_some_and(|n| n.dht.is_some() && n.id == c.id)
                     })
                     .count();
+                dead += gone;
+                let age_min = (w.now - w.online_since[i]) / 60_000;
+                let band = AGE_BANDS_MIN.partition_point(|&b| b <= age_min) - 1;
+                bands[band].nodes += 1;
+                bands[band].entries_mean += len as f64;
+                bands[band].dead_mean += gone as f64;
             }
+        }
+        for b in &mut bands {
+            let n = b.nodes.max(1) as f64;
+            b.entries_mean /= n;
+            b.dead_mean /= n;
         }
         let mean = |n: usize| n as f64 / live.max(1) as f64;
         use std::mem::size_of;
@@ -270,6 +306,7 @@ impl SimMemory {
             table_entries_mean: mean(entries),
             table_replacements_mean: mean(replacements),
             table_dead_share: dead as f64 / entries.max(1) as f64,
+            tables_by_age: bands.to_vec(),
         }
     }
 }
