@@ -235,11 +235,6 @@ pub struct RequestsSent {
 }
 
 impl RequestsSent {
-    /// All of them.
-    pub fn total(&self) -> u64 {
-        self.queries + self.stores + self.liveness + self.verify + self.fill + self.refresh
-    }
-
     /// Adds `other`'s counts.
     pub fn add(&mut self, other: &RequestsSent) {
         self.queries += other.queries;
