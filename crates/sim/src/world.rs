@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use p2pos_proto::dht::{
-    Dht, DhtConfig, DhtEvent, NodeId, QueryId, RequestsSent, Signatures, SignedRecord,
+    map_heap_bytes, Dht, DhtConfig, DhtEvent, NodeId, QueryId, RequestsSent, Signatures,
+    SignedRecord,
 };
 use p2pos_proto::rng::SplitMix64;
 use p2pos_proto::Keypair;
@@ -285,10 +286,9 @@ impl SimMemory {
         }
         let mean = |n: usize| n as f64 / live.max(1) as f64;
         use std::mem::size_of;
-        // Hash maps: a slot and a control byte per entry of capacity.
         let world = w.nodes.capacity() * size_of::<Node>()
-            + w.by_addr.capacity() * (size_of::<(u32, u32)>() + 1)
-            + w.pending.capacity() * (size_of::<((u32, u32, QueryId), (Pending, u64))>() + 1)
+            + map_heap_bytes(&w.by_addr)
+            + map_heap_bytes(&w.pending)
             + w.online_since.capacity() * size_of::<u64>();
         let mb = |b: usize| b as f64 / 1e6;
         let heap = allocator_heap();
@@ -355,12 +355,12 @@ struct Node {
     /// When the node's timer is due: the one timer event in the queue
     /// that counts (others for it are stale).
     timer_at: u64,
-    /// The latest timer event in the queue for the node (`u64::MAX`: none), usually
-    /// its next maintenance: when the node is due then again, that event
-    /// counts again, and no second one is queued. A node that sent a
-    /// request and heard back within the timeout went back to its
-    /// maintenance time each time, and every time a new event for it went
-    /// into the heap beside the stale one.
+    /// The latest timer event in the queue for the node (`u64::MAX`:
+    /// none), usually its next maintenance: when the node is due then
+    /// again, that event counts again, and no second one is queued. A node
+    /// that sent a request and heard back within the timeout went back to
+    /// its maintenance time each time, and every time a new event for it
+    /// went into the heap beside the stale one.
     timer_queued: u64,
 }
 
@@ -513,9 +513,11 @@ impl World {
         let config = self.dht_cfg.clone();
         // The insecure scheme's nodes need no key pair: their identity
         // stands for a public key.
-        let simulated = (!self.cfg.key_pairs)
-            .then(|| Dht::with_simulated_identity(identity, config.clone(), server, seed, started))
-            .flatten();
+        let simulated = if self.cfg.key_pairs {
+            None
+        } else {
+            Dht::with_simulated_identity(identity, config.clone(), server, seed, started)
+        };
         let dht = match simulated {
             Some(dht) => dht,
             None => {
@@ -885,7 +887,7 @@ impl World {
                 if n.timer_at != at {
                     return;
                 }
-                self.nodes[node as usize].timer_at = u64::MAX;
+                n.timer_at = u64::MAX;
                 self.timers += 1;
                 let now = self.now_d();
                 if let Some(dht) = self.nodes[node as usize].dht.as_mut() {

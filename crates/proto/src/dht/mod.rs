@@ -47,7 +47,7 @@ mod wire;
 
 /// Heap bytes of a hash map's table at its capacity (hashbrown keeps 1/8
 /// of the slots free, in power-of-two tables, with a control byte each).
-pub(crate) fn map_heap_bytes<K, V, S>(map: &std::collections::HashMap<K, V, S>) -> usize {
+pub fn map_heap_bytes<K, V, S>(map: &std::collections::HashMap<K, V, S>) -> usize {
     match map.capacity() {
         0 => 0,
         cap => (cap * 8 / 7 + 1).next_power_of_two() * (std::mem::size_of::<(K, V)>() + 1),
