@@ -15,9 +15,14 @@
 //! Simultaneous dials are resolved so that both ends keep the same session
 //! and close the other with [`CLOSE_DUPLICATE`]: in a hole-punching attempt
 //! the initiator's dial wins (its connect call has already handed that
-//! session out), otherwise `p2pos_proto::session::new_session_wins` decides;
-//! a stream whose opening fails on the closed one is retried on the
-//! survivor. Two sessions dialed by the same end within [`TWIN_WINDOW`]
+//! session out), otherwise `p2pos_proto::session::new_session_wins` decides.
+//! The losing session leaves the session table at once, but it is closed
+//! only when the application streams on it have ended: a stream either end
+//! opened on it just before the other end decided runs to its end instead of
+//! being cut. A stream whose opening fails because the peer closed the
+//! session as a duplicate waits (at most two seconds) for the twin the peer
+//! kept and is retried on it, rather than dialing a third session that would
+//! lose as well. Two sessions dialed by the same end within [`TWIN_WINDOW`]
 //! are that end's parallel handshakes (to several addresses of the peer,
 //! or by several routes at once): the first one stays, as the dialer
 //! handed it out, and the later one is closed; a handshake the dialer gave
@@ -47,7 +52,7 @@ use p2pos_proto::stream::{
 use p2pos_proto::{Keypair, PeerId};
 use quinn::{RecvStream, SendStream, VarInt};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::data_dir::{DataDir, IdentityError};
 use crate::lan::{LanDiscovery, LanStatus};
@@ -86,6 +91,12 @@ const MAX_ADDRESS_BOOK: usize = 4096;
 /// this time of each other, are twins of a simultaneous dial (see the module
 /// docs); otherwise the later one replaces the earlier.
 pub const TWIN_WINDOW: Duration = Duration::from_secs(5);
+
+/// How long a stream opener whose session the peer closed as a duplicate
+/// waits for the twin the peer kept to be established here, before it dials
+/// again. The twin is already established at the peer, so it arrives within
+/// a round trip; dialing instead would make a third session that loses too.
+const TWIN_WAIT: Duration = Duration::from_secs(2);
 
 /// The built-in echo service used by [`Node::ping`].
 pub const PING_SERVICE: &str = "p2pos/ping";
@@ -245,6 +256,49 @@ pub struct BiStream {
     pub send: SendStream,
     /// Bytes from the peer.
     pub recv: RecvStream,
+    /// Keeps a session that lost to its twin open until the stream ends.
+    held: Option<StreamHold>,
+}
+
+/// How many application streams a session carries. A session that lost to
+/// its twin is closed when the count reaches zero, so that a stream opened on
+/// it in the instant before the decision is not cut.
+#[derive(Debug)]
+pub(crate) struct StreamUse(watch::Sender<usize>);
+
+impl StreamUse {
+    fn new() -> Arc<Self> {
+        Arc::new(Self(watch::Sender::new(0)))
+    }
+
+    /// Counts one more stream until the hold is dropped.
+    fn hold(self: &Arc<Self>) -> StreamHold {
+        self.0.send_modify(|n| *n += 1);
+        StreamHold(self.clone())
+    }
+
+    /// Closes `conn` once no stream holds it (or at once if none does).
+    fn retire(self: &Arc<Self>, conn: quinn::Connection) {
+        let mut open = self.0.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = open.wait_for(|n| *n == 0) => {
+                    conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate session");
+                }
+                _ = conn.closed() => {}
+            }
+        });
+    }
+}
+
+/// One stream counted in a [`StreamUse`].
+#[derive(Debug)]
+struct StreamHold(Arc<StreamUse>);
+
+impl Drop for StreamHold {
+    fn drop(&mut self) {
+        self.0 .0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 /// A stream a peer opened for a service, not yet accepted or rejected.
@@ -258,6 +312,7 @@ pub struct IncomingStream {
     pub arrived: Instant,
     send: Option<SendStream>,
     recv: Option<RecvStream>,
+    held: Option<StreamHold>,
 }
 
 impl IncomingStream {
@@ -271,6 +326,7 @@ impl IncomingStream {
             peer: self.peer,
             send,
             recv,
+            held: self.held.take(),
         })
     }
 
@@ -358,6 +414,8 @@ pub(crate) struct Session {
     established: Instant,
     /// Made by hole punching (path `punched` unless it runs over the LAN).
     punched: bool,
+    /// The application streams it carries.
+    streams: Arc<StreamUse>,
 }
 
 #[derive(Debug, Default)]
@@ -383,6 +441,8 @@ pub(crate) struct Inner {
     /// even without a peer store.
     address_book: Mutex<HashMap<PeerId, SocketAddr>>,
     dialing: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Woken each time a session is installed.
+    installed: tokio::sync::Notify,
     services: Mutex<HashMap<String, ServiceEntry>>,
     service_generation: AtomicU64,
     /// Bumped whenever a service is registered or removed.
@@ -596,6 +656,7 @@ impl NodeBuilder {
             sessions: Mutex::default(),
             address_book: Mutex::default(),
             dialing: Mutex::default(),
+            installed: tokio::sync::Notify::new(),
             services: Mutex::default(),
             service_generation: AtomicU64::new(0),
             services_changed: tokio::sync::watch::channel(0).0,
@@ -773,6 +834,7 @@ impl Node {
             dialer,
             established: Instant::now(),
             punched,
+            streams: StreamUse::new(),
         };
         {
             let mut sessions = lock(&self.inner.sessions);
@@ -799,17 +861,18 @@ impl Node {
                             });
                     if keep_existing {
                         tracing::debug!(peer = %peer.short(), "closing duplicate session (twin kept)");
+                        // No stream was accepted on it yet: a peer's
+                        // opening fails and is retried on the survivor.
                         conn.close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate session");
                         return existing.clone();
                     }
                     tracing::debug!(peer = %peer.short(), "closing older duplicate session");
-                    existing
-                        .conn
-                        .close(VarInt::from_u32(CLOSE_DUPLICATE), b"duplicate session");
+                    existing.streams.retire(existing.conn.clone());
                 }
             }
             sessions.insert(peer, new.clone());
         }
+        self.inner.installed.notify_waiters();
         self.inner
             .counters
             .sessions_opened
@@ -838,13 +901,13 @@ impl Node {
                 }
             });
         }
-        self.spawn_session_tasks(peer, conn.clone());
+        self.spawn_session_tasks(peer, conn.clone(), new.streams.clone());
         let node = self.clone();
         tokio::spawn(async move { node.subscribe_services(peer, conn).await });
         new
     }
 
-    fn spawn_session_tasks(&self, peer: PeerId, conn: quinn::Connection) {
+    fn spawn_session_tasks(&self, peer: PeerId, conn: quinn::Connection, streams: Arc<StreamUse>) {
         let weak = Arc::downgrade(&self.inner);
         let streams_conn = conn.clone();
         let streams_weak = weak.clone();
@@ -854,7 +917,10 @@ impl Node {
                     break;
                 };
                 let node = Node { inner };
-                tokio::spawn(async move { node.handle_incoming_stream(peer, send, recv).await });
+                let held = streams.hold();
+                tokio::spawn(
+                    async move { node.handle_incoming_stream(peer, send, recv, held).await },
+                );
             }
         });
         let datagram_conn = conn.clone();
@@ -893,6 +959,7 @@ impl Node {
         peer: PeerId,
         mut send: SendStream,
         mut recv: RecvStream,
+        held: StreamHold,
     ) {
         self.inner
             .counters
@@ -915,6 +982,14 @@ impl Node {
                 return;
             }
         };
+        // The node's own protocols follow the surviving session themselves;
+        // only the application's streams (and pings) hold a losing one open.
+        let internal = [
+            SERVICES_SERVICE,
+            crate::traversal::SIGNAL_SERVICE,
+            crate::relay::RELAY_SERVICE,
+        ];
+        let held = (!internal.contains(&open.service.as_str())).then_some(held);
         if open.service == SERVICES_SERVICE {
             self.serve_services(peer, send, recv).await;
             return;
@@ -944,6 +1019,7 @@ impl Node {
             arrived: Instant::now(),
             send: Some(send),
             recv: Some(recv),
+            held,
         };
         let sender = lock(&self.inner.services)
             .get(&open.service)
@@ -1006,6 +1082,19 @@ impl Node {
             .get(peer)
             .filter(|s| s.conn.close_reason().is_none())
             .cloned()
+    }
+
+    /// Waits (at most [`TWIN_WAIT`]) for a live session with `peer`.
+    async fn await_twin(&self, peer: PeerId) {
+        let deadline = tokio::time::Instant::now() + TWIN_WAIT;
+        loop {
+            let installed = self.inner.installed.notified();
+            if self.live_session(&peer).is_some()
+                || tokio::time::timeout_at(deadline, installed).await.is_err()
+            {
+                return;
+            }
+        }
     }
 
     /// Makes sure a session with `peer` exists, dialing `addr` (or the
@@ -1269,8 +1358,10 @@ impl Node {
         let mut last = None;
         for _ in 0..3 {
             let session = self.session(peer, addr).await?;
+            let held = session.streams.hold();
             match self.open_on(&session.conn, peer, service).await {
-                Ok(stream) => {
+                Ok(mut stream) => {
+                    stream.held = Some(held);
                     self.inner
                         .counters
                         .streams_out
@@ -1278,7 +1369,12 @@ impl Node {
                     return Ok(stream);
                 }
                 // The session lost to a twin (or died) under us: retry.
-                Err(e @ OpenStreamError::Session { .. }) => last = Some(e),
+                Err(e @ OpenStreamError::Session { .. }) => {
+                    if closed_as_duplicate(&session.conn) {
+                        self.await_twin(peer).await;
+                    }
+                    last = Some(e);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -1312,7 +1408,14 @@ impl Node {
             })?
             .map_err(lost)?;
         let status = match reply.status {
-            StreamStatus::Accepted => return Ok(BiStream { peer, send, recv }),
+            StreamStatus::Accepted => {
+                return Ok(BiStream {
+                    peer,
+                    send,
+                    recv,
+                    held: None,
+                })
+            }
             StreamStatus::NoSuchService => RefusalKind::NoSuchService,
             StreamStatus::Busy => RefusalKind::Busy,
             StreamStatus::Failed => RefusalKind::Failed,
@@ -1857,4 +1960,84 @@ async fn read_reply(recv: &mut RecvStream) -> Result<StreamReply, String> {
     StreamReply::decode(&buf)
         .map(|(r, _)| r)
         .map_err(|e| e.to_string())
+}
+
+/// Whether the peer closed `conn` because it keeps a twin of it.
+fn closed_as_duplicate(conn: &quinn::Connection) -> bool {
+    matches!(conn.close_reason(), Some(quinn::ConnectionError::ApplicationClosed(c))
+        if c.error_code == VarInt::from_u32(CLOSE_DUPLICATE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn node() -> Node {
+        Node::builder()
+            .listen("127.0.0.1:0".parse().unwrap())
+            .spawn()
+            .await
+            .unwrap()
+    }
+
+    async fn echo(stream: &mut BiStream, n: u64) {
+        stream.send.write_all(&n.to_be_bytes()).await.unwrap();
+        let mut back = [0u8; 8];
+        stream.recv.read_exact(&mut back).await.unwrap();
+        assert_eq!(u64::from_be_bytes(back), n);
+    }
+
+    #[tokio::test]
+    async fn a_stream_on_a_losing_twin_runs_to_its_end() {
+        let (x, y) = (node().await, node().await);
+        // The second dial is made by the smaller ID, so it wins the pair.
+        let (first, second) = if x.peer_id() < y.peer_id() {
+            (y, x)
+        } else {
+            (x, y)
+        };
+        let mut stream = first
+            .open_stream(second.peer_id(), PING_SERVICE, Some(second.local_addr()))
+            .await
+            .unwrap();
+        echo(&mut stream, 1).await;
+        let losing = first.live_session(&second.peer_id()).unwrap().conn;
+        let winner = second
+            .dial(first.peer_id(), Some(first.local_addr()))
+            .await
+            .unwrap();
+        // Both ends now hand out the new session...
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while first
+                .live_session(&second.peer_id())
+                .is_none_or(|s| s.conn.stable_id() == losing.stable_id())
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            second
+                .live_session(&first.peer_id())
+                .unwrap()
+                .conn
+                .stable_id(),
+            winner.conn.stable_id()
+        );
+        // ...while the stream on the losing one still works.
+        echo(&mut stream, 2).await;
+        assert!(losing.close_reason().is_none());
+        drop(stream);
+        let reason = tokio::time::timeout(Duration::from_secs(5), losing.closed())
+            .await
+            .unwrap();
+        assert!(
+            matches!(&reason, quinn::ConnectionError::LocallyClosed)
+                || closed_as_duplicate(&losing),
+            "{reason}"
+        );
+        first.shutdown().await;
+        second.shutdown().await;
+    }
 }
