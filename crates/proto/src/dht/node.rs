@@ -107,6 +107,10 @@ pub struct DhtConfig {
 /// contact a lookup meets (and asks to prove its ID).
 const REPLACEMENT_FRESH: Duration = Duration::from_secs(15 * 60);
 
+/// Contacts a server's bucket refresh asks in turn when one does not
+/// answer (a client's asks one).
+const REFRESH_TRIES: u8 = 3;
+
 /// Observations and request sources kept with `track_peers`.
 pub const TRACKED_PEERS: usize = 16;
 
@@ -252,7 +256,7 @@ impl RequestsSent {
             Purpose::Liveness => &mut self.liveness,
             Purpose::Verify => &mut self.verify,
             Purpose::Fill => &mut self.fill,
-            Purpose::Refresh => &mut self.refresh,
+            Purpose::Refresh(_) => &mut self.refresh,
         };
         *slot += 1;
     }
@@ -271,8 +275,9 @@ enum Purpose {
     /// (bounded by the bucket's room, not by [`MAX_VERIFICATIONS`]).
     Fill,
     /// A bucket refresh: one contact is asked for the nodes of a random ID
-    /// in the bucket; the ones the bucket has room for are verified.
-    Refresh,
+    /// in the bucket; the ones the bucket has room for are verified. With
+    /// how many contacts failed to answer it before.
+    Refresh(u8),
 }
 
 /// What signs this node's ID proofs: its key pair, or with the simulator's
@@ -354,6 +359,8 @@ struct Pending<A> {
     pad: usize,
     deadline_ms: u64,
     attempts: u8,
+    /// Sent again after a timeout (its answer gives no RTT sample).
+    retransmitted: bool,
     purpose: Purpose,
 }
 
@@ -838,16 +845,22 @@ impl<A: Address> Dht<A> {
     /// in the bucket, so one answer names plenty of them, and a bucket
     /// under churn usually misses only one or two entries. A full lookup
     /// asked some 28 nodes for what one answer gives.
-    fn refresh(&mut self, now: Duration, target: NodeId) {
+    ///
+    /// A contact that does not answer is dropped (or marked failed), and the
+    /// next closest is asked, [`REFRESH_TRIES`] in all: under churn a fifth
+    /// of the entries may be nodes that left, and a refresh that gave up
+    /// would leave its bucket short for another refresh period.
+    fn refresh(&mut self, now: Duration, target: NodeId, failed: u8) {
         self.table.touch_bucket(&target, now.as_secs());
-        if let Some(c) = self.table.closest(&target, 1).first() {
+        let closest = self.table.closest(&target, usize::from(REFRESH_TRIES));
+        if let Some(c) = closest.iter().find(|c| c.failures() == 0) {
             self.send_request(
                 now,
                 c.addr,
                 Some(c.id),
                 RequestBody::FindNode(target),
                 false,
-                Purpose::Refresh,
+                Purpose::Refresh(failed),
             );
         }
     }
@@ -876,7 +889,7 @@ impl<A: Address> Dht<A> {
     ) {
         if self.pending.len() >= self.config.max_pending {
             self.counters.overloaded += 1;
-            self.fail(now, purpose, to_id);
+            self.fail(now, purpose, to_id, false);
             return;
         }
         if matches!(purpose, Purpose::Verify) {
@@ -942,6 +955,7 @@ impl<A: Address> Dht<A> {
                 pad,
                 deadline_ms: ms(now) + timeout.as_millis() as u64,
                 attempts,
+                retransmitted: false,
                 purpose,
             },
         );
@@ -975,10 +989,19 @@ impl<A: Address> Dht<A> {
         self.transmits.push_back((to, bytes));
     }
 
-    /// A request failed for good.
-    fn fail(&mut self, now: Duration, purpose: Purpose, to_id: Option<NodeId>) {
+    /// A request failed for good: its contact is dropped if the request was
+    /// sent twice, else charged one failure; its purpose learns of it.
+    fn fail(&mut self, now: Duration, purpose: Purpose, to_id: Option<NodeId>, resent: bool) {
         if let Some(id) = to_id {
-            self.table.record_failure(&id);
+            // Sent twice without an answer (two datagrams lost, or the node
+            // gone): under churn, waiting for a second such request kept
+            // nodes that left in tables for many more minutes. One lost
+            // query (lookups do not resend) only counts.
+            if resent {
+                self.table.remove(&id);
+            } else {
+                self.table.record_failure(&id);
+            }
         }
         match purpose {
             Purpose::Query(q) => {
@@ -993,15 +1016,8 @@ impl<A: Address> Dht<A> {
                 }
                 self.advance(now, q);
             }
-            Purpose::Liveness => {
-                // A contact that stays silent through a liveness check (and
-                // its retry) is dropped; a newcomer takes its place.
-                if let Some(id) = to_id {
-                    self.table.record_failure(&id);
-                }
-            }
             Purpose::Verify => self.verifying = self.verifying.saturating_sub(1),
-            Purpose::Refresh | Purpose::Fill => {}
+            Purpose::Liveness | Purpose::Refresh(_) | Purpose::Fill => {}
         }
     }
 
@@ -1161,7 +1177,7 @@ impl<A: Address> Dht<A> {
             return;
         }
         let pending = self.pending.remove(&resp.txid).expect("present");
-        if pending.attempts == 1 || matches!(pending.purpose, Purpose::Query(_)) {
+        if !pending.retransmitted {
             // Only unambiguous samples (no retransmission), as Karn's rule.
             self.sample_rtt(ms(now).saturating_sub(pending.sent_ms));
         }
@@ -1176,7 +1192,7 @@ impl<A: Address> Dht<A> {
             });
             if !ok {
                 self.counters.bad_proofs += 1;
-                self.fail(now, pending.purpose, pending.to_id);
+                self.fail(now, pending.purpose, pending.to_id, false);
                 return;
             }
             if let (Some(t), Some((key, _))) = (&mut self.tracked, &resp.proof) {
@@ -1252,7 +1268,7 @@ impl<A: Address> Dht<A> {
                 self.advance(now, q);
             }
             Purpose::Liveness | Purpose::Fill => {}
-            Purpose::Refresh => {
+            Purpose::Refresh(_) => {
                 if let (ResponseBody::Nodes(nodes), RequestBody::FindNode(target)) =
                     (resp.body, &pending.request.body)
                 {
@@ -1333,13 +1349,23 @@ impl<A: Address> Dht<A> {
             };
             if p.attempts <= self.config.retries {
                 p.attempts += 1;
+                p.retransmitted = true;
                 p.deadline_ms = now_ms + self.config.rpc_timeout.as_millis() as u64;
                 self.counters.requests.count(p.purpose);
                 self.transmit(p.to, p.request.encode(p.pad));
                 self.pending.insert(txid, p);
             } else {
                 self.counters.timeouts += 1;
-                self.fail(now, p.purpose, p.to_id);
+                self.fail(now, p.purpose, p.to_id, p.retransmitted);
+                if let (Purpose::Refresh(failed), RequestBody::FindNode(target)) =
+                    (p.purpose, &p.request.body)
+                {
+                    // Clients (whose tables serve only their own lookups)
+                    // keep to their smaller byte budget: one try.
+                    if self.server && failed + 1 < REFRESH_TRIES {
+                        self.refresh(now, *target, failed + 1);
+                    }
+                }
             }
         }
         if now_ms >= self.next_maintenance_ms {
@@ -1369,7 +1395,7 @@ impl<A: Address> Dht<A> {
             .take_stale_buckets(secs.saturating_sub(refresh), secs)
         {
             let target = self.id.random_with_prefix(index, self.rng.bytes32());
-            self.refresh(now, target);
+            self.refresh(now, target, 0);
         }
         // One lookup of our own ID refreshes the deep buckets (and tells our
         // closest neighbours we are here).
@@ -1439,6 +1465,7 @@ impl<A: Address> Dht<A> {
 #[cfg(test)]
 mod tests {
     use super::{CookieJar, Dht, DhtConfig};
+    use crate::dht::{DhtMessage, NodeId, Request, RequestBody};
     use crate::Keypair;
     use proptest::prelude::*;
     use std::collections::HashMap;
@@ -1455,6 +1482,103 @@ mod tests {
         // node's own schedule puts it, not a period after waking.
         dht.handle_timeout(first + period * 10 + Duration::from_millis(1234));
         assert_eq!(dht.poll_timeout(), Some(first + period * 11));
+    }
+
+    /// The FindNode requests a node sent since the last call: (to, target).
+    fn find_nodes_sent(dht: &mut Dht<u32>) -> Vec<(u32, NodeId)> {
+        std::iter::from_fn(|| dht.poll_transmit())
+            .filter_map(|(to, bytes)| match DhtMessage::<u32>::decode(&bytes) {
+                Ok(DhtMessage::Request(Request {
+                    body: RequestBody::FindNode(target),
+                    ..
+                })) => Some((to, target)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_refresh_whose_contact_is_silent_drops_it_and_asks_the_next() {
+        let (silent, next) = silent_refresh(true);
+        assert_eq!(next.len(), 1, "the same refresh, asked again");
+        assert_ne!(next[0], silent, "of the next contact");
+    }
+
+    #[test]
+    fn a_clients_refresh_asks_one_contact() {
+        let (_, next) = silent_refresh(false);
+        assert_eq!(next, Vec::<u32>::new());
+    }
+
+    #[test]
+    fn one_lost_query_does_not_drop_a_contact_two_do() {
+        let start = Duration::from_secs(1_800_000_000);
+        let config = DhtConfig::default();
+        let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([4; 32]), config.clone(), 9, start);
+        let id = dht.id().random_with_prefix(0, [5; 32]);
+        dht.seed_contact(id, 1 << 8, start);
+        let mut now = start;
+        for lookups in 1..=2 {
+            dht.lookup(now, id.random_with_prefix(40, [lookups; 32]));
+            let sent = find_nodes_sent(&mut dht);
+            assert_eq!(sent.len(), 1, "the only contact is asked");
+            // Queries are not resent: past the timeout the query failed.
+            now += config.query_timeout + Duration::from_millis(1);
+            dht.handle_timeout(now);
+            assert!(find_nodes_sent(&mut dht).is_empty(), "no resend");
+            let kept = dht.table().get(&id).is_some();
+            assert_eq!(kept, lookups == 1, "after {lookups} lost queries");
+        }
+    }
+
+    /// A node whose refresh of bucket 0 gets no answer: the contact asked,
+    /// and where the same refresh went after it was given up.
+    fn silent_refresh(server: bool) -> (u32, Vec<u32>) {
+        let start = Duration::from_secs(1_800_000_000);
+        let config = DhtConfig {
+            k: 4,
+            server,
+            // No self-lookup: only the refreshes send FindNode.
+            self_lookup: Duration::from_secs(u64::from(u32::MAX)),
+            ..DhtConfig::default()
+        };
+        let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([3; 32]), config.clone(), 7, start);
+        let me = dht.id();
+        // Two contacts in bucket 0, one deep enough that bucket 0 should be
+        // full (log2(k) + 2 buckets above the deepest one in use).
+        for (n, prefix) in [(1u32, 0usize), (2, 0), (3, 6)] {
+            let id = me.random_with_prefix(prefix, [n as u8; 32]);
+            dht.seed_contact(id, n << 8, start);
+        }
+        let first = dht.poll_timeout().expect("a maintenance timer");
+        dht.handle_timeout(first);
+        let sent = find_nodes_sent(&mut dht);
+        let &(silent, target) = sent
+            .iter()
+            .find(|(_, t)| me.common_prefix(t) == 0)
+            .expect("bucket 0 refreshed");
+        let silent_id = dht
+            .table()
+            .contacts()
+            .find(|c| c.addr == silent)
+            .expect("asked a contact")
+            .id;
+        // No answer (nor to the other buckets' refreshes): sent again after
+        // the RPC timeout, then given up.
+        let of_bucket_0 = |sent: Vec<(u32, NodeId)>| -> Vec<u32> {
+            sent.into_iter()
+                .filter(|(_, t)| *t == target)
+                .map(|(to, _)| to)
+                .collect()
+        };
+        dht.handle_timeout(first + config.rpc_timeout);
+        assert_eq!(of_bucket_0(find_nodes_sent(&mut dht)), vec![silent]);
+        dht.handle_timeout(first + config.rpc_timeout * 2);
+        assert!(
+            dht.table().get(&silent_id).is_none(),
+            "a silent contact is dropped"
+        );
+        (silent, of_bucket_0(find_nodes_sent(&mut dht)))
     }
 
     proptest! {

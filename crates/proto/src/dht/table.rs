@@ -321,8 +321,9 @@ impl<A: Address> RoutingTable<A> {
         true
     }
 
-    /// Drops `id` (it stopped serving); the freshest replacement takes its
-    /// place. Returns whether it was there.
+    /// Drops `id` (it stopped serving, or left a request sent twice
+    /// unanswered); the freshest replacement takes its place. Returns
+    /// whether it was there.
     pub fn remove(&mut self, id: &NodeId) -> bool {
         let Some(bucket) = self
             .bucket_index(id)
@@ -615,7 +616,9 @@ mod tests {
             table.insert(contact(*id, (i as u32) << 8, i as u64));
         }
         assert_eq!(table.len(), 2);
-        assert!(!table.record_failure(&NodeId(ids[0])));
+        for _ in 1..MAX_FAILURES {
+            assert!(!table.record_failure(&NodeId(ids[0])));
+        }
         assert!(table.record_failure(&NodeId(ids[0])));
         assert!(table.get(&NodeId(ids[2])).is_some());
         assert!(table.get(&NodeId(ids[0])).is_none());
