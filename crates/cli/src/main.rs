@@ -595,9 +595,17 @@ fn sim(args: SimArgs) -> Result<()> {
         r.lookups,
         r.lookup_success_rate * 100.0
     );
+    let share = r
+        .hops_share
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| **s >= 0.0005)
+        .map(|(h, s)| format!("{h}: {:.1}%", s * 100.0))
+        .collect::<Vec<_>>()
+        .join("  ");
     println!(
-        "  hops             p50 {}  p90 {}  p99 {}",
-        r.hops_p50, r.hops_p90, r.hops_p99
+        "  hops             p50 {}  p90 {}  p99 {}  mean {:.2}   [{share}]",
+        r.hops_p50, r.hops_p90, r.hops_p99, r.hops_mean
     );
     println!(
         "  latency          p50 {} ms ({:.1}x RTT)  p90 {} ms  p99 {} ms ({:.1}x RTT)   [median RTT {} ms]",

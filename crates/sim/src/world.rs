@@ -94,6 +94,12 @@ pub struct SimReport {
     pub hops_p90: u32,
     /// 99th percentile.
     pub hops_p99: u32,
+    /// Mean hops (the percentiles move in whole hops; this shows the
+    /// steps between).
+    pub hops_mean: f64,
+    /// Share of successful lookups that took 0, 1, 2, ... hops (the last
+    /// entry: that many or more).
+    pub hops_share: Vec<f64>,
     /// Lookup latency (ms).
     pub latency_ms_p50: u64,
     /// 90th percentile.
@@ -445,6 +451,26 @@ const EPOCH_S: u64 = 1_800_000_000;
 /// minute, 30 minutes in (at 10^6 nodes that minute alone took longer than
 /// the 30 before it).
 const WARM_START_MS: u64 = 30 * 60 * 1000;
+
+/// Entries of [`SimReport::hops_share`].
+const HOPS_SHARE_LEN: usize = 8;
+
+fn mean(v: &[u32]) -> f64 {
+    v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len().max(1) as f64
+}
+
+/// Share of the values equal to 0, 1, ..., `len - 2`, and of `len - 1` or
+/// more.
+fn shares(v: &[u32], len: usize) -> Vec<f64> {
+    let mut counts = vec![0usize; len];
+    for &x in v {
+        counts[(x as usize).min(len - 1)] += 1;
+    }
+    counts
+        .into_iter()
+        .map(|c| c as f64 / v.len().max(1) as f64)
+        .collect()
+}
 
 fn percentile<T: Copy + Ord + Default>(v: &mut [T], p: f64) -> T {
     if v.is_empty() {
@@ -1122,6 +1148,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         } else {
             0.0
         },
+        hops_mean: mean(&s.hops),
+        hops_share: shares(&s.hops, HOPS_SHARE_LEN),
         hops_p50: percentile(&mut s.hops, 0.5),
         hops_p90: percentile(&mut s.hops, 0.9),
         hops_p99: percentile(&mut s.hops, 0.99),
