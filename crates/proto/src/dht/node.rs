@@ -999,8 +999,15 @@ impl<A: Address> Dht<A> {
             // query (lookups do not resend) only counts.
             if resent {
                 self.table.remove(&id);
-            } else {
-                self.table.record_failure(&id);
+            } else if !self.table.record_failure(&id) && matches!(purpose, Purpose::Query(_)) {
+                // A lookup query is not resent: a ping (which is) settles
+                // whether the node is still there, and one that left goes
+                // within seconds instead of at the next lookup that picks it.
+                if let Some(c) = self.table.get(&id).copied() {
+                    if self.pending.len() < self.config.max_pending {
+                        self.ping(now, &c);
+                    }
+                }
             }
         }
         match purpose {
@@ -1465,7 +1472,7 @@ impl<A: Address> Dht<A> {
 #[cfg(test)]
 mod tests {
     use super::{CookieJar, Dht, DhtConfig};
-    use crate::dht::{DhtMessage, NodeId, Request, RequestBody};
+    use crate::dht::{DhtMessage, NodeId, Request, RequestBody, Response, ResponseBody};
     use crate::Keypair;
     use proptest::prelude::*;
     use std::collections::HashMap;
@@ -1528,6 +1535,60 @@ mod tests {
             assert!(find_nodes_sent(&mut dht).is_empty(), "no resend");
             let kept = dht.table().get(&id).is_some();
             assert_eq!(kept, lookups == 1, "after {lookups} lost queries");
+        }
+    }
+
+    /// The pings a node sent since the last call: (to, txid).
+    fn pings_sent(dht: &mut Dht<u32>) -> Vec<(u32, u64)> {
+        std::iter::from_fn(|| dht.poll_transmit())
+            .filter_map(|(to, bytes)| match DhtMessage::<u32>::decode(&bytes) {
+                Ok(DhtMessage::Request(Request {
+                    txid,
+                    body: RequestBody::Ping,
+                    ..
+                })) => Some((to, txid)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_lost_query_is_followed_by_a_ping_that_settles_it() {
+        let start = Duration::from_secs(1_800_000_000);
+        let config = DhtConfig::default();
+        for answers in [false, true] {
+            let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([4; 32]), config.clone(), 9, start);
+            let (id, addr) = (dht.id().random_with_prefix(0, [5; 32]), 1 << 8);
+            dht.seed_contact(id, addr, start);
+            dht.lookup(start, id.random_with_prefix(40, [1; 32]));
+            assert_eq!(find_nodes_sent(&mut dht).len(), 1);
+            let mut now = start + config.query_timeout + Duration::from_millis(1);
+            dht.handle_timeout(now);
+            let pings = pings_sent(&mut dht);
+            assert_eq!(pings.len(), 1, "the silent contact is pinged");
+            assert_eq!(pings[0].0, addr);
+            if answers {
+                let pong = Response {
+                    txid: pings[0].1,
+                    responder: id,
+                    observed: 9,
+                    cookie: 1,
+                    proof: None,
+                    body: ResponseBody::Pong,
+                };
+                dht.handle_datagram(now, addr, &pong.encode()).unwrap();
+            } else {
+                // The ping is resent once, then given up.
+                for _ in 0..2 {
+                    now += config.rpc_timeout + Duration::from_millis(1);
+                    dht.handle_timeout(now);
+                }
+            }
+            assert_eq!(
+                dht.table().get(&id).is_some(),
+                answers,
+                "answers: {answers}"
+            );
         }
     }
 
