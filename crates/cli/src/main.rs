@@ -204,6 +204,10 @@ struct SimArgs {
     /// Parallel requests per lookup.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().alpha)]
     alpha: usize,
+    /// Closest candidates a measured lookup, get or put always has asked,
+    /// beyond the α in flight (0: only α; maintenance lookups use 0).
+    #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().eager)]
+    eager: usize,
     /// The seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -560,6 +564,7 @@ fn sim(args: SimArgs) -> Result<()> {
     let dht = p2pos_proto::dht::DhtConfig {
         k: args.k.max(1),
         alpha: args.alpha.max(1),
+        eager: args.eager,
         signatures: if args.real_signatures {
             p2pos_proto::dht::Signatures::Ed25519
         } else {

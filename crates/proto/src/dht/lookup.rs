@@ -57,6 +57,7 @@ pub(crate) struct Lookup<A> {
     candidates: Vec<Candidate<A>>,
     k: usize,
     alpha: usize,
+    eager: usize,
 }
 
 impl<A: Address> Lookup<A> {
@@ -66,7 +67,14 @@ impl<A: Address> Lookup<A> {
             + self.found.as_ref().map_or(0, |(r, _)| r.heap_bytes())
     }
 
-    pub fn new(target: NodeId, kind: LookupKind, k: usize, alpha: usize, started_ms: u64) -> Self {
+    /// A lookup keeping `alpha` requests in flight, and its `eager` closest
+    /// live candidates asked whatever is in flight.
+    pub fn new(
+        target: NodeId,
+        kind: LookupKind,
+        (k, alpha, eager): (usize, usize, usize),
+        started_ms: u64,
+    ) -> Self {
         Lookup {
             target,
             kind,
@@ -80,6 +88,7 @@ impl<A: Address> Lookup<A> {
             candidates: Vec::new(),
             k,
             alpha,
+            eager,
         }
     }
 
@@ -109,7 +118,10 @@ impl<A: Address> Lookup<A> {
     }
 
     /// Candidates to ask now: the closest not yet asked among the k closest
-    /// still alive, keeping at most α requests in flight.
+    /// still alive, keeping at most α requests in flight; and the `eager`
+    /// closest whatever is in flight. When an answer names nodes closer than
+    /// any asked, they are asked at once instead of waiting for a slot held
+    /// by a request to a farther node: the lookup follows the fastest path.
     pub fn next_queries(&mut self) -> Vec<(NodeId, A, u8)> {
         let in_flight = self
             .candidates
@@ -126,7 +138,8 @@ impl<A: Address> Lookup<A> {
             if alive > self.k {
                 break;
             }
-            if c.state == State::New && in_flight + out.len() < self.alpha {
+            if c.state == State::New && (alive <= self.eager || in_flight + out.len() < self.alpha)
+            {
                 c.state = State::InFlight;
                 out.push((c.id, c.addr, c.hop));
             }
@@ -226,5 +239,35 @@ impl<A: Address> Lookup<A> {
             .find(|c| c.state == State::Answered)
             .map(|c| c.hop)
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(first: u8) -> NodeId {
+        let mut b = [0u8; 32];
+        b[0] = first;
+        NodeId(b)
+    }
+
+    /// With α = 2, the two closest are asked; the closer one answers and
+    /// names two nodes closer still while the other request is in flight.
+    fn asked_after_a_closer_answer(eager: usize) -> Vec<NodeId> {
+        let (target, me) = (id(0), id(0xff));
+        let mut lookup: Lookup<u32> = Lookup::new(target, LookupKind::FindNode, (20, 2, eager), 0);
+        lookup.add([(id(0x80), 1), (id(0x70), 2), (id(0x60), 3)], 1, &me);
+        let first: Vec<NodeId> = lookup.next_queries().iter().map(|q| q.0).collect();
+        assert_eq!(first, [id(0x60), id(0x70)]);
+        lookup.on_answer(&id(0x60));
+        lookup.add([(id(0x10), 4), (id(0x20), 5)], 2, &me);
+        lookup.next_queries().iter().map(|q| q.0).collect()
+    }
+
+    #[test]
+    fn closer_nodes_wait_for_a_slot_unless_eager() {
+        assert_eq!(asked_after_a_closer_answer(0), [id(0x10)]);
+        assert_eq!(asked_after_a_closer_answer(2), [id(0x10), id(0x20)]);
     }
 }

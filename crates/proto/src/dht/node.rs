@@ -53,6 +53,10 @@ pub struct DhtConfig {
     pub k: usize,
     /// Requests in flight per lookup.
     pub alpha: usize,
+    /// A lookup, get or put started through the API always has its this
+    /// many closest live candidates asked, beyond the α in flight (see
+    /// `Lookup::next_queries`); the node's own maintenance lookups do not.
+    pub eager: usize,
     /// Entries of one bucket from one /24 (IPv6 /48) at most.
     pub max_per_prefix: usize,
     /// How long to wait for a response to a ping or a store.
@@ -119,6 +123,7 @@ impl Default for DhtConfig {
         DhtConfig {
             k: 20,
             alpha: 8,
+            eager: 8,
             max_per_prefix: 2,
             rpc_timeout: Duration::from_millis(1000),
             query_timeout: Duration::from_millis(500),
@@ -692,12 +697,12 @@ impl<A: Address> Dht<A> {
 
     /// Starts a lookup of the k nodes closest to `target`.
     pub fn lookup(&mut self, now: Duration, target: NodeId) -> QueryId {
-        self.start(now, target, LookupKind::FindNode)
+        self.start(now, target, LookupKind::FindNode, true)
     }
 
     /// Starts fetching the record under `key`.
     pub fn get(&mut self, now: Duration, key: NodeId) -> QueryId {
-        self.start(now, key, LookupKind::GetRecord)
+        self.start(now, key, LookupKind::GetRecord, true)
     }
 
     /// Stores `record` at the k nodes closest to its key. If this node owns
@@ -708,13 +713,17 @@ impl<A: Address> Dht<A> {
             self.own_records.push(record.clone());
         }
         let key = record.key();
-        self.start(now, key, LookupKind::Put(record))
+        self.start(now, key, LookupKind::Put(record), true)
     }
 
-    fn start(&mut self, now: Duration, target: NodeId, kind: LookupKind) -> QueryId {
+    /// Starts a lookup; `asked` says whether for the API (eager) or for
+    /// maintenance.
+    fn start(&mut self, now: Duration, target: NodeId, kind: LookupKind, asked: bool) -> QueryId {
         let query = QueryId(self.next_query);
         self.next_query += 1;
-        let mut lookup = Lookup::new(target, kind, self.config.k, self.config.alpha, ms(now));
+        let eager = if asked { self.config.eager } else { 0 };
+        let shape = (self.config.k, self.config.alpha, eager);
+        let mut lookup = Lookup::new(target, kind, shape, ms(now));
         let seeds: Vec<(NodeId, A)> = self
             .table
             .closest(&target, self.config.k)
@@ -1305,7 +1314,7 @@ impl<A: Address> Dht<A> {
                 if was_empty && !self.table.is_empty() {
                     // First contact: join by looking up our own ID.
                     let me = self.id;
-                    self.lookup(now, me);
+                    self.start(now, me, LookupKind::FindNode, false);
                 }
             }
         }
@@ -1409,7 +1418,7 @@ impl<A: Address> Dht<A> {
         if secs >= self.last_self_lookup_s + self.config.self_lookup.as_secs() {
             self.last_self_lookup_s = secs;
             let me = self.id;
-            self.lookup(now, me);
+            self.start(now, me, LookupKind::FindNode, false);
         }
         let stale_before = secs.saturating_sub(self.config.contact_stale.as_secs());
         for c in self
@@ -1423,7 +1432,7 @@ impl<A: Address> Dht<A> {
             self.own_records.retain(|r| r.expires > secs);
             for record in self.own_records.clone() {
                 let key = record.key();
-                self.start(now, key, LookupKind::Put(record));
+                self.start(now, key, LookupKind::Put(record), false);
             }
         }
     }
