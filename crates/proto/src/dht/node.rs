@@ -716,12 +716,11 @@ impl<A: Address> Dht<A> {
         self.start(now, key, LookupKind::Put(record), true)
     }
 
-    /// Starts a lookup; `asked` says whether for the API (eager) or for
-    /// maintenance.
-    fn start(&mut self, now: Duration, target: NodeId, kind: LookupKind, asked: bool) -> QueryId {
+    /// Starts a lookup, for the API (eager) or for the node's maintenance.
+    fn start(&mut self, now: Duration, target: NodeId, kind: LookupKind, for_api: bool) -> QueryId {
         let query = QueryId(self.next_query);
         self.next_query += 1;
-        let eager = if asked { self.config.eager } else { 0 };
+        let eager = if for_api { self.config.eager } else { 0 };
         let shape = (self.config.k, self.config.alpha, eager);
         let mut lookup = Lookup::new(target, kind, shape, ms(now));
         let seeds: Vec<(NodeId, A)> = self
@@ -1500,14 +1499,22 @@ mod tests {
         assert_eq!(dht.poll_timeout(), Some(first + period * 11));
     }
 
-    /// The FindNode requests a node sent since the last call: (to, target).
-    fn find_nodes_sent(dht: &mut Dht<u32>) -> Vec<(u32, NodeId)> {
+    /// The requests a node sent since the last call: (to, request).
+    fn requests_sent(dht: &mut Dht<u32>) -> Vec<(u32, Request)> {
         std::iter::from_fn(|| dht.poll_transmit())
             .filter_map(|(to, bytes)| match DhtMessage::<u32>::decode(&bytes) {
-                Ok(DhtMessage::Request(Request {
-                    body: RequestBody::FindNode(target),
-                    ..
-                })) => Some((to, target)),
+                Ok(DhtMessage::Request(r)) => Some((to, r)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The FindNode requests a node sent since the last call: (to, target).
+    fn find_nodes_sent(dht: &mut Dht<u32>) -> Vec<(u32, NodeId)> {
+        requests_sent(dht)
+            .into_iter()
+            .filter_map(|(to, r)| match r.body {
+                RequestBody::FindNode(target) => Some((to, target)),
                 _ => None,
             })
             .collect()
@@ -1549,15 +1556,10 @@ mod tests {
 
     /// The pings a node sent since the last call: (to, txid).
     fn pings_sent(dht: &mut Dht<u32>) -> Vec<(u32, u64)> {
-        std::iter::from_fn(|| dht.poll_transmit())
-            .filter_map(|(to, bytes)| match DhtMessage::<u32>::decode(&bytes) {
-                Ok(DhtMessage::Request(Request {
-                    txid,
-                    body: RequestBody::Ping,
-                    ..
-                })) => Some((to, txid)),
-                _ => None,
-            })
+        requests_sent(dht)
+            .into_iter()
+            .filter(|(_, r)| r.body == RequestBody::Ping)
+            .map(|(to, r)| (to, r.txid))
             .collect()
     }
 
