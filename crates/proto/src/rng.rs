@@ -29,6 +29,15 @@ impl SplitMix64 {
         (self.next_u64() % n.max(1) as u64) as usize
     }
 
+    /// 16 random bytes.
+    pub fn bytes16(&mut self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        for chunk in out.chunks_mut(8) {
+            chunk.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        out
+    }
+
     /// 32 random bytes.
     pub fn bytes32(&mut self) -> [u8; 32] {
         let mut out = [0u8; 32];

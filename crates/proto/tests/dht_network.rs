@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use p2pos_proto::dht::{Dht, DhtConfig, DhtEvent, NodeId, SignedRecord};
+use p2pos_proto::dht::{Dht, DhtConfig, DhtEvent, NodeId, SignedRecord, ID_BYTES};
 use p2pos_proto::Keypair;
 
 const T0: u64 = 1_800_000_000;
@@ -188,7 +188,7 @@ fn ids_cannot_be_spoofed_into_a_routing_table() {
     // victim never sent, from an address it never asked.
     let fake = p2pos_proto::dht::Response::<u32> {
         txid: 12345,
-        responder: NodeId([0xab; 32]),
+        responder: NodeId([0xab; ID_BYTES]),
         observed: addr(victim),
         cookie: 1,
         proof: Some((Keypair::from_seed([9; 32]).peer_id(), [0; 64])),
@@ -200,7 +200,10 @@ fn ids_cannot_be_spoofed_into_a_routing_table() {
         .unwrap();
     assert_eq!(net.nodes[victim].counters().unexpected_responses, 1);
     assert_eq!(net.nodes[victim].table().len(), before);
-    assert!(net.nodes[victim].table().get(&NodeId([0xab; 32])).is_none());
+    assert!(net.nodes[victim]
+        .table()
+        .get(&NodeId([0xab; ID_BYTES]))
+        .is_none());
 }
 
 #[test]
@@ -233,7 +236,7 @@ fn a_flood_of_ids_from_one_network_cannot_fill_a_bucket() {
         })
         .collect();
     for (_, d) in &mut attackers {
-        d.lookup(now, NodeId([0x55; 32]));
+        d.lookup(now, NodeId([0x55; ID_BYTES]));
     }
     // Exchange datagrams between the victim and the attackers until quiet.
     for _ in 0..50 {

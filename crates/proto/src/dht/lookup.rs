@@ -247,7 +247,7 @@ mod tests {
     use super::*;
 
     fn id(first: u8) -> NodeId {
-        let mut b = [0u8; 32];
+        let mut b = [0u8; crate::dht::ID_BYTES];
         b[0] = first;
         NodeId(b)
     }

@@ -1,4 +1,4 @@
-//! The DHT: a Kademlia network over 256-bit node IDs, run by the nodes
+//! The DHT: a Kademlia network over 128-bit node IDs, run by the nodes
 //! themselves, for finding peers (and their signed records) by key.
 //!
 //! Everything here is sans-IO: [`Dht`] is given `now`, incoming datagrams and
@@ -17,7 +17,7 @@
 //!
 //! Design choices, with reasons:
 //!
-//! - **IDs bound to keys.** A node ID is BLAKE3 of the node's ed25519 public
+//! - **IDs bound to keys.** A node ID is the first 128 bits of BLAKE3 of the node's ed25519 public
 //!   key. A node enters a routing table only after proving it holds that key:
 //!   the request asks for a proof, and the response carries the public key
 //!   and a signature over the request's random transaction id and the
@@ -67,42 +67,55 @@ pub mod wire_types {
     pub use super::wire::{TYPE_REQUEST, TYPE_RESPONSE};
 }
 
-/// A 256-bit DHT identifier: of a node (BLAKE3 of its public key) or of a
-/// record's key.
+/// Bytes of a DHT identifier.
+pub const ID_BYTES: usize = 16;
+
+/// Bits of a DHT identifier.
+pub const ID_BITS: usize = ID_BYTES * 8;
+
+/// A 128-bit DHT identifier: of a node (the first 128 bits of BLAKE3 of
+/// its public key) or of a record's key.
+///
+/// 128 bits, not 256: finding a key whose ID equals someone else's still
+/// takes 2^128 hashes, and IDs are most of what the DHT stores and sends
+/// (a contact in a table, in a lookup, in every answer). Two keys of one
+/// owner can collide after 2^64 hashes, which harms only that owner.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NodeId(pub [u8; 32]);
+pub struct NodeId(pub [u8; ID_BYTES]);
 
 impl NodeId {
-    /// The node ID of a peer: BLAKE3 of its public key.
+    /// The node ID of a peer: the first 128 bits of BLAKE3 of its public
+    /// key.
     pub fn of_peer(peer: &crate::PeerId) -> Self {
-        NodeId(*blake3::hash(peer.as_bytes()).as_bytes())
+        Self::from_hash(blake3::hash(peer.as_bytes()).as_bytes())
+    }
+
+    /// The ID made of the first 128 bits of a 256-bit hash.
+    pub fn from_hash(hash: &[u8; 32]) -> Self {
+        let mut id = [0u8; ID_BYTES];
+        id.copy_from_slice(&hash[..ID_BYTES]);
+        NodeId(id)
+    }
+
+    fn bits(&self) -> u128 {
+        u128::from_be_bytes(self.0)
     }
 
     /// XOR distance to `other`.
     pub fn distance(&self, other: &NodeId) -> NodeId {
-        let mut d = [0u8; 32];
-        for (i, byte) in d.iter_mut().enumerate() {
-            *byte = self.0[i] ^ other.0[i];
-        }
-        NodeId(d)
+        NodeId((self.bits() ^ other.bits()).to_be_bytes())
     }
 
-    /// Length of the common prefix with `other`, in bits (256 if equal).
+    /// Length of the common prefix with `other`, in bits (128 if equal).
     pub fn common_prefix(&self, other: &NodeId) -> usize {
-        for i in 0..32 {
-            let x = self.0[i] ^ other.0[i];
-            if x != 0 {
-                return i * 8 + x.leading_zeros() as usize;
-            }
-        }
-        256
+        (self.bits() ^ other.bits()).leading_zeros() as usize
     }
 
     /// A random ID that shares exactly `prefix` bits with `self` (for
     /// refreshing the bucket of that prefix length).
-    pub fn random_with_prefix(&self, prefix: usize, random: [u8; 32]) -> NodeId {
+    pub fn random_with_prefix(&self, prefix: usize, random: [u8; ID_BYTES]) -> NodeId {
         let mut out = random;
-        let prefix = prefix.min(255);
+        let prefix = prefix.min(ID_BITS - 1);
         for bit in 0..=prefix {
             let (byte, mask) = (bit / 8, 0x80u8 >> (bit % 8));
             let mine = self.0[byte] & mask;
@@ -131,18 +144,18 @@ mod tests {
 
     proptest! {
         #[test]
-        fn random_with_prefix_has_that_prefix(me in any::<[u8; 32]>(), r in any::<[u8; 32]>(), prefix in 0usize..255) {
+        fn random_with_prefix_has_that_prefix(me in any::<[u8; ID_BYTES]>(), r in any::<[u8; ID_BYTES]>(), prefix in 0usize..ID_BITS) {
             let me = NodeId(me);
             let id = me.random_with_prefix(prefix, r);
             prop_assert_eq!(me.common_prefix(&id), prefix);
         }
 
         #[test]
-        fn xor_metric(a in any::<[u8; 32]>(), b in any::<[u8; 32]>()) {
+        fn xor_metric(a in any::<[u8; ID_BYTES]>(), b in any::<[u8; ID_BYTES]>()) {
             let (a, b) = (NodeId(a), NodeId(b));
             prop_assert_eq!(a.distance(&b), b.distance(&a));
-            prop_assert_eq!(a.distance(&a), NodeId([0; 32]));
-            prop_assert_eq!(a.common_prefix(&b), a.distance(&b).common_prefix(&NodeId([0; 32])));
+            prop_assert_eq!(a.distance(&a), NodeId([0; ID_BYTES]));
+            prop_assert_eq!(a.common_prefix(&b), a.distance(&b).common_prefix(&NodeId([0; ID_BYTES])));
         }
     }
 }

@@ -28,13 +28,13 @@ use crate::Keypair;
 /// Contacts in one answer by default ([`DhtConfig::answer_nodes`]).
 pub const ANSWER_NODES: usize = 10;
 /// Requests without a cookie that may get a list of contacts are padded to
-/// this size so that a full answer (10 IPv6 contacts with a proof) fits
-/// within 3× the request.
-pub const UNVERIFIED_REQUEST_PAD: usize = 230;
+/// this size so that a full answer (10 IPv6 contacts with a proof: 503
+/// bytes) fits within 3× the request.
+pub const UNVERIFIED_REQUEST_PAD: usize = 168;
 /// Other requests that ask for an ID proof are padded to this size, so that
-/// the answer with the proof (168 bytes with an IPv6 address) fits within
+/// the answer with the proof (152 bytes with an IPv6 address) fits within
 /// 3× the request.
-pub const PROOF_REQUEST_PAD: usize = 64;
+pub const PROOF_REQUEST_PAD: usize = 51;
 /// The shortest adaptive query timeout.
 pub const MIN_QUERY_TIMEOUT_MS: u64 = 150;
 /// Cookies this node keeps for other nodes' addresses.
@@ -1409,7 +1409,7 @@ impl<A: Address> Dht<A> {
             .table
             .take_stale_buckets(secs.saturating_sub(refresh), secs)
         {
-            let target = self.id.random_with_prefix(index, self.rng.bytes32());
+            let target = self.id.random_with_prefix(index, self.rng.bytes16());
             self.refresh(now, target, 0);
         }
         // One lookup of our own ID refreshes the deep buckets (and tells our
@@ -1480,7 +1480,7 @@ impl<A: Address> Dht<A> {
 #[cfg(test)]
 mod tests {
     use super::{CookieJar, Dht, DhtConfig};
-    use crate::dht::{DhtMessage, NodeId, Request, RequestBody, Response, ResponseBody};
+    use crate::dht::{DhtMessage, NodeId, Request, RequestBody, Response, ResponseBody, ID_BYTES};
     use crate::Keypair;
     use proptest::prelude::*;
     use std::collections::HashMap;
@@ -1538,11 +1538,11 @@ mod tests {
         let start = Duration::from_secs(1_800_000_000);
         let config = DhtConfig::default();
         let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([4; 32]), config.clone(), 9, start);
-        let id = dht.id().random_with_prefix(0, [5; 32]);
+        let id = dht.id().random_with_prefix(0, [5; ID_BYTES]);
         dht.seed_contact(id, 1 << 8, start);
         let mut now = start;
         for lookups in 1..=2 {
-            dht.lookup(now, id.random_with_prefix(40, [lookups; 32]));
+            dht.lookup(now, id.random_with_prefix(40, [lookups; ID_BYTES]));
             let sent = find_nodes_sent(&mut dht);
             assert_eq!(sent.len(), 1, "the only contact is asked");
             // Queries are not resent: past the timeout the query failed.
@@ -1569,9 +1569,9 @@ mod tests {
         let config = DhtConfig::default();
         for answers in [false, true] {
             let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([4; 32]), config.clone(), 9, start);
-            let (id, addr) = (dht.id().random_with_prefix(0, [5; 32]), 1 << 8);
+            let (id, addr) = (dht.id().random_with_prefix(0, [5; ID_BYTES]), 1 << 8);
             dht.seed_contact(id, addr, start);
-            dht.lookup(start, id.random_with_prefix(40, [1; 32]));
+            dht.lookup(start, id.random_with_prefix(40, [1; ID_BYTES]));
             assert_eq!(find_nodes_sent(&mut dht).len(), 1);
             let mut now = start + config.query_timeout + Duration::from_millis(1);
             dht.handle_timeout(now);
@@ -1619,7 +1619,7 @@ mod tests {
         // Two contacts in bucket 0, one deep enough that bucket 0 should be
         // full (log2(k) + 2 buckets above the deepest one in use).
         for (n, prefix) in [(1u32, 0usize), (2, 0), (3, 6)] {
-            let id = me.random_with_prefix(prefix, [n as u8; 32]);
+            let id = me.random_with_prefix(prefix, [n as u8; ID_BYTES]);
             dht.seed_contact(id, n << 8, start);
         }
         let first = dht.poll_timeout().expect("a maintenance timer");

@@ -70,7 +70,7 @@ pub fn record_key(owner: &PeerId, name: &[u8]) -> NodeId {
     h.update(CONTEXT);
     h.update(owner.as_bytes());
     h.update(name);
-    NodeId(*h.finalize().as_bytes())
+    NodeId::from_hash(h.finalize().as_bytes())
 }
 
 /// A signed record.

@@ -5,7 +5,7 @@
 //! 10^6 nodes holds about 17 buckets, not 256.
 
 use super::address::Address;
-use super::NodeId;
+use super::{NodeId, ID_BITS};
 
 /// A known DHT server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,7 +17,7 @@ pub struct Contact<A> {
     /// When it last answered, in 4-second steps since the Unix epoch (the
     /// high 30 bits: until 2106), and the RPCs to it that failed in a row
     /// since (the low 2 bits). Packed, a contact with a `u32` address takes
-    /// 40 bytes instead of 44, and most of a big network's memory is
+    /// 24 bytes instead of 28, and most of a big network's memory is
     /// routing tables.
     seen: u32,
 }
@@ -189,7 +189,7 @@ impl<A: Address> RoutingTable<A> {
 
     fn bucket_index(&self, id: &NodeId) -> Option<usize> {
         let cpl = self.me.common_prefix(id);
-        (cpl < 256).then_some(cpl)
+        (cpl < ID_BITS).then_some(cpl)
     }
 
     /// Offers a verified contact to the table.
@@ -528,18 +528,19 @@ impl<A: Address> RoutingTable<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dht::ID_BYTES;
     use proptest::prelude::*;
 
-    fn contact(id: [u8; 32], addr: u32, t: u64) -> Contact<u32> {
+    fn contact(id: [u8; ID_BYTES], addr: u32, t: u64) -> Contact<u32> {
         Contact::new(NodeId(id), addr, t)
     }
 
     #[test]
     fn proofs_are_asked_only_for_contacts_the_table_would_keep() {
-        let me = NodeId([0; 32]);
+        let me = NodeId([0; ID_BYTES]);
         let mut table = RoutingTable::new(me, 4, 4);
         let id = |i: u32| {
-            let mut b = [0u8; 32];
+            let mut b = [0u8; ID_BYTES];
             b[0] = 0x80; // bucket 0
             b[1..5].copy_from_slice(&i.to_be_bytes());
             b
@@ -569,11 +570,11 @@ mod tests {
 
     #[test]
     fn a_flood_from_one_network_cannot_fill_a_bucket() {
-        let me = NodeId([0; 32]);
+        let me = NodeId([0; ID_BYTES]);
         let mut table = RoutingTable::new(me, 20, 2);
         let mut accepted = 0;
         for i in 0..1000u32 {
-            let mut id = [0u8; 32];
+            let mut id = [0u8; ID_BYTES];
             id[0] = 0x80; // all in bucket 0
             id[1..5].copy_from_slice(&i.to_be_bytes());
             // All from 10.1.2.0/24.
@@ -587,7 +588,7 @@ mod tests {
     #[test]
     fn a_contact_keeps_its_time_and_failures_apart() {
         let now = 1_800_000_123;
-        let mut c = contact([1; 32], 7, now);
+        let mut c = contact([1; ID_BYTES], 7, now);
         assert_eq!(c.last_seen(), now - now % 4);
         assert_eq!(c.failures(), 0);
         for want in [1, 2, 3, 3] {
@@ -597,16 +598,16 @@ mod tests {
         }
         c.set_seen(now + 9);
         assert_eq!((c.last_seen(), c.failures()), (now + 9 - (now + 9) % 4, 0));
-        assert_eq!(std::mem::size_of::<Contact<u32>>(), 40);
+        assert_eq!(std::mem::size_of::<Contact<u32>>(), 24);
     }
 
     #[test]
     fn failures_promote_replacements() {
-        let me = NodeId([0; 32]);
+        let me = NodeId([0; ID_BYTES]);
         let mut table = RoutingTable::new(me, 2, 8);
-        let ids: Vec<[u8; 32]> = (1..=3u8)
+        let ids: Vec<[u8; ID_BYTES]> = (1..=3u8)
             .map(|i| {
-                let mut id = [0u8; 32];
+                let mut id = [0u8; ID_BYTES];
                 id[0] = 0x80;
                 id[1] = i;
                 id
@@ -627,8 +628,8 @@ mod tests {
     proptest! {
         #[test]
         fn invariants_hold_under_random_inserts_and_failures(
-            me in any::<[u8; 32]>(),
-            ops in proptest::collection::vec((any::<[u8; 32]>(), 0u32..64, any::<bool>()), 1..400),
+            me in any::<[u8; ID_BYTES]>(),
+            ops in proptest::collection::vec((any::<[u8; ID_BYTES]>(), 0u32..64, any::<bool>()), 1..400),
         ) {
             let mut table = RoutingTable::new(NodeId(me), 4, 2);
             for (t, (id, net, fail)) in ops.into_iter().enumerate() {
@@ -642,9 +643,9 @@ mod tests {
 
         #[test]
         fn closest_is_sorted_and_truly_closest(
-            me in any::<[u8; 32]>(),
-            ids in proptest::collection::vec(any::<[u8; 32]>(), 1..200),
-            target in any::<[u8; 32]>(),
+            me in any::<[u8; ID_BYTES]>(),
+            ids in proptest::collection::vec(any::<[u8; ID_BYTES]>(), 1..200),
+            target in any::<[u8; ID_BYTES]>(),
         ) {
             let mut table = RoutingTable::new(NodeId(me), 20, 64);
             let target = NodeId(target);

@@ -2,9 +2,9 @@
 //!
 //! ```text
 //! 0x30 | version 1 | type (10 request, 11 response) | fields…
-//! Request:  txid u64 | sender id 32 | flags u8 (1 server, 2 want proof) |
+//! Request:  txid u64 | sender id 16 | flags u8 (1 server, 2 want proof) |
 //!           cookie u64 | body tag u8 | body | zero padding
-//! Response: txid u64 | responder id 32 | observed addr | cookie u64 |
+//! Response: txid u64 | responder id 16 | observed addr | cookie u64 |
 //!           proof u8 (0, or 1 + public key 32 + signature 64) |
 //!           body tag u8 | body
 //! Bodies:   Ping | FindNode target | GetRecord key | PutRecord record
@@ -16,7 +16,7 @@
 
 use super::address::Address;
 use super::record::SignedRecord;
-use super::NodeId;
+use super::{NodeId, ID_BYTES};
 use crate::overlay::OVERLAY_VERSION;
 use crate::packet::OVERLAY_TAG;
 use crate::PeerId;
@@ -150,7 +150,9 @@ impl<'a> Reader<'a> {
     }
     fn id(&mut self) -> Result<NodeId, WireError> {
         Ok(NodeId(
-            self.bytes(32)?.try_into().map_err(|_| WireError::Length)?,
+            self.bytes(ID_BYTES)?
+                .try_into()
+                .map_err(|_| WireError::Length)?,
         ))
     }
     fn addr<A: Address>(&mut self) -> Result<A, WireError> {
@@ -360,14 +362,14 @@ mod tests {
         let record = SignedRecord::sign(&kp, b"peer", 3, 100, b"value").unwrap();
         let requests = [
             RequestBody::Ping,
-            RequestBody::FindNode(NodeId([1; 32])),
-            RequestBody::GetRecord(NodeId([2; 32])),
+            RequestBody::FindNode(NodeId([1; ID_BYTES])),
+            RequestBody::GetRecord(NodeId([2; ID_BYTES])),
             RequestBody::PutRecord(Box::new(record.clone())),
         ];
         for (i, body) in requests.into_iter().enumerate() {
             let req = Request {
                 txid: i as u64,
-                sender: NodeId([9; 32]),
+                sender: NodeId([9; ID_BYTES]),
                 server: true,
                 want_proof: i % 2 == 0,
                 cookie: 77,
@@ -385,15 +387,15 @@ mod tests {
         let a: SocketAddr = "192.0.2.1:7447".parse().unwrap();
         let bodies = [
             ResponseBody::Pong,
-            ResponseBody::Nodes(vec![(NodeId([3; 32]), a); 20]),
-            ResponseBody::Record(Some(record), vec![(NodeId([4; 32]), a)]),
+            ResponseBody::Nodes(vec![(NodeId([3; ID_BYTES]), a); 20]),
+            ResponseBody::Record(Some(record), vec![(NodeId([4; ID_BYTES]), a)]),
             ResponseBody::Record(None, vec![]),
             ResponseBody::PutAck(true),
         ];
         for body in bodies {
             let resp = Response {
                 txid: 1,
-                responder: NodeId([8; 32]),
+                responder: NodeId([8; ID_BYTES]),
                 observed: a,
                 cookie: 5,
                 proof: Some((kp.peer_id(), [7; 64])),
@@ -411,11 +413,14 @@ mod tests {
         let a: SocketAddr = "[2001:db8::1]:7447".parse().unwrap();
         let resp = Response {
             txid: 1,
-            responder: NodeId([8; 32]),
+            responder: NodeId([8; ID_BYTES]),
             observed: a,
             cookie: 5,
             proof: Some((Keypair::from_seed([1; 32]).peer_id(), [0; 64])),
-            body: ResponseBody::Nodes(vec![(NodeId([3; 32]), a); super::super::node::ANSWER_NODES]),
+            body: ResponseBody::Nodes(vec![
+                (NodeId([3; ID_BYTES]), a);
+                super::super::node::ANSWER_NODES
+            ]),
         };
         let len = resp.encode().len();
         assert!(
