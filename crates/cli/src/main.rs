@@ -198,9 +198,13 @@ struct SimArgs {
     /// --nat realistic; default: as many as lookups).
     #[arg(long)]
     connects: Option<usize>,
-    /// Bucket size k.
+    /// Replication factor k (a record's holders; a lookup ends when the k
+    /// closest have answered).
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().k)]
     k: usize,
+    /// Routing-table bucket size.
+    #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().bucket_size)]
+    bucket_size: usize,
     /// Parallel requests per lookup.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().alpha)]
     alpha: usize,
@@ -563,6 +567,7 @@ fn sim(args: SimArgs) -> Result<()> {
     }
     let dht = p2pos_proto::dht::DhtConfig {
         k: args.k.max(1),
+        bucket_size: args.bucket_size.max(1),
         alpha: args.alpha.max(1),
         eager: args.eager,
         signatures: if args.real_signatures {

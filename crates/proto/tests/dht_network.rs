@@ -96,6 +96,7 @@ impl Net {
 fn config() -> DhtConfig {
     DhtConfig {
         k: 8,
+        bucket_size: 8,
         ..DhtConfig::default()
     }
 }

@@ -590,7 +590,7 @@ impl World {
             .map(|n| (n.id, n.addr))
             .collect();
         servers.sort_unstable_by_key(|s| s.0);
-        let k = self.cfg.dht.k;
+        let k = self.cfg.dht.bucket_size;
         let now = self.now_d();
         // One buffer, reused for every node.
         let mut picks: Vec<(NodeId, u32)> = Vec::new();

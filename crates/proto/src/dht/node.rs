@@ -49,8 +49,13 @@ const MAX_VERIFICATIONS: usize = 32;
 /// Settings of a DHT node.
 #[derive(Debug, Clone)]
 pub struct DhtConfig {
-    /// Bucket size and replication factor.
+    /// Replication factor: a record is stored at the k closest servers,
+    /// and a lookup ends when the k closest live candidates have answered.
     pub k: usize,
+    /// Entries of one routing-table bucket at most. Larger than k: the
+    /// more contacts a table has in the bucket that covers a target, the
+    /// closer to it the nodes it names, so lookups take fewer hops.
+    pub bucket_size: usize,
     /// Requests in flight per lookup.
     pub alpha: usize,
     /// A lookup, get or put started through the API always has its this
@@ -122,6 +127,7 @@ impl Default for DhtConfig {
     fn default() -> Self {
         DhtConfig {
             k: 20,
+            bucket_size: 32,
             alpha: 8,
             eager: 8,
             max_per_prefix: 2,
@@ -533,7 +539,7 @@ impl<A: Address> Dht<A> {
         let jitter = rng.next_u64() % maintenance.max(1);
         let tracked = config.track_peers.then(Box::default);
         Dht {
-            table: RoutingTable::new(id, config.k, config.max_per_prefix),
+            table: RoutingTable::new(id, config.bucket_size, config.max_per_prefix),
             records: RecordStore::new(config.max_records, config.max_records_per_network)
                 .with_signatures(config.signatures),
             next_republish_ms: ms(now) + config.republish.as_millis() as u64,
@@ -1609,6 +1615,7 @@ mod tests {
         let start = Duration::from_secs(1_800_000_000);
         let config = DhtConfig {
             k: 4,
+            bucket_size: 4,
             server,
             // No self-lookup: only the refreshes send FindNode.
             self_lookup: Duration::from_secs(u64::from(u32::MAX)),

@@ -441,8 +441,8 @@ impl<A: Address> RoutingTable<A> {
     /// nodes share that long a prefix with this node): a lookup of the
     /// node's own ID refreshes them all at once, so they are left out. A
     /// bucket should be full if a deeper one is, or if it lies
-    /// `log2(k) + 2` buckets above the deepest non-empty one (it covers some
-    /// 4k nodes or more). The second rule is what a new node's table needs:
+    /// `log2(bucket size) + 2` buckets above the deepest non-empty one (it
+    /// covers some 4 × bucket size nodes or more). The second rule is what a new node's table needs:
     /// after its join lookup no bucket may be full yet.
     pub fn take_stale_buckets(&mut self, before: u64, now: u64) -> Vec<usize> {
         let k = self.k;
