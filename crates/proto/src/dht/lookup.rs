@@ -93,9 +93,17 @@ impl<A: Address> Lookup<A> {
     }
 
     /// Adds nodes learned at `hop` (deduplicated, kept sorted and bounded).
+    /// A candidate not asked yet that a shorter path names again is asked
+    /// at that path's hop.
     pub fn add(&mut self, nodes: impl IntoIterator<Item = (NodeId, A)>, hop: u8, me: &NodeId) {
         for (id, addr) in nodes {
-            if id == *me || self.candidates.iter().any(|c| c.id == id) {
+            if id == *me {
+                continue;
+            }
+            if let Some(c) = self.candidates.iter_mut().find(|c| c.id == id) {
+                if c.state == State::New {
+                    c.hop = c.hop.min(hop);
+                }
                 continue;
             }
             let distance = id.distance(&self.target);
@@ -263,6 +271,28 @@ mod tests {
         lookup.on_answer(&id(0x60));
         lookup.add([(id(0x10), 4), (id(0x20), 5)], 2, &me);
         lookup.next_queries().iter().map(|q| q.0).collect()
+    }
+
+    #[test]
+    fn a_candidate_named_again_by_a_shorter_path_is_asked_at_its_hop() {
+        let (target, me) = (id(0), id(0xff));
+        let mut lookup: Lookup<u32> = Lookup::new(target, LookupKind::FindNode, (20, 1, 0), 0);
+        lookup.add([(id(0x80), 1), (id(0x70), 2)], 1, &me);
+        assert_eq!(lookup.next_queries(), [(id(0x70), 2, 1)]);
+        lookup.on_answer(&id(0x70));
+        // A hop-3 answer names 0x10 and 0x20; before either is asked, a
+        // hop-2 answer names 0x20 again.
+        lookup.add([(id(0x10), 4), (id(0x20), 5)], 3, &me);
+        lookup.add([(id(0x20), 5)], 2, &me);
+        let asked: Vec<_> = std::iter::from_fn(|| {
+            let q = lookup.next_queries();
+            q.first().inspect(|q| lookup.on_answer(&q.0)).copied()
+        })
+        .collect();
+        assert_eq!(&asked[..2], [(id(0x10), 4, 3), (id(0x20), 5, 2)]);
+        // Once asked, a candidate keeps the hop it was asked at.
+        lookup.add([(id(0x10), 4)], 1, &me);
+        assert_eq!(lookup.hop_of(&id(0x10)), 3);
     }
 
     #[test]
