@@ -205,6 +205,13 @@ struct SimArgs {
     /// Routing-table bucket size.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().bucket_size)]
     bucket_size: usize,
+    /// Liveness pings a node sends per maintenance run (each minute) at
+    /// most, to contacts silent for 30 minutes.
+    #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().pings_per_maintenance)]
+    liveness_pings: usize,
+    /// Contacts in one answer to a lookup query at most.
+    #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().answer_nodes)]
+    answer_nodes: usize,
     /// Parallel requests per lookup.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().alpha)]
     alpha: usize,
@@ -568,6 +575,8 @@ fn sim(args: SimArgs) -> Result<()> {
     let dht = p2pos_proto::dht::DhtConfig {
         k: args.k.max(1),
         bucket_size: args.bucket_size.max(1),
+        pings_per_maintenance: args.liveness_pings,
+        answer_nodes: args.answer_nodes.clamp(1, p2pos_proto::dht::MAX_NODES),
         alpha: args.alpha.max(1),
         eager: args.eager,
         signatures: if args.real_signatures {

@@ -60,7 +60,7 @@ pub use record::{
     record_key, RecordError, RecordStore, Signatures, SignedRecord, MAX_RECORD_VALUE,
 };
 pub use table::{Contact, InsertOutcome, RoutingTable};
-pub use wire::{DhtMessage, Request, RequestBody, Response, ResponseBody, WireError};
+pub use wire::{DhtMessage, Request, RequestBody, Response, ResponseBody, WireError, MAX_NODES};
 
 /// The overlay message types of DHT datagrams (for demultiplexing).
 pub mod wire_types {

@@ -27,7 +27,7 @@ pub const TYPE_REQUEST: u8 = 10;
 pub const TYPE_RESPONSE: u8 = 11;
 /// Largest DHT datagram.
 pub const MAX_DHT_DATAGRAM: usize = 1400;
-/// Most contacts in one response.
+/// Most contacts in one response (a decoder refuses more).
 pub const MAX_NODES: usize = 24;
 
 /// Why a datagram is not a valid DHT message.
