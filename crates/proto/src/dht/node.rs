@@ -129,7 +129,7 @@ impl Default for DhtConfig {
             k: 20,
             bucket_size: 32,
             alpha: 8,
-            eager: 8,
+            eager: 12,
             max_per_prefix: 2,
             rpc_timeout: Duration::from_millis(1000),
             query_timeout: Duration::from_millis(500),
