@@ -138,7 +138,7 @@ impl Default for DhtConfig {
             self_lookup: Duration::from_secs(30 * 60),
             answer_nodes: ANSWER_NODES,
             contact_stale: Duration::from_secs(30 * 60),
-            pings_per_maintenance: 4,
+            pings_per_maintenance: 6,
             republish: Duration::from_secs(20 * 60),
             maintenance: Duration::from_secs(60),
             max_records: 4096,
