@@ -932,7 +932,12 @@ impl World {
                 self.nodes[node as usize].dht = None;
                 self.spawn(node, 0);
                 let now = self.now_d();
-                if let Some(b) = self.random_online(true) {
+                // Through another node: one that bootstraps from itself
+                // stays alone.
+                let bootstrap = (0..8)
+                    .filter_map(|_| self.random_online(true))
+                    .find(|&b| b != node);
+                if let Some(b) = bootstrap {
                     let baddr = self.nodes[b as usize].addr;
                     if let Some(dht) = self.nodes[node as usize].dht.as_mut() {
                         dht.add_bootstrap(now, baddr);
