@@ -46,6 +46,16 @@ const COOKIE_PERIOD: Duration = Duration::from_secs(300);
 /// Verification pings of new server requesters in flight at most.
 const MAX_VERIFICATIONS: usize = 32;
 
+/// API lookups that wait for the node's first contact at most (more start
+/// at once, and find nothing).
+const MAX_WAITING_FOR_JOIN: usize = 64;
+
+/// Bootstrap addresses kept for rejoining with an empty table.
+const MAX_BOOTSTRAPS: usize = 8;
+
+/// How often a node whose table holds fewer than k/4 contacts joins again.
+const REPAIR_INTERVAL_S: u64 = 5 * 60;
+
 /// Settings of a DHT node.
 #[derive(Debug, Clone)]
 pub struct DhtConfig {
@@ -436,6 +446,18 @@ pub struct Dht<A: Address> {
     old_cookies: CookieJar<A>,
     next_cookie_rotation_ms: u64,
     verifying: usize,
+    /// The lookup of this node's own ID that its first contact started
+    /// (or a repair of a small table), while it runs.
+    join: Option<QueryId>,
+    /// The bootstrap addresses given, to join again from if every contact
+    /// is lost.
+    bootstraps: Vec<A>,
+    last_repair_s: u64,
+    /// API lookups started while the node was joining (see
+    /// [`Dht::joining`]): they start when it has joined, from a table that
+    /// knows the node's neighbourhood, instead of from one contact or
+    /// none.
+    waiting_for_join: Vec<QueryId>,
     transmits: VecDeque<(A, Vec<u8>)>,
     events: VecDeque<DhtEvent<A>>,
     next_maintenance_ms: u64,
@@ -561,6 +583,10 @@ impl<A: Address> Dht<A> {
             old_cookies: CookieJar::default(),
             next_cookie_rotation_ms: ms(now) + COOKIE_PERIOD.as_millis() as u64,
             verifying: 0,
+            join: None,
+            bootstraps: Vec::new(),
+            last_repair_s: now.as_secs(),
+            waiting_for_join: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             observed: None,
@@ -583,7 +609,7 @@ impl<A: Address> Dht<A> {
     pub fn memory_use(&self) -> MemoryUse {
         use std::mem::size_of;
         MemoryUse {
-            node: size_of::<Self>(),
+            node: size_of::<Self>() + self.bootstraps.capacity() * size_of::<A>(),
             table: self.table.heap_bytes(),
             requests: super::map_heap_bytes(&self.pending)
                 + self
@@ -595,7 +621,8 @@ impl<A: Address> Dht<A> {
                     })
                     .sum::<usize>(),
             lookups: super::map_heap_bytes(&self.lookups)
-                + self.lookups.values().map(Lookup::heap_bytes).sum::<usize>(),
+                + self.lookups.values().map(Lookup::heap_bytes).sum::<usize>()
+                + self.waiting_for_join.capacity() * size_of::<QueryId>(),
             records: self.records.heap_bytes()
                 + self
                     .own_records
@@ -698,6 +725,12 @@ impl<A: Address> Dht<A> {
     /// Contacts a known node at `addr` (bootstrap): verifies it, adds it to
     /// the table, and joins with a lookup of this node's own ID.
     pub fn add_bootstrap(&mut self, now: Duration, addr: A) {
+        if !self.bootstraps.contains(&addr) {
+            if self.bootstraps.len() >= MAX_BOOTSTRAPS {
+                self.bootstraps.remove(0);
+            }
+            self.bootstraps.push(addr);
+        }
         self.send_request(now, addr, None, RequestBody::Ping, true, Purpose::Verify);
     }
 
@@ -729,23 +762,56 @@ impl<A: Address> Dht<A> {
         let eager = if for_api { self.config.eager } else { 0 };
         let shape = (self.config.k, self.config.alpha, eager);
         let mut lookup = Lookup::new(target, kind, shape, ms(now));
-        let seeds: Vec<(NodeId, A)> = self
-            .table
-            .closest(&target, self.config.k)
-            .into_iter()
-            .map(|c| (c.id, c.addr))
-            .collect();
-        lookup.add(seeds, 1, &self.id);
         // Only servers hold records (a node that stops serving drops them).
         if let LookupKind::GetRecord = lookup.kind {
             if let Some(r) = self.records.get(&target, now.as_secs()) {
                 lookup.found = Some((r.clone(), 0));
             }
         }
-        self.table.touch_bucket(&target, now.as_secs());
         self.lookups.insert(query, lookup);
-        self.advance(now, query);
+        if for_api && self.joining() && self.waiting_for_join.len() < MAX_WAITING_FOR_JOIN {
+            self.waiting_for_join.push(query);
+        } else {
+            self.seed_and_advance(now, query);
+        }
         query
+    }
+
+    /// Gives a lookup the closest contacts of the table and sends its
+    /// first requests.
+    fn seed_and_advance(&mut self, now: Duration, query: QueryId) {
+        let Some(lookup) = self.lookups.get_mut(&query) else {
+            return;
+        };
+        let target = lookup.target;
+        let seeds = self.table.closest(&target, self.config.k);
+        lookup.add(seeds.into_iter().map(|c| (c.id, c.addr)), 1, &self.id);
+        self.table.touch_bucket(&target, now.as_secs());
+        self.advance(now, query);
+    }
+
+    /// Looks up this node's own ID as a join: API lookups wait for it.
+    fn join(&mut self, now: Duration) {
+        let me = self.id;
+        let join = self.start(now, me, LookupKind::FindNode, false);
+        self.join = self.lookups.contains_key(&join).then_some(join);
+    }
+
+    /// Whether the node is joining: its join lookup runs, or its table is
+    /// empty while a verification (of a bootstrap node, say) is in flight.
+    fn joining(&self) -> bool {
+        self.join.is_some() || (self.table.is_empty() && self.verifying > 0)
+    }
+
+    /// Starts the API lookups that waited, once the node is no longer
+    /// joining (it joined, or its last verification failed).
+    fn release_waiting_for_join(&mut self, now: Duration) {
+        if self.joining() {
+            return;
+        }
+        for query in std::mem::take(&mut self.waiting_for_join) {
+            self.seed_and_advance(now, query);
+        }
     }
 
     /// Sends what the lookup should send next, or finishes it.
@@ -817,6 +883,10 @@ impl<A: Address> Dht<A> {
             }
         }
         let lookup = self.lookups.remove(&query).expect("present");
+        if self.join == Some(query) {
+            self.join = None;
+            self.release_waiting_for_join(now);
+        }
         let elapsed_ms = ms(now).saturating_sub(lookup.started_ms);
         let event = match &lookup.kind {
             LookupKind::FindNode => DhtEvent::LookupDone {
@@ -1037,7 +1107,10 @@ impl<A: Address> Dht<A> {
                 }
                 self.advance(now, q);
             }
-            Purpose::Verify => self.verifying = self.verifying.saturating_sub(1),
+            Purpose::Verify => {
+                self.verifying = self.verifying.saturating_sub(1);
+                self.release_waiting_for_join(now);
+            }
             Purpose::Liveness | Purpose::Refresh(_) | Purpose::Fill => {}
         }
     }
@@ -1318,9 +1391,9 @@ impl<A: Address> Dht<A> {
                 self.verifying = self.verifying.saturating_sub(1);
                 if was_empty && !self.table.is_empty() {
                     // First contact: join by looking up our own ID.
-                    let me = self.id;
-                    self.start(now, me, LookupKind::FindNode, false);
+                    self.join(now);
                 }
+                self.release_waiting_for_join(now);
             }
         }
     }
@@ -1424,6 +1497,21 @@ impl<A: Address> Dht<A> {
             self.last_self_lookup_s = secs;
             let me = self.id;
             self.start(now, me, LookupKind::FindNode, false);
+        }
+        // A table far smaller than k (a join that met mostly nodes that had
+        // left, or contacts that all left since) joins again: from the
+        // contacts it has, or from the bootstrap nodes if it has none. No
+        // bucket of such a table is due for a refresh, so nothing else
+        // would mend it.
+        if self.join.is_none() && self.table.len() < self.config.k.div_ceil(4) {
+            if self.table.is_empty() {
+                for addr in self.bootstraps.clone() {
+                    self.send_request(now, addr, None, RequestBody::Ping, true, Purpose::Verify);
+                }
+            } else if secs >= self.last_repair_s + REPAIR_INTERVAL_S {
+                self.last_repair_s = secs;
+                self.join(now);
+            }
         }
         let stale_before = secs.saturating_sub(self.config.contact_stale.as_secs());
         for c in self
