@@ -46,8 +46,8 @@ const COOKIE_PERIOD: Duration = Duration::from_secs(300);
 /// Verification pings of new server requesters in flight at most.
 const MAX_VERIFICATIONS: usize = 32;
 
-/// API lookups that wait for the node's first contact at most (more start
-/// at once, and find nothing).
+/// API lookups that wait for the node to join, at most (more start at
+/// once, from what the table holds).
 const MAX_WAITING_FOR_JOIN: usize = 64;
 
 /// Bootstrap addresses kept for rejoining with an empty table.
