@@ -972,8 +972,9 @@ impl<A: Address> Dht<A> {
         purpose: Purpose,
     ) {
         if self.pending.len() >= self.config.max_pending {
+            // Not the contact's fault: its entry is left as it is.
             self.counters.overloaded += 1;
-            self.fail(now, purpose, to_id, false);
+            self.give_up(now, purpose, to_id);
             return;
         }
         if matches!(purpose, Purpose::Verify) {
@@ -1094,6 +1095,11 @@ impl<A: Address> Dht<A> {
                 }
             }
         }
+        self.give_up(now, purpose, to_id);
+    }
+
+    /// Ends a request without an answer for what it was sent for.
+    fn give_up(&mut self, now: Duration, purpose: Purpose, to_id: Option<NodeId>) {
         match purpose {
             Purpose::Query(q) => {
                 if let (Some(l), Some(id)) = (self.lookups.get_mut(&q), to_id) {
@@ -1695,6 +1701,27 @@ mod tests {
                 "answers: {answers}"
             );
         }
+    }
+
+    #[test]
+    fn requests_refused_by_a_local_limit_do_not_count_against_contacts() {
+        let start = Duration::from_secs(1_800_000_000);
+        let config = DhtConfig {
+            max_pending: 2,
+            ..DhtConfig::default()
+        };
+        let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([3; 32]), config, 7, start);
+        let me = dht.id();
+        for n in 1..=6u32 {
+            let id = me.random_with_prefix(0, [n as u8; ID_BYTES]);
+            dht.seed_contact(id, n << 8, start);
+        }
+        // The lookup asks all six at once; four are refused by the limit.
+        dht.lookup(start, me.random_with_prefix(0, [9; ID_BYTES]));
+        assert_eq!(requests_sent(&mut dht).len(), 2);
+        assert_eq!(dht.counters().overloaded, 4);
+        assert_eq!(dht.table().len(), 6);
+        assert!(dht.table().contacts().all(|c| c.failures() == 0));
     }
 
     /// A node whose refresh of bucket 0 gets no answer: the contact asked,
