@@ -29,20 +29,11 @@ impl SplitMix64 {
         (self.next_u64() % n.max(1) as u64) as usize
     }
 
-    /// 16 random bytes.
-    pub fn bytes16(&mut self) -> [u8; 16] {
-        let mut out = [0u8; 16];
+    /// `N` random bytes (a multiple of 8 keeps every draw whole).
+    pub fn bytes<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
         for chunk in out.chunks_mut(8) {
-            chunk.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        out
-    }
-
-    /// 32 random bytes.
-    pub fn bytes32(&mut self) -> [u8; 32] {
-        let mut out = [0u8; 32];
-        for chunk in out.chunks_mut(8) {
-            chunk.copy_from_slice(&self.next_u64().to_le_bytes());
+            chunk.copy_from_slice(&self.next_u64().to_le_bytes()[..chunk.len()]);
         }
         out
     }

@@ -87,6 +87,17 @@ impl Net {
         panic!("network did not settle");
     }
 
+    /// A node that has not joined yet; its index.
+    fn add_node(&mut self, config: DhtConfig) -> usize {
+        let i = self.nodes.len();
+        let key = Keypair::from_seed([i as u8; 32]);
+        self.nodes
+            .push(Dht::new(key.clone(), config, i as u64, self.now));
+        self.keys.push(key);
+        self.alive.push(true);
+        i
+    }
+
     fn event(&mut self, i: usize) -> DhtEvent<u32> {
         self.settle();
         self.nodes[i].poll_event().expect("the query finished")
@@ -363,17 +374,15 @@ fn a_get_and_a_put_started_while_joining_wait_for_the_first_contact() {
     assert!(matches!(net.event(3), DhtEvent::PutDone { stored, .. } if stored >= 6));
     // A new node asks for both at once after `add_bootstrap`, before the
     // bootstrap node has answered.
-    let key = Keypair::from_seed([40; 32]);
-    net.nodes.push(Dht::new(key.clone(), config(), 40, now));
-    net.keys.push(key.clone());
-    net.alive.push(true);
-    net.nodes[40].add_bootstrap(now, addr(0));
-    net.nodes[40].get(now, theirs.key());
+    let new = net.add_node(config());
+    let key = net.keys[new].clone();
+    net.nodes[new].add_bootstrap(now, addr(0));
+    net.nodes[new].get(now, theirs.key());
     let mine = SignedRecord::sign(&key, b"peer", 1, T0 + 3600, b"mine").unwrap();
-    net.nodes[40].put(now, mine.clone());
+    net.nodes[new].put(now, mine.clone());
     net.settle();
     let (mut got, mut stored) = (None, 0);
-    while let Some(event) = net.nodes[40].poll_event() {
+    while let Some(event) = net.nodes[new].poll_event() {
         match event {
             DhtEvent::GetDone { record, .. } => got = record,
             DhtEvent::PutDone { stored: n, .. } => stored = n,
@@ -382,47 +391,45 @@ fn a_get_and_a_put_started_while_joining_wait_for_the_first_contact() {
     }
     assert_eq!(got, Some(theirs));
     assert!(stored >= 6, "stored on {stored}");
-    let holders = (0..40).filter(|&i| net.nodes[i].records().get(&mine.key(), T0).is_some());
+    let holders = (0..new).filter(|&i| net.nodes[i].records().get(&mine.key(), T0).is_some());
     assert!(holders.count() >= 6);
 }
 
 #[test]
 fn a_node_that_lost_every_contact_joins_again_from_its_bootstrap() {
     let mut net = Net::new(30, config());
-    let key = Keypair::from_seed([30; 32]);
-    net.nodes.push(Dht::new(key, config(), 30, net.now));
-    net.alive.push(true);
+    let new = net.add_node(config());
     // The bootstrap node is away when the new node starts: its
     // verification ping and the retry go unanswered.
     net.alive[0] = false;
     let now = net.now;
-    net.nodes[30].add_bootstrap(now, addr(0));
+    net.nodes[new].add_bootstrap(now, addr(0));
     net.settle();
     for _ in 0..3 {
         net.now += Duration::from_secs(2);
         let now = net.now;
-        net.nodes[30].handle_timeout(now);
+        net.nodes[new].handle_timeout(now);
         net.settle();
     }
-    assert!(net.nodes[30].table().is_empty());
+    assert!(net.nodes[new].table().is_empty());
     // It is back; at its next maintenance the node tries it again, and
     // joins.
     net.alive[0] = true;
-    let due = net.nodes[30].poll_timeout().expect("maintenance");
+    let due = net.nodes[new].poll_timeout().expect("maintenance");
     net.now = net.now.max(due);
     let now = net.now;
-    net.nodes[30].handle_timeout(now);
+    net.nodes[new].handle_timeout(now);
     net.settle();
     assert!(
-        net.nodes[30].table().len() >= 8,
+        net.nodes[new].table().len() >= 8,
         "{}",
-        net.nodes[30].table().len()
+        net.nodes[new].table().len()
     );
     let target = net.nodes[17].id();
     let now = net.now;
-    net.nodes[30].lookup(now, target);
+    net.nodes[new].lookup(now, target);
     loop {
-        match net.event(30) {
+        match net.event(new) {
             DhtEvent::LookupDone {
                 closest, target: t, ..
             } if t == target => {

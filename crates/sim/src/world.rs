@@ -524,7 +524,7 @@ impl World {
     /// identity each time).
     fn spawn(&mut self, index: u32, up_ms: u64) {
         let gen = self.nodes.get(index as usize).map_or(0, |n| n.gen + 1);
-        let identity = self.rng.bytes32();
+        let identity = self.rng.bytes();
         let addr = self.new_addr();
         let nat = match &self.cfg.nat_mix {
             Some(mix) => crate::nat::NatKind::draw(mix, &mut self.rng),
@@ -815,7 +815,7 @@ impl World {
     /// `owner` puts a record (signed with a fresh key, as a node puts its
     /// peer record on its own behalf) expiring in two hours; returns its key.
     fn put_record(&mut self, owner: u32, label: &[u8], value: &[u8], pending: Pending) -> NodeId {
-        let record_kp = Keypair::from_seed(self.rng.bytes32());
+        let record_kp = Keypair::from_seed(self.rng.bytes());
         let record = SignedRecord::sign_with(
             self.cfg.dht.signatures,
             &record_kp,

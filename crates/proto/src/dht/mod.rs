@@ -17,13 +17,13 @@
 //!
 //! Design choices, with reasons:
 //!
-//! - **IDs bound to keys.** A node ID is the first 128 bits of BLAKE3 of the node's ed25519 public
-//!   key. A node enters a routing table only after proving it holds that key:
-//!   the request asks for a proof, and the response carries the public key
-//!   and a signature over the request's random transaction id and the
-//!   requester's ID. So neither an off-path spoofer (who cannot see the
-//!   transaction id) nor a responder claiming someone else's ID can plant a
-//!   contact.
+//! - **IDs bound to keys.** A node ID is the first 128 bits of BLAKE3 of the
+//!   node's ed25519 public key. A node enters a routing table only after
+//!   proving it holds that key: the request asks for a proof, and the
+//!   response carries the public key and a signature over the request's
+//!   random transaction id and the requester's ID. So neither an off-path
+//!   spoofer (who cannot see the transaction id) nor a responder claiming
+//!   someone else's ID can plant a contact.
 //! - **Servers and clients.** Only nodes reachable from outside serve
 //!   (routing and storage); clients only query and are never added to tables
 //!   (IPFS learned that NATed servers poison routing).
@@ -114,16 +114,14 @@ impl NodeId {
     /// A random ID that shares exactly `prefix` bits with `self` (for
     /// refreshing the bucket of that prefix length).
     pub fn random_with_prefix(&self, prefix: usize, random: [u8; ID_BYTES]) -> NodeId {
-        let mut out = random;
-        let prefix = prefix.min(ID_BITS - 1);
-        for bit in 0..=prefix {
-            let (byte, mask) = (bit / 8, 0x80u8 >> (bit % 8));
-            let mine = self.0[byte] & mask;
-            // Copy the first `prefix` bits, then flip the next one.
-            let want = if bit < prefix { mine } else { mine ^ mask };
-            out[byte] = (out[byte] & !mask) | want;
-        }
-        NodeId(out)
+        // The first `prefix` bits are ours, the next one is flipped, the
+        // rest are random.
+        let flip = 1u128 << (ID_BITS - 1 - prefix.min(ID_BITS - 1));
+        let below = flip - 1;
+        let ours = !(below | flip);
+        let bits =
+            (self.bits() & ours) | (!self.bits() & flip) | (u128::from_be_bytes(random) & below);
+        NodeId(bits.to_be_bytes())
     }
 }
 

@@ -554,7 +554,7 @@ impl<A: Address> Dht<A> {
     ) -> Self {
         let id = NodeId::of_peer(&signer.peer_id());
         let mut rng = SplitMix64(seed ^ u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes")));
-        let cookie_key = rng.bytes32();
+        let cookie_key = rng.bytes();
         let maintenance = config.maintenance.as_millis() as u64;
         // Spread maintenance over the interval so nodes started together do
         // not all refresh at once.
@@ -1494,7 +1494,7 @@ impl<A: Address> Dht<A> {
             .table
             .take_stale_buckets(secs.saturating_sub(refresh), secs)
         {
-            let target = self.id.random_with_prefix(index, self.rng.bytes16());
+            let target = self.id.random_with_prefix(index, self.rng.bytes());
             self.refresh(now, target, 0);
         }
         // One lookup of our own ID refreshes the deep buckets (and tells our
