@@ -227,6 +227,10 @@ struct SimArgs {
     /// same, and runs are about three times faster.
     #[arg(long)]
     real_signatures: bool,
+    /// Threads (default: two from 50,000 nodes on, if the machine has
+    /// them). The numbers are the same on any number of threads.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -601,6 +605,8 @@ fn sim(args: SimArgs) -> Result<()> {
         nat_mix: (args.nat == "realistic").then(|| p2pos_sim::nat::REALISTIC_MIX.to_vec()),
         connects: args.connects.unwrap_or(args.lookups),
         key_pairs: false,
+        threads: args.threads,
+        allocator_heap: allocator_heap(),
     };
     let r = p2pos_sim::run(&config);
     if args.json {
@@ -696,7 +702,7 @@ fn sim(args: SimArgs) -> Result<()> {
     );
     if m.allocator_in_use > 0.0 {
         println!(
-            "  allocator        {:.0} MB in use, {:.0} MB free inside its heap",
+            "  allocator        {:.0} MB in use, {:.0} MB more resident",
             m.allocator_in_use, m.allocator_free
         );
     }
@@ -1024,3 +1030,29 @@ pub fn human_bytes(n: u64) -> String {
         format!("{value:.1} {}", UNITS[unit])
     }
 }
+
+/// The allocator's heap in use, and resident beyond that (bytes), for the
+/// simulator's report.
+#[cfg(not(target_env = "msvc"))]
+fn allocator_heap() -> Option<fn() -> (usize, usize)> {
+    Some(|| {
+        use tikv_jemalloc_ctl::{epoch, stats};
+        let figures = epoch::advance()
+            .and_then(|_| Ok((stats::allocated::read()?, stats::resident::read()?)));
+        figures.map_or((0, 0), |(allocated, resident)| {
+            (allocated, resident.saturating_sub(allocated))
+        })
+    })
+}
+
+#[cfg(target_env = "msvc")]
+fn allocator_heap() -> Option<fn() -> (usize, usize)> {
+    None
+}
+
+/// jemalloc: the simulator of 10^6 nodes runs a quarter faster than on
+/// glibc's allocator (whose free lists, fragmented by churn, cost cache
+/// misses in every allocation), for a fifth more memory.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -90,8 +90,20 @@ impl<T> EventQueue<T> {
     }
 
     /// The earliest item (the first pushed among equals), with its time.
+    #[cfg(test)]
     pub fn pop(&mut self) -> Option<(u64, T)> {
+        self.pop_before(u64::MAX)
+    }
+
+    /// The earliest item if it is due before `limit`. The queue's clock
+    /// stays before `limit`: items can still be pushed for `limit` and
+    /// later.
+    pub fn pop_before(&mut self, limit: u64) -> Option<(u64, T)> {
         loop {
+            // Items in `current` and the slot are due at `now`.
+            if self.now >= limit {
+                return None;
+            }
             if let Some(t) = self.current.pop() {
                 return Some((t.at, t.item));
             }
@@ -109,11 +121,15 @@ impl<T> EventQueue<T> {
                 self.current.reverse();
                 continue;
             }
-            if self.in_wheel > 0 {
-                self.now += 1;
+            let next = if self.in_wheel > 0 {
+                self.now + 1
             } else {
-                self.now = self.far.peek()?.0.at;
+                self.far.peek()?.0.at
+            };
+            if next >= limit {
+                return None;
             }
+            self.now = next;
             // Items now within the wheel's reach move into their slots, in
             // order, before anything can be pushed there directly.
             while let Some(Reverse(t)) = self.far.peek() {
@@ -153,6 +169,40 @@ mod tests {
                     if let Some((at, _)) = got {
                         now = at;
                     }
+                }
+            }
+            while let Some(Reverse((at, _, i))) = heap.pop() {
+                prop_assert_eq!(q.pop(), Some((at, i)));
+            }
+            prop_assert_eq!(q.pop(), None);
+        }
+
+        /// Pops only what is due before a rising limit, in the same order,
+        /// with pushes from the last popped time on.
+        #[test]
+        fn pops_before_a_limit_in_heap_order(ops in proptest::collection::vec((0u64..3, 0u64..20_000, any::<bool>(), 0u64..40), 1..400)) {
+            let mut q = EventQueue::new();
+            let mut heap = BinaryHeap::new();
+            let (mut seq, mut now, mut limit) = (0u64, 0u64, 0u64);
+            for (i, (pops, delay, near, step)) in ops.into_iter().enumerate() {
+                let at = now + if near { delay % 300 } else { delay };
+                q.push(at, i);
+                seq += 1;
+                heap.push(Reverse((at, seq, i)));
+                limit += step;
+                for _ in 0..pops {
+                    let want = match heap.peek() {
+                        Some(Reverse((at, _, _))) if *at < limit => {
+                            heap.pop().map(|Reverse((at, _, i))| (at, i))
+                        }
+                        _ => None,
+                    };
+                    let got = q.pop_before(limit);
+                    prop_assert_eq!(got, want);
+                    now = match got {
+                        Some((at, _)) => at,
+                        None => now.max(limit),
+                    };
                 }
             }
             while let Some(Reverse((at, _, i))) = heap.pop() {

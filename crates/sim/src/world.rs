@@ -53,6 +53,28 @@ pub struct SimConfig {
     /// standing for a public key (deriving a million key pairs took a
     /// minute at a simulator's start).
     pub key_pairs: bool,
+    /// Threads to run on (0: up to two, if the machine has them and the
+    /// network is large enough to gain). The numbers do not depend on it.
+    pub threads: usize,
+    /// The allocator's heap in use and held beyond that (bytes), for the
+    /// report, when the program does not use glibc's allocator.
+    pub allocator_heap: Option<fn() -> (usize, usize)>,
+}
+
+/// Below this many nodes a window holds too few events to share out.
+const THREADS_FROM_NODES: usize = 50_000;
+
+impl SimConfig {
+    /// The threads a run uses.
+    pub fn threads(&self) -> usize {
+        match self.threads {
+            0 if self.nodes >= THREADS_FROM_NODES => std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(PARTITIONS),
+            0 => 1,
+            n => n.min(PARTITIONS),
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -75,6 +97,8 @@ impl Default for SimConfig {
             nat_mix: None,
             connects: 0,
             key_pairs: false,
+            threads: 0,
+            allocator_heap: None,
         }
     }
 }
@@ -218,11 +242,12 @@ pub struct SimMemory {
     pub queues: f64,
     /// The simulator's own per-node state and pending queries.
     pub world: f64,
-    /// The allocator's heap in use, all of the process (glibc only; 0
-    /// elsewhere).
+    /// The allocator's heap in use, all of the process (glibc's, or the
+    /// one `SimConfig::allocator_heap` gives: jemalloc's in `p2pos sim`).
     pub allocator_in_use: f64,
-    /// Free space inside the allocator's heap: what fragmentation costs
-    /// (glibc only).
+    /// Memory the allocator holds beyond that: free space inside glibc's
+    /// heap, or what jemalloc keeps resident beyond what is in use (what
+    /// fragmentation costs).
     pub allocator_free: f64,
     /// Routing-table entries per live node, mean.
     pub table_entries_mean: f64,
@@ -262,8 +287,8 @@ impl SimMemory {
             min_age_min,
             ..TablesByAge::default()
         });
-        for (i, node) in w.nodes.iter().enumerate() {
-            if let Some(dht) = &node.dht {
+        for i in 0..w.shared.places.len() {
+            if let Some(dht) = w.dht(i as u32) {
                 sum.add(&dht.memory_use());
                 live += 1;
                 let len = dht.table().len();
@@ -273,8 +298,8 @@ impl SimMemory {
                     .table()
                     .contacts()
                     .filter(|c| {
-                        let at = w.by_addr.get(&c.addr).map(|&j| &w.nodes[j as usize]);
-                        !at.is_some_and(|n| n.dht.is_some() && n.id == c.id)
+                        let at = w.shared.by_addr.get(&c.addr).copied();
+                        !at.is_some_and(|j| w.online(j) && w.place(j).id == c.id)
                     })
                     .count();
                 dead += gone;
@@ -292,12 +317,16 @@ impl SimMemory {
         }
         let mean = |n: usize| n as f64 / live.max(1) as f64;
         use std::mem::size_of;
-        let world = w.nodes.capacity() * size_of::<Node>()
-            + map_heap_bytes(&w.by_addr)
+        let world = w.shared.places.capacity() * size_of::<Place>()
+            + w.parts
+                .iter()
+                .map(|p| p.slots.capacity() * size_of::<Slot>())
+                .sum::<usize>()
+            + map_heap_bytes(&w.shared.by_addr)
             + map_heap_bytes(&w.pending)
             + w.online_since.capacity() * size_of::<u64>();
         let mb = |b: usize| b as f64 / 1e6;
-        let heap = allocator_heap();
+        let heap = w.cfg.allocator_heap.map_or_else(allocator_heap, |f| f());
         SimMemory {
             dht_nodes: mb(sum.node),
             tables: mb(sum.table),
@@ -317,16 +346,27 @@ impl SimMemory {
     }
 }
 
-enum EventKind {
-    Deliver {
-        to: u32,
-        from: u32,
-        bytes: Vec<u8>,
-    },
-    Timer {
-        node: u32,
-        gen: u32,
-    },
+/// Logical partitions of the nodes: node `i` belongs to partition `i %
+/// PARTITIONS`, which runs its datagrams and timers with its own queue and
+/// random numbers. The partitions of one window of time run side by side,
+/// on as many threads as there are; their count is fixed, so the numbers
+/// do not depend on the threads.
+const PARTITIONS: usize = 2;
+
+/// The shortest one-way delay between two nodes (ms): the length of a
+/// window. A datagram sent within a window arrives after it, so the
+/// partitions of one window need nothing from each other.
+const WINDOW_MS: u64 = 2;
+
+/// What a partition runs.
+enum Local {
+    Deliver { to: u32, from: u32, bytes: Vec<u8> },
+    Timer { node: u32, gen: u32 },
+}
+
+/// What the world runs between windows, at the start of the window they
+/// fall in (up to a window early).
+enum Global {
     Leave {
         node: u32,
         gen: u32,
@@ -348,8 +388,9 @@ enum EventKind {
     },
 }
 
-struct Node {
-    dht: Option<Box<Dht<u32>>>,
+/// Where a node is and what it is: set when it is created, and only read
+/// while the partitions run.
+struct Place {
     id: NodeId,
     addr: u32,
     gen: u32,
@@ -358,6 +399,11 @@ struct Node {
     x: f32,
     y: f32,
     access_ms: f32,
+}
+
+/// A node's state in its partition.
+struct Slot {
+    dht: Option<Box<Dht<u32>>>,
     /// When the node's timer is due: the one timer event in the queue
     /// that counts (others for it are stale).
     timer_at: u64,
@@ -368,6 +414,55 @@ struct Node {
     /// its maintenance time each time, and every time a new event for it
     /// went into the heap beside the stale one.
     timer_queued: u64,
+}
+
+/// What the partitions read: the places of the nodes and the address map.
+struct Shared {
+    places: Vec<Place>,
+    /// Node indexes by address (Fx: addresses are random and the
+    /// simulator's own, so a keyed hash buys nothing, and SipHash showed in
+    /// profiles: one lookup per datagram sent).
+    by_addr: FxHashMap<u32, u32>,
+    loss: f64,
+}
+
+impl Shared {
+    fn one_way_ms(&self, a: u32, b: u32) -> u64 {
+        let (na, nb) = (&self.places[a as usize], &self.places[b as usize]);
+        let d = ((na.x - nb.x).powi(2) + (na.y - nb.y).powi(2)).sqrt();
+        // Every access link takes at least a millisecond each way.
+        (na.access_ms + nb.access_ms + d * 50.0).max(WINDOW_MS as f32) as u64
+    }
+}
+
+/// A query of a node that ended, for the world to count.
+struct Done {
+    node: u32,
+    gen: u32,
+    at: u64,
+    event: DhtEvent<u32>,
+}
+
+/// A partition: its nodes' state, queue and random numbers, and the
+/// datagrams it sent to other partitions in the last window.
+struct Part {
+    index: usize,
+    now: u64,
+    queue: EventQueue<Local>,
+    /// Node `i` of this partition at `slots[i / PARTITIONS]`.
+    slots: Vec<Slot>,
+    rng: SplitMix64,
+    /// Datagrams for each partition, sent in this window.
+    outbox: Vec<Vec<(u64, Local)>>,
+    /// Datagrams from each partition, sent in the last window.
+    inbox: Vec<Vec<(u64, Local)>>,
+    done: Vec<Done>,
+    events: u64,
+    deliveries: u64,
+    timers: u64,
+    /// [`Part::flush`]'s buffers.
+    out_buf: Vec<(u32, Vec<u8>)>,
+    event_buf: Vec<DhtEvent<u32>>,
 }
 
 #[derive(Default)]
@@ -423,21 +518,14 @@ struct World {
     dht_cfg: std::sync::Arc<DhtConfig>,
     rng: SplitMix64,
     now: u64,
-    queue: EventQueue<EventKind>,
-    nodes: Vec<Node>,
-    /// Node slots by address (Fx: addresses are random and the simulator's
-    /// own, so a keyed hash buys nothing, and SipHash showed in profiles:
-    /// one lookup per datagram sent).
-    by_addr: FxHashMap<u32, u32>,
+    global: EventQueue<Global>,
+    shared: Shared,
+    parts: Vec<Part>,
     pending: FxHashMap<(u32, u32, QueryId), (Pending, u64)>,
     stats: Stats,
+    /// Global events run.
     events: u64,
-    deliveries: u64,
-    timers: u64,
     online_since: Vec<u64>,
-    /// [`World::flush`]'s buffers.
-    out_buf: Vec<(u32, Vec<u8>)>,
-    event_buf: Vec<DhtEvent<u32>>,
 }
 
 /// Simulated time starts here (seconds since the Unix epoch), so records
@@ -481,15 +569,223 @@ fn percentile<T: Copy + Ord + Default>(v: &mut [T], p: f64) -> T {
     v[i.min(v.len() - 1)]
 }
 
+fn sim_time(now: u64) -> Duration {
+    Duration::from_millis(EPOCH_S * 1000 + now)
+}
+
+impl Part {
+    fn new(index: usize, seed: u64) -> Self {
+        Part {
+            index,
+            now: 0,
+            queue: EventQueue::new(),
+            slots: Vec::new(),
+            rng: SplitMix64(seed),
+            outbox: (0..PARTITIONS).map(|_| Vec::new()).collect(),
+            inbox: (0..PARTITIONS).map(|_| Vec::new()).collect(),
+            done: Vec::new(),
+            events: 0,
+            deliveries: 0,
+            timers: 0,
+            out_buf: Vec::new(),
+            event_buf: Vec::new(),
+        }
+    }
+
+    fn slot(&mut self, i: u32) -> &mut Slot {
+        &mut self.slots[i as usize / PARTITIONS]
+    }
+
+    /// Runs the window that ends at `limit`: first the datagrams the other
+    /// partitions sent in the last one.
+    fn run_window(&mut self, shared: &Shared, limit: u64) {
+        for from in 0..PARTITIONS {
+            let mut inbox = std::mem::take(&mut self.inbox[from]);
+            for (at, local) in inbox.drain(..) {
+                self.queue.push(at, local);
+            }
+            self.inbox[from] = inbox;
+        }
+        while let Some((at, local)) = self.queue.pop_before(limit) {
+            self.now = at;
+            self.events += 1;
+            self.step(shared, local);
+        }
+    }
+
+    fn step(&mut self, shared: &Shared, local: Local) {
+        let now = sim_time(self.now);
+        match local {
+            Local::Deliver { to, from, bytes } => {
+                self.deliveries += 1;
+                let Some(dht) = self.slot(to).dht.as_mut() else {
+                    return;
+                };
+                let _ = dht.handle_datagram(now, from, &bytes);
+                self.flush(shared, to);
+            }
+            Local::Timer { node, gen } => {
+                if shared.places[node as usize].gen != gen {
+                    return;
+                }
+                let at = self.now;
+                let slot = self.slot(node);
+                if slot.timer_queued == at {
+                    slot.timer_queued = u64::MAX;
+                }
+                if slot.timer_at != at {
+                    return;
+                }
+                slot.timer_at = u64::MAX;
+                if let Some(dht) = slot.dht.as_mut() {
+                    dht.handle_timeout(now);
+                }
+                self.timers += 1;
+                self.flush(shared, node);
+            }
+        }
+    }
+
+    /// Drains what node `i` wants to send and report, and re-arms its timer.
+    fn flush(&mut self, shared: &Shared, i: u32) {
+        let mut out = std::mem::take(&mut self.out_buf);
+        let mut events = std::mem::take(&mut self.event_buf);
+        let timer = {
+            let Some(dht) = self.slot(i).dht.as_mut() else {
+                return;
+            };
+            while let Some(t) = dht.poll_transmit() {
+                out.push(t);
+            }
+            while let Some(e) = dht.poll_event() {
+                events.push(e);
+            }
+            dht.poll_timeout()
+        };
+        let place = &shared.places[i as usize];
+        for (to_addr, bytes) in out.drain(..) {
+            if shared.loss > 0.0 && self.rng.unit() < shared.loss {
+                continue;
+            }
+            let Some(&to) = shared.by_addr.get(&to_addr) else {
+                continue;
+            };
+            let at = self.now + shared.one_way_ms(i, to);
+            let local = Local::Deliver {
+                to,
+                from: place.addr,
+                bytes,
+            };
+            let part = to as usize % PARTITIONS;
+            if part == self.index {
+                self.queue.push(at, local);
+            } else {
+                self.outbox[part].push((at, local));
+            }
+        }
+        self.out_buf = out;
+        for event in events.drain(..) {
+            self.done.push(Done {
+                node: i,
+                gen: place.gen,
+                at: self.now,
+                event,
+            });
+        }
+        self.event_buf = events;
+        if let Some(t) = timer {
+            let at = (t.as_millis() as u64)
+                .saturating_sub(EPOCH_S * 1000)
+                .max(self.now);
+            let slot = &mut self.slots[i as usize / PARTITIONS];
+            if at < slot.timer_at || slot.timer_at < self.now {
+                slot.timer_at = at;
+                if at != slot.timer_queued {
+                    slot.timer_queued = match slot.timer_queued {
+                        u64::MAX => at,
+                        queued => queued.max(at),
+                    };
+                    let gen = place.gen;
+                    self.queue.push(at, Local::Timer { node: i, gen });
+                }
+            }
+        }
+    }
+}
+
 impl World {
     fn now_d(&self) -> Duration {
-        Duration::from_millis(EPOCH_S * 1000 + self.now)
+        sim_time(self.now)
     }
 
     fn one_way_ms(&self, a: u32, b: u32) -> u64 {
-        let (na, nb) = (&self.nodes[a as usize], &self.nodes[b as usize]);
-        let d = ((na.x - nb.x).powi(2) + (na.y - nb.y).powi(2)).sqrt();
-        (na.access_ms + nb.access_ms + d * 50.0).max(1.0) as u64
+        self.shared.one_way_ms(a, b)
+    }
+
+    fn place(&self, i: u32) -> &Place {
+        &self.shared.places[i as usize]
+    }
+
+    fn dht(&self, i: u32) -> Option<&Dht<u32>> {
+        self.parts[i as usize % PARTITIONS].slots[i as usize / PARTITIONS]
+            .dht
+            .as_deref()
+    }
+
+    fn dht_mut(&mut self, i: u32) -> Option<&mut Dht<u32>> {
+        self.parts[i as usize % PARTITIONS]
+            .slot(i)
+            .dht
+            .as_deref_mut()
+    }
+
+    fn online(&self, i: u32) -> bool {
+        self.dht(i).is_some()
+    }
+
+    /// Events run so far: the partitions' and the global ones.
+    fn all_events(&self) -> u64 {
+        self.events + self.parts.iter().map(|p| p.events).sum::<u64>()
+    }
+
+    /// Runs the windows up to `end` (inclusive) on `threads` threads.
+    fn run_until(&mut self, end: u64, threads: usize) {
+        let run = |w: &mut World, join: &dyn Fn(&mut [Part], &Shared, u64)| {
+            let mut t = 0;
+            while t <= end {
+                let limit = (t + WINDOW_MS).min(end + 1);
+                w.now = t;
+                w.exchange();
+                while let Some((_, global)) = w.global.pop_before(limit) {
+                    w.step(global);
+                }
+                join(&mut w.parts, &w.shared, limit);
+                t = limit;
+            }
+            w.now = end;
+            w.exchange();
+        };
+        if threads <= 1 {
+            run(self, &|parts, shared, limit| {
+                for part in parts {
+                    part.run_window(shared, limit);
+                }
+            });
+            return;
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.min(PARTITIONS))
+            .build()
+            .expect("a thread pool");
+        pool.install(|| {
+            run(self, &|parts, shared, limit| {
+                let (a, b) = parts.split_at_mut(1);
+                rayon::join(
+                    || a[0].run_window(shared, limit),
+                    || b[0].run_window(shared, limit),
+                );
+            })
+        });
     }
 
     /// The time left in the session of a node that has been up for
@@ -514,7 +810,7 @@ impl World {
     fn new_addr(&mut self) -> u32 {
         loop {
             let a = (self.rng.next_u64() >> 32) as u32;
-            if a != 0 && !self.by_addr.contains_key(&a) {
+            if a != 0 && !self.shared.by_addr.contains_key(&a) {
                 return a;
             }
         }
@@ -523,7 +819,11 @@ impl World {
     /// Creates the node in slot `index`, up for `up_ms` already (a new
     /// identity each time).
     fn spawn(&mut self, index: u32, up_ms: u64) {
-        let gen = self.nodes.get(index as usize).map_or(0, |n| n.gen + 1);
+        let gen = self
+            .shared
+            .places
+            .get(index as usize)
+            .map_or(0, |n| n.gen + 1);
         let identity = self.rng.bytes();
         let addr = self.new_addr();
         let nat = match &self.cfg.nat_mix {
@@ -552,9 +852,8 @@ impl World {
             }
         };
         let u = self.rng.unit() as f32;
-        let node = Node {
+        let place = Place {
             id: dht.id(),
-            dht: Some(Box::new(dht)),
             addr,
             gen,
             server,
@@ -562,29 +861,35 @@ impl World {
             x: self.rng.unit() as f32,
             y: self.rng.unit() as f32,
             access_ms: 1.0 + 30.0 * u * u,
+        };
+        let slot = Slot {
+            dht: Some(Box::new(dht)),
             timer_at: u64::MAX,
             timer_queued: u64::MAX,
         };
-        self.by_addr.insert(addr, index);
-        if (index as usize) < self.nodes.len() {
-            self.nodes[index as usize] = node;
+        self.shared.by_addr.insert(addr, index);
+        let part = &mut self.parts[index as usize % PARTITIONS];
+        if (index as usize) < self.shared.places.len() {
+            self.shared.places[index as usize] = place;
+            *part.slot(index) = slot;
             self.online_since[index as usize] = self.now;
         } else {
-            self.nodes.push(node);
+            debug_assert_eq!(index as usize, self.shared.places.len());
+            self.shared.places.push(place);
+            part.slots.push(slot);
             self.online_since.push(self.now);
         }
         if let Some(s) = self.session_left_ms(up_ms) {
-            self.queue.push(
-                self.now + s.max(1000),
-                EventKind::Leave { node: index, gen },
-            );
+            self.global
+                .push(self.now + s.max(1000), Global::Leave { node: index, gen });
         }
     }
 
     /// Fills every routing table from the global sorted list of servers.
     fn build_tables(&mut self) {
         let mut servers: Vec<(NodeId, u32)> = self
-            .nodes
+            .shared
+            .places
             .iter()
             .filter(|n| n.server)
             .map(|n| (n.id, n.addr))
@@ -595,8 +900,8 @@ impl World {
         // One buffer, reused for every node.
         let mut picks: Vec<(NodeId, u32)> = Vec::new();
         let mut chosen: Vec<usize> = Vec::with_capacity(k);
-        for i in 0..self.nodes.len() {
-            let me = self.nodes[i].id;
+        for i in 0..self.shared.places.len() {
+            let me = self.shared.places[i].id;
             picks.clear();
             // `lo..hi`: the servers sharing the first `prefix` bits with me
             // (a range of the sorted list). Bit `prefix` splits it into the
@@ -628,7 +933,10 @@ impl World {
                     break;
                 }
             }
-            let dht = self.nodes[i].dht.as_mut().expect("online");
+            let dht = self.parts[i % PARTITIONS].slots[i / PARTITIONS]
+                .dht
+                .as_deref_mut()
+                .expect("online");
             for &(id, addr) in &picks {
                 // Heard from at some point of the warm start.
                 let seen = now - Duration::from_millis(self.rng.next_u64() % WARM_START_MS);
@@ -648,68 +956,52 @@ impl World {
 
     fn random_online(&mut self, want_server: bool) -> Option<u32> {
         for _ in 0..64 {
-            let i = self.rng.below(self.nodes.len()) as u32;
-            let n = &self.nodes[i as usize];
-            if n.dht.is_some() && (!want_server || n.server) {
+            let i = self.rng.below(self.shared.places.len()) as u32;
+            if self.online(i) && (!want_server || self.place(i).server) {
                 return Some(i);
             }
         }
         None
     }
 
-    /// Drains what node `i` wants to send and report, and re-arms its timer.
+    /// Node `i`'s transmits, events and timer, between windows.
     fn flush(&mut self, i: u32) {
-        // The buffers live in the world between calls (a node that
-        // reports an event can reenter: it then gets fresh ones).
-        let mut out = std::mem::take(&mut self.out_buf);
-        let mut events = std::mem::take(&mut self.event_buf);
-        let (timer, gen) = {
-            let node = &mut self.nodes[i as usize];
-            let Some(dht) = node.dht.as_mut() else { return };
-            while let Some(t) = dht.poll_transmit() {
-                out.push(t);
-            }
-            while let Some(e) = dht.poll_event() {
-                events.push(e);
-            }
-            (dht.poll_timeout(), node.gen)
-        };
-        for (to_addr, bytes) in out.drain(..) {
-            if self.cfg.loss > 0.0 && self.rng.unit() < self.cfg.loss {
-                continue;
-            }
-            let Some(&to) = self.by_addr.get(&to_addr) else {
-                continue;
-            };
-            let delay = self.one_way_ms(i, to);
-            let from = self.nodes[i as usize].addr;
-            self.queue
-                .push(self.now + delay, EventKind::Deliver { to, from, bytes });
-        }
-        self.out_buf = out;
-        for e in events.drain(..) {
-            self.on_event(i, gen, e);
-        }
-        self.event_buf = events;
-        if let Some(t) = timer {
-            let at = (t.as_millis() as u64)
-                .saturating_sub(EPOCH_S * 1000)
-                .max(self.now);
-            let node = &mut self.nodes[i as usize];
-            if at < node.timer_at || node.timer_at < self.now {
-                node.timer_at = at;
-                if at != node.timer_queued {
-                    node.timer_queued = match node.timer_queued {
-                        u64::MAX => at,
-                        queued => queued.max(at),
-                    };
-                    self.queue.push(at, EventKind::Timer { node: i, gen });
+        let part = &mut self.parts[i as usize % PARTITIONS];
+        part.now = self.now;
+        part.flush(&self.shared, i);
+    }
+
+    /// Between windows: the datagrams each partition sent to another go
+    /// to its inbox, and the queries that ended are counted.
+    fn exchange(&mut self) {
+        for from in 0..PARTITIONS {
+            for to in 0..PARTITIONS {
+                if from == to || self.parts[from].outbox[to].is_empty() {
+                    continue;
                 }
+                let sent = std::mem::take(&mut self.parts[from].outbox[to]);
+                debug_assert!(self.parts[to].inbox[from].is_empty());
+                let drained = std::mem::replace(&mut self.parts[to].inbox[from], sent);
+                self.parts[from].outbox[to] = drained;
             }
+        }
+
+        for p in 0..PARTITIONS {
+            let mut done = std::mem::take(&mut self.parts[p].done);
+            for d in done.drain(..) {
+                self.on_event(d);
+            }
+            self.parts[p].done = done;
         }
     }
 
-    fn on_event(&mut self, i: u32, gen: u32, e: DhtEvent<u32>) {
+    fn on_event(&mut self, done: Done) {
+        let Done {
+            node: i,
+            gen,
+            at,
+            event: e,
+        } = done;
         let query = match &e {
             DhtEvent::LookupDone { query, .. }
             | DhtEvent::GetDone { query, .. }
@@ -718,7 +1010,7 @@ impl World {
         let Some((pending, started)) = self.pending.remove(&(i, gen, query)) else {
             return;
         };
-        let measure = self.now >= self.cfg.warmup.as_millis() as u64;
+        let measure = at >= self.cfg.warmup.as_millis() as u64;
         match (pending, e) {
             (
                 Pending::Lookup {
@@ -728,8 +1020,7 @@ impl World {
                 },
                 DhtEvent::LookupDone { closest, hops, .. },
             ) => {
-                let t = &self.nodes[target_node as usize];
-                if t.gen != target_gen || t.dht.is_none() {
+                if self.place(target_node).gen != target_gen || !self.online(target_node) {
                     return; // the target left meanwhile: not a fair question
                 }
                 if !measure {
@@ -739,7 +1030,7 @@ impl World {
                 if closest.iter().any(|(id, _)| *id == target) {
                     self.stats.lookups_ok += 1;
                     self.stats.hops.push(u32::from(hops));
-                    self.stats.latency.push(self.now - started);
+                    self.stats.latency.push(at - started);
                 }
             }
             (Pending::Get { seq }, DhtEvent::GetDone { record, hops, .. }) => {
@@ -747,7 +1038,7 @@ impl World {
                 if record.is_some_and(|r| r.seq == seq) {
                     self.stats.gets_ok += 1;
                     self.stats.get_hops.push(u32::from(hops));
-                    self.stats.get_latency.push(self.now - started);
+                    self.stats.get_latency.push(at - started);
                 }
             }
             (Pending::Put, DhtEvent::PutDone { stored, .. }) => {
@@ -763,13 +1054,12 @@ impl World {
                 },
                 DhtEvent::GetDone { record, .. },
             ) => {
-                let t = &self.nodes[target_node as usize];
-                if t.gen != target_gen || t.dht.is_none() {
+                if self.place(target_node).gen != target_gen || !self.online(target_node) {
                     return;
                 }
                 self.stats.connects += 1;
                 if record.is_some() {
-                    let get_ms = self.now - started;
+                    let get_ms = at - started;
                     self.connect(i, target_node, get_ms);
                 }
             }
@@ -787,8 +1077,8 @@ impl World {
         if from == target_node {
             return;
         }
-        let target = self.nodes[target_node as usize].id;
-        let target_gen = self.nodes[target_node as usize].gen;
+        let target = self.place(target_node).id;
+        let target_gen = self.place(target_node).gen;
         let pending = Pending::Lookup {
             target,
             target_node,
@@ -806,9 +1096,9 @@ impl World {
         start: impl FnOnce(&mut Dht<u32>, Duration) -> QueryId,
     ) {
         let now = self.now_d();
-        let n = &mut self.nodes[node as usize];
-        let q = start(n.dht.as_mut().expect("online"), now);
-        self.pending.insert((node, n.gen, q), (pending, self.now));
+        let gen = self.place(node).gen;
+        let q = start(self.dht_mut(node).expect("online"), now);
+        self.pending.insert((node, gen, q), (pending, self.now));
         self.flush(node);
     }
 
@@ -839,22 +1129,21 @@ impl World {
     fn connect(&mut self, a: u32, b: u32, lookup_ms: u64) {
         use crate::nat::{connect, Nat, Path, Rtts};
         // B's home: a reachable server (B's own record names it).
-        let home = (0..64)
-            .map(|_| self.rng.below(self.nodes.len()) as u32)
-            .find(|&h| {
-                let n = &self.nodes[h as usize];
-                n.dht.is_some() && n.server && n.nat.reachable() && h != a && h != b
-            });
+        let home = (0..64).find_map(|_| {
+            let h = self.rng.below(self.shared.places.len()) as u32;
+            let n = self.place(h);
+            (self.online(h) && n.server && n.nat.reachable() && h != a && h != b).then_some(h)
+        });
         let Some(h) = home else { return };
         let rtt = Rtts {
             ab: 2 * self.one_way_ms(a, b),
             ah: 2 * self.one_way_ms(a, h),
             hb: 2 * self.one_way_ms(h, b),
         };
-        let (na, nb) = (&self.nodes[a as usize], &self.nodes[b as usize]);
+        let (na, nb) = (self.place(a), self.place(b));
         let mut nat_a = Nat::new(na.nat, na.addr);
         let mut nat_b = Nat::new(nb.nat, nb.addr);
-        let h_addr = std::net::SocketAddr::from((self.nodes[h as usize].addr.to_be_bytes(), 7447));
+        let h_addr = std::net::SocketAddr::from((self.place(h).addr.to_be_bytes(), 7447));
         let out = connect(&mut nat_a, &mut nat_b, h_addr, rtt, &mut self.rng);
         self.stats.connects_ok += 1;
         self.stats.connect_ms.push(lookup_ms + out.connect_ms);
@@ -873,13 +1162,15 @@ impl World {
     }
 
     fn account_bytes(&mut self, i: u32) {
-        let node = &mut self.nodes[i as usize];
-        if let Some(dht) = &node.dht {
-            let bytes = dht.counters().bytes_sent;
-            self.stats.proofs += dht.counters().proofs_signed;
-            self.stats.requests.add(&dht.counters().requests);
-            let secs = (self.now - self.online_since[i as usize]) as f64 / 1000.0;
-            if node.server {
+        let server = self.place(i).server;
+        let (now, since) = (self.now, self.online_since[i as usize]);
+        if let Some(dht) = self.dht(i) {
+            let counters = dht.counters().clone();
+            let bytes = counters.bytes_sent;
+            self.stats.proofs += counters.proofs_signed;
+            self.stats.requests.add(&counters.requests);
+            let secs = (now - since) as f64 / 1000.0;
+            if server {
                 self.stats.server_bytes += u128::from(bytes);
                 self.stats.server_seconds += secs;
             } else {
@@ -889,47 +1180,19 @@ impl World {
         }
     }
 
-    fn step(&mut self, at: u64, kind: EventKind) {
+    /// Runs a global event, at the start of the window it falls in.
+    fn step(&mut self, global: Global) {
         self.events += 1;
-        self.now = at;
-        match kind {
-            EventKind::Deliver { to, from, bytes } => {
-                self.deliveries += 1;
-                let now = self.now_d();
-                let Some(dht) = self.nodes[to as usize].dht.as_mut() else {
-                    return;
-                };
-                let _ = dht.handle_datagram(now, from, &bytes);
-                self.flush(to);
-            }
-            EventKind::Timer { node, gen } => {
-                let n = &mut self.nodes[node as usize];
-                if n.gen != gen {
-                    return;
-                }
-                if n.timer_queued == at {
-                    n.timer_queued = u64::MAX;
-                }
-                if n.timer_at != at {
-                    return;
-                }
-                n.timer_at = u64::MAX;
-                self.timers += 1;
-                let now = self.now_d();
-                if let Some(dht) = self.nodes[node as usize].dht.as_mut() {
-                    dht.handle_timeout(now);
-                }
-                self.flush(node);
-            }
-            EventKind::Leave { node, gen } => {
-                if self.nodes[node as usize].gen != gen {
+        match global {
+            Global::Leave { node, gen } => {
+                if self.place(node).gen != gen {
                     return;
                 }
                 self.stats.departures += 1;
                 self.account_bytes(node);
-                let addr = self.nodes[node as usize].addr;
-                self.by_addr.remove(&addr);
-                self.nodes[node as usize].dht = None;
+                let addr = self.place(node).addr;
+                self.shared.by_addr.remove(&addr);
+                self.parts[node as usize % PARTITIONS].slot(node).dht = None;
                 self.spawn(node, 0);
                 let now = self.now_d();
                 // Through another node: one that bootstraps from itself
@@ -938,36 +1201,36 @@ impl World {
                     .filter_map(|_| self.random_online(true))
                     .find(|&b| b != node);
                 if let Some(b) = bootstrap {
-                    let baddr = self.nodes[b as usize].addr;
-                    if let Some(dht) = self.nodes[node as usize].dht.as_mut() {
+                    let baddr = self.place(b).addr;
+                    if let Some(dht) = self.dht_mut(node) {
                         dht.add_bootstrap(now, baddr);
                     }
                 }
                 self.flush(node);
             }
-            EventKind::Lookup => self.start_lookup(),
-            EventKind::Put => {
+            Global::Lookup => self.start_lookup(),
+            Global::Put => {
                 let Some(owner) = self.random_online(false) else {
                     return;
                 };
                 let seq = self.now;
                 let key = self.put_record(owner, b"sim", &[0x42u8; 200], Pending::Put);
-                self.queue
-                    .push(self.now + 60_000, EventKind::Get { key, seq, owner });
+                self.global
+                    .push(self.now + 60_000, Global::Get { key, seq, owner });
             }
-            EventKind::Get { key, seq, owner } => {
+            Global::Get { key, seq, owner } => {
                 let Some(mut from) = self.random_online(false) else {
                     return;
                 };
                 if from == owner {
-                    from = (from + 1) % self.nodes.len() as u32;
-                    if self.nodes[from as usize].dht.is_none() {
+                    from = (from + 1) % self.shared.places.len() as u32;
+                    if !self.online(from) {
                         return;
                     }
                 }
                 self.start_get(from, key, Pending::Get { seq });
             }
-            EventKind::Connect => {
+            Global::Connect => {
                 // The target published its peer record (as every node does
                 // at start); a minute later the initiator fetches it cold.
                 let (Some(from), Some(to)) = (self.random_online(false), self.random_online(false))
@@ -977,23 +1240,23 @@ impl World {
                 if from == to {
                     return;
                 }
-                let to_gen = self.nodes[to as usize].gen;
+                let to_gen = self.place(to).gen;
                 let key = self.put_record(to, b"peer", &[0x50u8; 80], Pending::PeerRecord);
-                let get = EventKind::ConnectGet {
+                let get = Global::ConnectGet {
                     from,
                     to,
                     to_gen,
                     key,
                 };
-                self.queue.push(self.now + 60_000, get);
+                self.global.push(self.now + 60_000, get);
             }
-            EventKind::ConnectGet {
+            Global::ConnectGet {
                 from,
                 to,
                 to_gen,
                 key,
             } => {
-                if self.nodes[from as usize].dht.is_none() {
+                if !self.online(from) {
                     return;
                 }
                 let pending = Pending::Connect {
@@ -1002,19 +1265,19 @@ impl World {
                 };
                 self.start_get(from, key, pending);
             }
-            EventKind::Progress => {
+            Global::Progress => {
                 if self.cfg.progress {
                     let total = self.cfg.duration.as_millis() as u64;
                     eprint!(
                         "\rsim: {:>5.1}% of {} simulated, {} events, {} lookups measured   ",
                         self.now as f64 / total as f64 * 100.0,
                         fmt_duration(self.cfg.duration),
-                        self.events,
+                        self.all_events(),
                         self.stats.lookups
                     );
                 }
                 let step = (self.cfg.duration.as_millis() as u64 / 100).max(1000);
-                self.queue.push(self.now + step, EventKind::Progress);
+                self.global.push(self.now + step, Global::Progress);
             }
         }
     }
@@ -1074,22 +1337,26 @@ fn share(part: usize, whole: usize) -> f64 {
 /// Runs a simulation.
 pub fn run(cfg: &SimConfig) -> SimReport {
     let wall = Instant::now();
+    let mut rng = SplitMix64(cfg.seed);
+    let parts = (0..PARTITIONS)
+        .map(|p| Part::new(p, rng.next_u64()))
+        .collect();
     let mut w = World {
-        rng: SplitMix64(cfg.seed),
+        rng,
         cfg: cfg.clone(),
         dht_cfg: std::sync::Arc::new(cfg.dht.clone()),
         now: 0,
-        queue: EventQueue::new(),
-        nodes: Vec::with_capacity(cfg.nodes),
-        by_addr: FxHashMap::with_capacity_and_hasher(cfg.nodes, Default::default()),
+        global: EventQueue::new(),
+        shared: Shared {
+            places: Vec::with_capacity(cfg.nodes),
+            by_addr: FxHashMap::with_capacity_and_hasher(cfg.nodes, Default::default()),
+            loss: cfg.loss,
+        },
+        parts,
         pending: FxHashMap::default(),
         stats: Stats::default(),
         events: 0,
-        deliveries: 0,
-        timers: 0,
         online_since: Vec::with_capacity(cfg.nodes),
-        out_buf: Vec::new(),
-        event_buf: Vec::new(),
     };
     for i in 0..cfg.nodes {
         let up_ms = w.rng.next_u64() % WARM_START_MS;
@@ -1116,33 +1383,30 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let window = end.saturating_sub(warm + 90_000).max(1);
     for _ in 0..cfg.lookups {
         let at = warm + w.rng.next_u64() % window;
-        w.queue.push(at, EventKind::Lookup);
+        w.global.push(at, Global::Lookup);
     }
     for _ in 0..cfg.records {
         let at = warm + w.rng.next_u64() % window;
-        w.queue.push(at, EventKind::Put);
+        w.global.push(at, Global::Put);
     }
     if cfg.nat_mix.is_some() {
         for _ in 0..cfg.connects {
             let at = warm + w.rng.next_u64() % window;
-            w.queue.push(at, EventKind::Connect);
+            w.global.push(at, Global::Connect);
         }
     }
-    w.queue.push(0, EventKind::Progress);
-    while let Some((at, kind)) = w.queue.pop() {
-        if at > end {
-            break;
-        }
-        w.step(at, kind);
-    }
-    w.now = end;
-    for i in 0..w.nodes.len() as u32 {
+    w.global.push(0, Global::Progress);
+    w.run_until(end, cfg.threads());
+    for i in 0..w.shared.places.len() as u32 {
         w.account_bytes(i);
     }
     if cfg.progress {
         eprintln!();
     }
     let memory_mb = SimMemory::of(&w);
+    let events = w.all_events();
+    let deliveries = w.parts.iter().map(|p| p.deliveries).sum();
+    let timers = w.parts.iter().map(|p| p.timers).sum();
     let s = &mut w.stats;
     let per = |bytes: u128, secs: f64| if secs > 0.0 { bytes as f64 / secs } else { 0.0 };
     SimReport {
@@ -1197,9 +1461,9 @@ pub fn run(cfg: &SimConfig) -> SimReport {
             }
         },
         departures: s.departures,
-        events: w.events,
-        deliveries: w.deliveries,
-        timers: w.timers,
+        events,
+        deliveries,
+        timers,
         wall_s: wall.elapsed().as_secs_f64(),
         peak_rss_mb: peak_rss_mb(),
         connects: s.connects,

@@ -44,13 +44,38 @@ fn lookups_converge_without_churn() {
 fn same_seed_same_numbers() {
     let a = sim(500, 4, Some(10), 100, 10, 3);
     let b = sim(500, 4, Some(10), 100, 10, 3);
-    let strip = |r: SimReport| SimReport {
+    assert_eq!(strip(a), strip(b));
+}
+
+/// The figures without what depends on the machine.
+fn strip(r: SimReport) -> SimReport {
+    SimReport {
         wall_s: 0.0,
         peak_rss_mb: 0.0,
         memory_mb: Default::default(),
         ..r
+    }
+}
+
+#[test]
+fn two_threads_give_the_numbers_of_one() {
+    let with = |threads| {
+        let cfg = SimConfig {
+            nodes: 1500,
+            duration: Duration::from_secs(240),
+            median_session: Some(Duration::from_secs(600)),
+            lookups: 200,
+            records: 20,
+            seed: 13,
+            warmup: Duration::from_secs(60),
+            threads,
+            ..SimConfig::default()
+        };
+        strip(run(&cfg))
     };
-    assert_eq!(strip(a), strip(b));
+    let one = with(1);
+    assert!(one.departures > 0 && one.lookups > 150, "seed 13: {one:?}");
+    assert_eq!(one, with(2), "seed 13");
 }
 
 #[test]
