@@ -209,6 +209,10 @@ struct SimArgs {
     /// most, to contacts silent for 30 minutes.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().pings_per_maintenance)]
     liveness_pings: usize,
+    /// Ping a contact not heard from for this long, e.g. 10m (default: the
+    /// DHT's, 30 minutes).
+    #[arg(long, value_parser = p2pos_sim::parse_duration)]
+    contact_stale: Option<std::time::Duration>,
     /// Contacts in one answer to a lookup query at most.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().answer_nodes)]
     answer_nodes: usize,
@@ -580,6 +584,9 @@ fn sim(args: SimArgs) -> Result<()> {
         k: args.k.max(1),
         bucket_size: args.bucket_size.max(1),
         pings_per_maintenance: args.liveness_pings,
+        contact_stale: args
+            .contact_stale
+            .unwrap_or(p2pos_proto::dht::DhtConfig::default().contact_stale),
         answer_nodes: args.answer_nodes.clamp(1, p2pos_proto::dht::MAX_NODES),
         alpha: args.alpha.max(1),
         eager: args.eager,
