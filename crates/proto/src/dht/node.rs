@@ -1172,6 +1172,11 @@ impl<A: Address> Dht<A> {
                     self.counters.contacts_left += 1;
                 }
             }
+        } else if verified {
+            // A request from a contact's own, proven address shows that it
+            // is there as well as its answer to a ping would: its entry
+            // needs no liveness ping, and those go to the silent ones.
+            self.table.mark_seen_at(&req.sender, &from, now.as_secs());
         }
         // Only sources that proved their address (a cookie) are remembered.
         if let (Some(t), true) = (&mut self.tracked, verified) {
@@ -1181,9 +1186,11 @@ impl<A: Address> Dht<A> {
         let n = self.config.answer_nodes;
         let nodes_for = |table: &RoutingTable<A>, target: &NodeId| -> Vec<(NodeId, A)> {
             table
-                .closest(target, n + 1)
+                .closest(target, n + 3)
                 .into_iter()
-                .filter(|c| c.id != req.sender)
+                // Not the asker, nor a contact whose last request failed
+                // (most of those have left: the asker would wait for it).
+                .filter(|c| c.id != req.sender && c.failures() == 0)
                 .take(n)
                 .map(|c| (c.id, c.addr))
                 .collect()
@@ -1375,12 +1382,14 @@ impl<A: Address> Dht<A> {
                     // The closest first, as many as the bucket has room for
                     // (a few may fail to verify: the next refresh fills in).
                     let mut room = self.table.room_for(target);
+                    let mut named_new = false;
                     for (id, addr) in nodes {
                         if room == 0 {
                             break;
                         }
                         if id != self.id && self.table.has_room_for(&id, &addr) {
                             room -= 1;
+                            named_new = true;
                             self.send_request(
                                 now,
                                 addr,
@@ -1390,6 +1399,22 @@ impl<A: Address> Dht<A> {
                                 Purpose::Fill,
                             );
                         }
+                    }
+                    // An answer that named nodes the bucket lacks, and not
+                    // enough to fill it, means there are more: the bucket
+                    // is refreshed again at the next maintenance instead
+                    // of a refresh period later. A new node's table fills
+                    // in minutes this way, bucket by bucket, 10 new
+                    // entries a round. A client (whose table serves only
+                    // its own lookups) keeps to its smaller byte budget:
+                    // only while the bucket is less than half full.
+                    let wanted = if self.server {
+                        0
+                    } else {
+                        self.config.bucket_size / 2
+                    };
+                    if named_new && room > wanted {
+                        self.table.refresh_soon(target);
                     }
                 }
             }
@@ -1722,6 +1747,112 @@ mod tests {
         assert_eq!(dht.counters().overloaded, 4);
         assert_eq!(dht.table().len(), 6);
         assert!(dht.table().contacts().all(|c| c.failures() == 0));
+    }
+
+    #[test]
+    fn a_refresh_that_named_new_nodes_is_repeated_until_one_names_none() {
+        let start = Duration::from_secs(1_800_000_000);
+        let config = DhtConfig {
+            k: 8,
+            bucket_size: 8,
+            self_lookup: Duration::from_secs(u64::from(u32::MAX)),
+            ..DhtConfig::default()
+        };
+        let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([3; 32]), config.clone(), 7, start);
+        let me = dht.id();
+        // Two contacts in bucket 0, one deep enough that bucket 0 should be
+        // full (log2(bucket size) buckets above the deepest one in use).
+        let mut known = Vec::new();
+        for (n, prefix) in [(1u32, 0usize), (2, 0), (3, 6)] {
+            let id = me.random_with_prefix(prefix, [n as u8; ID_BYTES]);
+            dht.seed_contact(id, n << 8, start);
+            known.push((id, n << 8));
+        }
+        // Runs maintenance at `at` and answers bucket 0's refresh, if one
+        // was sent, with `nodes`; returns whether there was one.
+        let refresh_answered = |dht: &mut Dht<u32>, at: Duration, nodes: Vec<(NodeId, u32)>| {
+            dht.handle_timeout(at);
+            let sent = requests_sent(dht);
+            let Some((to, req)) = sent.into_iter().find(
+                |(_, r)| matches!(r.body, RequestBody::FindNode(t) if me.common_prefix(&t) == 0),
+            ) else {
+                return false;
+            };
+            let responder = known.iter().find(|(_, a)| *a == to).expect("a contact").0;
+            let answer = Response {
+                txid: req.txid,
+                responder,
+                observed: 9,
+                cookie: 1,
+                proof: None,
+                body: ResponseBody::Nodes(nodes),
+            };
+            dht.handle_datagram(at, to, &answer.encode()).unwrap();
+            true
+        };
+        let first = dht.poll_timeout().expect("a maintenance timer");
+        let period = config.maintenance;
+        let new = (1..=3)
+            .map(|n| {
+                (
+                    me.random_with_prefix(0, [10 + n; ID_BYTES]),
+                    u32::from(10 + n) << 8,
+                )
+            })
+            .collect();
+        assert!(refresh_answered(&mut dht, first, new));
+        // Three nodes the bucket lacks, and room for more: asked again at
+        // the next maintenance, not a refresh period later.
+        let only_known = known[..2].to_vec();
+        assert!(refresh_answered(
+            &mut dht,
+            first + period,
+            only_known.clone()
+        ));
+        // That answer named none the bucket lacks: back to the period.
+        assert!(!refresh_answered(&mut dht, first + period * 2, only_known));
+    }
+
+    #[test]
+    fn answers_leave_out_contacts_whose_last_request_failed() {
+        let start = Duration::from_secs(1_800_000_000);
+        let config = DhtConfig::default();
+        let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([4; 32]), config.clone(), 9, start);
+        let me = dht.id();
+        let ids: Vec<NodeId> = (1..=3u8)
+            .map(|n| me.random_with_prefix(0, [n; ID_BYTES]))
+            .collect();
+        // A lookup's query to the first is lost: one failure.
+        dht.seed_contact(ids[0], 1 << 8, start);
+        dht.lookup(start, ids[0]);
+        requests_sent(&mut dht);
+        let now = start + config.query_timeout * 4;
+        dht.handle_timeout(now);
+        requests_sent(&mut dht);
+        for (n, id) in ids.iter().enumerate().skip(1) {
+            dht.seed_contact(*id, (n as u32 + 1) << 8, now);
+        }
+        assert_eq!(dht.table().get(&ids[0]).map(|c| c.failures()), Some(1));
+        let ask = Request {
+            txid: 77,
+            sender: me.random_with_prefix(0, [40; ID_BYTES]),
+            cookie: dht.cookie_for(&(50 << 8), now.as_secs() / 600),
+            server: true,
+            want_proof: false,
+            body: RequestBody::FindNode(ids[0]),
+        };
+        dht.handle_datagram(now, 50 << 8, &ask.encode(0)).unwrap();
+        let named: Vec<NodeId> = std::iter::from_fn(|| dht.poll_transmit())
+            .find_map(|(_, bytes)| match DhtMessage::<u32>::decode(&bytes) {
+                Ok(DhtMessage::Response(r)) if r.txid == 77 => match r.body {
+                    ResponseBody::Nodes(n) => Some(n.into_iter().map(|(id, _)| id).collect()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .expect("an answer");
+        assert_eq!(named.len(), 2);
+        assert!(!named.contains(&ids[0]));
     }
 
     /// A node whose refresh of bucket 0 gets no answer: the contact asked,

@@ -298,6 +298,14 @@ impl<A: Address> RoutingTable<A> {
         }
     }
 
+    /// Records that `id` was heard from at `now`, from `addr`: only if that
+    /// is the address its entry has.
+    pub fn mark_seen_at(&mut self, id: &NodeId, addr: &A, now: u64) {
+        if let Some(c) = self.get_mut(id).filter(|c| c.addr == *addr) {
+            c.set_seen(now);
+        }
+    }
+
     /// Records a failed RPC to `id`; after [`MAX_FAILURES`] in a row the
     /// contact is dropped and the freshest replacement takes its place.
     /// Returns whether it was dropped.
@@ -441,16 +449,18 @@ impl<A: Address> RoutingTable<A> {
     /// nodes share that long a prefix with this node): a lookup of the
     /// node's own ID refreshes them all at once, so they are left out. A
     /// bucket should be full if a deeper one is, or if it lies
-    /// `log2(bucket size) + 2` buckets above the deepest non-empty one (it
-    /// covers some 4 × bucket size nodes or more). The second rule is what a new node's table needs:
-    /// after its join lookup no bucket may be full yet.
+    /// `log2(bucket size)` buckets above the deepest non-empty one (it
+    /// covers some bucket size nodes or more). The second rule is what a
+    /// new node's table needs: after its join lookup no bucket may be full
+    /// yet. A bucket that cannot be full (fewer nodes share its prefix)
+    /// costs one request a refresh period.
     pub fn take_stale_buckets(&mut self, before: u64, now: u64) -> Vec<usize> {
         let k = self.k;
         let Some(deepest) = self.buckets.iter().rposition(|b| !b.entries().is_empty()) else {
             return Vec::new();
         };
         let deepest_full = self.buckets.iter().rposition(|b| b.entries().len() >= k);
-        let margin = k.ilog2() as usize + 2;
+        let margin = k.ilog2() as usize;
         let should_be_full = deepest_full
             .unwrap_or(0)
             .max(deepest.saturating_sub(margin));
@@ -484,6 +494,16 @@ impl<A: Address> RoutingTable<A> {
         if let Some(i) = self.bucket_index(target) {
             if let Some(b) = self.buckets.get_mut(i) {
                 b.last_refresh = secs32(now);
+            }
+        }
+    }
+
+    /// Makes the bucket that covers `target` due for a refresh at the next
+    /// [`RoutingTable::take_stale_buckets`].
+    pub fn refresh_soon(&mut self, target: &NodeId) {
+        if let Some(i) = self.bucket_index(target) {
+            if let Some(b) = self.buckets.get_mut(i) {
+                b.last_refresh = 0;
             }
         }
     }
@@ -599,6 +619,19 @@ mod tests {
         c.set_seen(now + 9);
         assert_eq!((c.last_seen(), c.failures()), (now + 9 - (now + 9) % 4, 0));
         assert_eq!(std::mem::size_of::<Contact<u32>>(), 24);
+    }
+
+    #[test]
+    fn a_contact_is_marked_seen_only_from_its_own_address() {
+        let me = NodeId([0; ID_BYTES]);
+        let mut table: RoutingTable<u32> = RoutingTable::new(me, 4, 2);
+        let mut id = [0; ID_BYTES];
+        id[0] = 0x80;
+        table.insert(contact(id, 1 << 8, 100));
+        table.mark_seen_at(&NodeId(id), &(2 << 8), 500);
+        assert_eq!(table.get(&NodeId(id)).unwrap().last_seen(), 100);
+        table.mark_seen_at(&NodeId(id), &(1 << 8), 500);
+        assert_eq!(table.get(&NodeId(id)).unwrap().last_seen(), 500);
     }
 
     #[test]
