@@ -1391,15 +1391,14 @@ impl<A: Address> Dht<A> {
                 {
                     // The closest first, as many as the bucket has room for
                     // (a few may fail to verify: the next refresh fills in).
-                    let mut room = self.table.room_for(target);
-                    let mut named_new = false;
+                    let room_before = self.table.room_for(target);
+                    let mut room = room_before;
                     for (id, addr) in nodes {
                         if room == 0 {
                             break;
                         }
                         if id != self.id && self.table.has_room_for(&id, &addr) {
                             room -= 1;
-                            named_new = true;
                             self.send_request(
                                 now,
                                 addr,
@@ -1423,7 +1422,7 @@ impl<A: Address> Dht<A> {
                     } else {
                         self.config.bucket_size / 2
                     };
-                    if named_new && room > wanted {
+                    if room < room_before && room > wanted {
                         self.table.refresh_soon(target);
                     }
                 }

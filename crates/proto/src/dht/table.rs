@@ -501,10 +501,9 @@ impl<A: Address> RoutingTable<A> {
     /// Makes the bucket that covers `target` due for a refresh at the next
     /// [`RoutingTable::take_stale_buckets`].
     pub fn refresh_soon(&mut self, target: &NodeId) {
-        if let Some(i) = self.bucket_index(target) {
-            if let Some(b) = self.buckets.get_mut(i) {
-                b.last_refresh = 0;
-            }
+        let index = self.bucket_index(target);
+        if let Some(b) = index.and_then(|i| self.buckets.get_mut(i)) {
+            b.last_refresh = 0;
         }
     }
 
