@@ -213,6 +213,11 @@ struct SimArgs {
     /// DHT's, 30 minutes).
     #[arg(long, value_parser = p2pos_sim::parse_duration)]
     contact_stale: Option<std::time::Duration>,
+    /// A client's byte budget for filling its table beyond its regular
+    /// refreshes, in bytes sent per second of its life (after a first
+    /// 8 KiB).
+    #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().client_bytes_per_s)]
+    client_bytes_per_s: u64,
     /// Contacts in one answer to a lookup query at most.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().answer_nodes)]
     answer_nodes: usize,
@@ -588,6 +593,7 @@ fn sim(args: SimArgs) -> Result<()> {
             .contact_stale
             .unwrap_or(p2pos_proto::dht::DhtConfig::default().contact_stale),
         answer_nodes: args.answer_nodes.clamp(1, p2pos_proto::dht::MAX_NODES),
+        client_bytes_per_s: args.client_bytes_per_s,
         alpha: args.alpha.max(1),
         eager: args.eager,
         signatures: if args.real_signatures {

@@ -100,6 +100,14 @@ pub struct DhtConfig {
     pub contact_stale: Duration,
     /// Liveness pings per maintenance run at most.
     pub pings_per_maintenance: usize,
+    /// A client's byte budget for filling its table beyond the regular
+    /// refreshes: it repeats a refresh early (see `Dht::handle_response`)
+    /// only while it has sent no more than `client_fill_burst` bytes plus
+    /// this many a second of its life. Its other traffic is not held back.
+    pub client_bytes_per_s: u64,
+    /// See `client_bytes_per_s`: what a new client may spend at once,
+    /// most of it on its join.
+    pub client_fill_burst: u64,
     /// How often the owner re-stores its records.
     pub republish: Duration,
     /// How often maintenance runs.
@@ -149,6 +157,8 @@ impl Default for DhtConfig {
             answer_nodes: ANSWER_NODES,
             contact_stale: Duration::from_secs(30 * 60),
             pings_per_maintenance: 6,
+            client_bytes_per_s: 12,
+            client_fill_burst: 8 * 1024,
             republish: Duration::from_secs(20 * 60),
             maintenance: Duration::from_secs(60),
             max_records: 4096,
@@ -472,6 +482,8 @@ pub struct Dht<A: Address> {
     events: VecDeque<DhtEvent<A>>,
     next_maintenance_ms: u64,
     last_self_lookup_s: u64,
+    /// When this node was created (the start of its client byte budget).
+    started_ms: u64,
     /// Smoothed RTT and its mean deviation (ms), from answered requests.
     srtt_ms: f64,
     rttvar_ms: f64,
@@ -576,6 +588,7 @@ impl<A: Address> Dht<A> {
                 .with_signatures(config.signatures),
             next_republish_ms: ms(now) + config.republish.as_millis() as u64,
             next_maintenance_ms: ms(now) + jitter + maintenance,
+            started_ms: ms(now),
             last_self_lookup_s: now.as_secs(),
             srtt_ms: 0.0,
             rttvar_ms: 0.0,
@@ -1416,13 +1429,14 @@ impl<A: Address> Dht<A> {
                     // in minutes this way, bucket by bucket, 10 new
                     // entries a round. A client (whose table serves only
                     // its own lookups) keeps to its smaller byte budget:
-                    // only while the bucket is less than half full.
+                    // only while the bucket is less than half full, and
+                    // only within its byte budget.
                     let wanted = if self.server {
                         0
                     } else {
                         self.config.bucket_size / 2
                     };
-                    if room < room_before && room > wanted {
+                    if room < room_before && room > wanted && self.may_fill(now) {
                         self.table.refresh_soon(target);
                     }
                 }
@@ -1436,6 +1450,21 @@ impl<A: Address> Dht<A> {
                 self.release_waiting_for_join(now);
             }
         }
+    }
+
+    /// Whether this node may spend more bytes on filling its table: a
+    /// server always, a client while it keeps to its budget
+    /// (`DhtConfig::client_bytes_per_s`).
+    fn may_fill(&self, now: Duration) -> bool {
+        if self.server {
+            return true;
+        }
+        let life_s = ms(now).saturating_sub(self.started_ms) / 1000;
+        let allowed = self
+            .config
+            .client_fill_burst
+            .saturating_add(self.config.client_bytes_per_s.saturating_mul(life_s));
+        self.counters.bytes_sent <= allowed
     }
 
     /// Starts a new cookie period: the current cookies become the old ones,
@@ -1760,12 +1789,46 @@ mod tests {
 
     #[test]
     fn a_refresh_that_named_new_nodes_is_repeated_until_one_names_none() {
-        let start = Duration::from_secs(1_800_000_000);
         let config = DhtConfig {
             k: 8,
             bucket_size: 8,
-            self_lookup: Duration::from_secs(u64::from(u32::MAX)),
             ..DhtConfig::default()
+        };
+        assert_eq!(refreshes_of_bucket_0(config), [true, true, false]);
+    }
+
+    #[test]
+    fn a_client_repeats_a_refresh_only_within_its_byte_budget() {
+        // A client repeats while the bucket is under half full: 16 leaves
+        // room for 11 after the first answer.
+        let client = DhtConfig {
+            k: 8,
+            bucket_size: 16,
+            server: false,
+            ..DhtConfig::default()
+        };
+        assert_eq!(
+            refreshes_of_bucket_0(client.clone()),
+            [true, true, false],
+            "within its budget"
+        );
+        let spent = DhtConfig {
+            client_fill_burst: 0,
+            client_bytes_per_s: 0,
+            ..client
+        };
+        assert_eq!(refreshes_of_bucket_0(spent), [true, false, false]);
+    }
+
+    /// A node with two contacts in bucket 0 and one deep one: whether it
+    /// refreshes bucket 0 at its first three maintenance runs, when the
+    /// first answer names three nodes the bucket lacks and the next ones
+    /// only the two it has.
+    fn refreshes_of_bucket_0(config: DhtConfig) -> [bool; 3] {
+        let start = Duration::from_secs(1_800_000_000);
+        let config = DhtConfig {
+            self_lookup: Duration::from_secs(u64::from(u32::MAX)),
+            ..config
         };
         let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([3; 32]), config.clone(), 7, start);
         let me = dht.id();
@@ -1809,17 +1872,15 @@ mod tests {
                 )
             })
             .collect();
-        assert!(refresh_answered(&mut dht, first, new));
-        // Three nodes the bucket lacks, and room for more: asked again at
-        // the next maintenance, not a refresh period later.
         let only_known = known[..2].to_vec();
-        assert!(refresh_answered(
-            &mut dht,
-            first + period,
-            only_known.clone()
-        ));
-        // That answer named none the bucket lacks: back to the period.
-        assert!(!refresh_answered(&mut dht, first + period * 2, only_known));
+        // After three nodes the bucket lacks, with room for more, a refresh
+        // is repeated at the next maintenance, not a refresh period later;
+        // after an answer naming none the bucket lacks, it is not.
+        [
+            refresh_answered(&mut dht, first, new),
+            refresh_answered(&mut dht, first + period, only_known.clone()),
+            refresh_answered(&mut dht, first + period * 2, only_known),
+        ]
     }
 
     #[test]
