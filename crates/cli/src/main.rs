@@ -209,6 +209,10 @@ struct SimArgs {
     /// most, to contacts silent for 30 minutes.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().pings_per_maintenance)]
     liveness_pings: usize,
+    /// Each contact a run's liveness pings found gone earns one more ping
+    /// at the next run, up to this many times --liveness-pings more.
+    #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().liveness_boost)]
+    liveness_boost: usize,
     /// Ping a contact not heard from for this long, e.g. 10m (default: the
     /// DHT's, 30 minutes).
     #[arg(long, value_parser = p2pos_sim::parse_duration)]
@@ -589,6 +593,7 @@ fn sim(args: SimArgs) -> Result<()> {
         k: args.k.max(1),
         bucket_size: args.bucket_size.max(1),
         pings_per_maintenance: args.liveness_pings,
+        liveness_boost: args.liveness_boost,
         contact_stale: args
             .contact_stale
             .unwrap_or(p2pos_proto::dht::DhtConfig::default().contact_stale),

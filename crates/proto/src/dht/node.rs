@@ -98,8 +98,13 @@ pub struct DhtConfig {
     /// Ping a contact not heard from for this long (keeps full buckets
     /// alive and finds dead entries).
     pub contact_stale: Duration,
-    /// Liveness pings per maintenance run at most.
+    /// Liveness pings per maintenance run at most, before the boost.
     pub pings_per_maintenance: usize,
+    /// Each contact a run's liveness pings found gone earns one more ping
+    /// at the next run, up to this many times `pings_per_maintenance`
+    /// more: a big table under churn loses more entries a minute than the
+    /// base finds, and a table that loses none pings only the base.
+    pub liveness_boost: usize,
     /// A client's byte budget for filling its table beyond the regular
     /// refreshes: it repeats a refresh early (see `Dht::handle_response`)
     /// only while it has sent no more than `client_fill_burst` bytes plus
@@ -157,6 +162,7 @@ impl Default for DhtConfig {
             answer_nodes: ANSWER_NODES,
             contact_stale: Duration::from_secs(30 * 60),
             pings_per_maintenance: 6,
+            liveness_boost: 3,
             client_bytes_per_s: 12,
             client_fill_burst: 8 * 1024,
             republish: Duration::from_secs(20 * 60),
@@ -473,6 +479,9 @@ pub struct Dht<A: Address> {
     /// is lost.
     bootstraps: Vec<A>,
     last_repair_s: u64,
+    /// Contacts that liveness pings found gone since the last maintenance:
+    /// each earns one more ping at the next (see [`Dht::maintain`]).
+    dead_found: u16,
     /// API lookups started while the node was joining (see
     /// [`Dht::joining`]): they start when it has joined, from a table that
     /// knows the node's neighbourhood, instead of from one contact or
@@ -609,6 +618,7 @@ impl<A: Address> Dht<A> {
             join: None,
             bootstraps: Vec::new(),
             last_repair_s: now.as_secs(),
+            dead_found: 0,
             waiting_for_join: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -1106,7 +1116,9 @@ impl<A: Address> Dht<A> {
             // nodes that left in tables for many more minutes. One lost
             // query (lookups do not resend) only counts.
             if resent {
-                self.table.remove(&id);
+                if self.table.remove(&id) && matches!(purpose, Purpose::Liveness) {
+                    self.dead_found = self.dead_found.saturating_add(1);
+                }
             } else if !self.table.record_failure(&id) && matches!(purpose, Purpose::Query(_)) {
                 // A lookup query is not resent: a ping (which is) settles
                 // whether the node is still there, and one that left goes
@@ -1582,11 +1594,13 @@ impl<A: Address> Dht<A> {
                 self.join(now);
             }
         }
+        // Pings in step with the table's losses (`liveness_boost`).
+        let base = self.config.pings_per_maintenance;
+        let boost = usize::from(self.dead_found).min(base * self.config.liveness_boost);
+        let pings = base + boost;
+        self.dead_found = 0;
         let stale_before = secs.saturating_sub(self.config.contact_stale.as_secs());
-        for c in self
-            .table
-            .stale_contacts(stale_before, self.config.pings_per_maintenance)
-        {
+        for c in self.table.stale_contacts(stale_before, pings) {
             self.ping(now, &c);
         }
         if ms(now) >= self.next_republish_ms {
@@ -1764,6 +1778,68 @@ mod tests {
                 "answers: {answers}"
             );
         }
+    }
+
+    #[test]
+    fn liveness_pings_grow_with_the_contacts_they_find_gone() {
+        let start = Duration::from_secs(1_800_000_000);
+        let config = DhtConfig {
+            // Only the liveness pings: no refreshes, no self-lookup.
+            bucket_refresh: Duration::from_secs(u64::from(u32::MAX)),
+            self_lookup: Duration::from_secs(u64::from(u32::MAX)),
+            ..DhtConfig::default()
+        };
+        let base = config.pings_per_maintenance;
+        let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([3; 32]), config.clone(), 7, start);
+        let me = dht.id();
+        // 300 contacts, 30 in each of buckets 0-9, each on its own /24.
+        let mut addrs = HashMap::new();
+        for n in 0..300u32 {
+            let id = me.random_with_prefix(
+                (n / 30) as usize,
+                (n + 1).to_be_bytes().repeat(4).try_into().unwrap(),
+            );
+            dht.seed_contact(id, (n + 1) << 8, start);
+            addrs.insert((n + 1) << 8, id);
+        }
+        assert_eq!(dht.table().len(), 300);
+        // Maintenance after the contacts went stale; `answer` says whether
+        // they answer. Returns the pings that run sent.
+        let mut now = start + config.contact_stale + config.maintenance;
+        let mut run = |dht: &mut Dht<u32>, answer: bool| -> usize {
+            let next = dht.poll_timeout().expect("a maintenance timer").max(now);
+            dht.handle_timeout(next);
+            now = next;
+            let pings = pings_sent(dht);
+            for &(to, txid) in &pings {
+                if answer {
+                    let pong = Response {
+                        txid,
+                        responder: addrs[&to],
+                        observed: 9,
+                        cookie: 1,
+                        proof: None,
+                        body: ResponseBody::Pong,
+                    };
+                    dht.handle_datagram(now, to, &pong.encode()).unwrap();
+                }
+            }
+            // Past the resend and the give-up, short of the next run.
+            for _ in 0..2 {
+                now += config.rpc_timeout + Duration::from_millis(1);
+                dht.handle_timeout(now);
+            }
+            assert!(pings_sent(dht).len() <= pings.len(), "only resends");
+            pings.len()
+        };
+        let gone: Vec<usize> = (0..4).map(|_| run(&mut dht, false)).collect();
+        assert_eq!(config.liveness_boost, 3);
+        assert_eq!(gone, [base, 2 * base, 3 * base, 4 * base], "capped at 4x");
+        assert_eq!(run(&mut dht, false), 4 * base);
+        assert_eq!(dht.table().len(), 300 - 14 * base);
+        // Answered, the next run is back to the base.
+        assert_eq!(run(&mut dht, true), 4 * base);
+        assert_eq!(run(&mut dht, true), base);
     }
 
     #[test]
