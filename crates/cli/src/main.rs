@@ -206,17 +206,21 @@ struct SimArgs {
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().bucket_size)]
     bucket_size: usize,
     /// Liveness pings a node sends per maintenance run (each minute) at
-    /// most, to contacts silent for 30 minutes.
+    /// most, to contacts silent for 30 minutes (15 on servers).
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().pings_per_maintenance)]
     liveness_pings: usize,
     /// Each contact a run's liveness pings found gone earns one more ping
     /// at the next run, up to this many times --liveness-pings more.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().liveness_boost)]
     liveness_boost: usize,
-    /// Ping a contact not heard from for this long, e.g. 10m (default: the
-    /// DHT's, 30 minutes).
+    /// A client pings a contact not heard from for this long, e.g. 10m
+    /// (default: the DHT's, 30 minutes).
     #[arg(long, value_parser = p2pos_sim::parse_duration)]
     contact_stale: Option<std::time::Duration>,
+    /// A server pings a contact not heard from for this long (default:
+    /// the DHT's, 15 minutes: its table answers everyone's lookups).
+    #[arg(long, value_parser = p2pos_sim::parse_duration)]
+    server_contact_stale: Option<std::time::Duration>,
     /// A client's byte budget for filling its table beyond its regular
     /// refreshes, in bytes sent per second of its life (after a first
     /// 8 KiB).
@@ -597,6 +601,9 @@ fn sim(args: SimArgs) -> Result<()> {
         contact_stale: args
             .contact_stale
             .unwrap_or(p2pos_proto::dht::DhtConfig::default().contact_stale),
+        server_contact_stale: args
+            .server_contact_stale
+            .unwrap_or(p2pos_proto::dht::DhtConfig::default().server_contact_stale),
         answer_nodes: args.answer_nodes.clamp(1, p2pos_proto::dht::MAX_NODES),
         client_bytes_per_s: args.client_bytes_per_s,
         alpha: args.alpha.max(1),

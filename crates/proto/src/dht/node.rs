@@ -98,6 +98,10 @@ pub struct DhtConfig {
     /// Ping a contact not heard from for this long (keeps full buckets
     /// alive and finds dead entries).
     pub contact_stale: Duration,
+    /// The same for a server: its table answers the lookups of every node
+    /// that asks it, and each dead entry it hands out costs them a wasted
+    /// request.
+    pub server_contact_stale: Duration,
     /// Liveness pings per maintenance run at most, before the boost.
     pub pings_per_maintenance: usize,
     /// Each contact a run's liveness pings found gone earns one more ping
@@ -161,6 +165,7 @@ impl Default for DhtConfig {
             self_lookup: Duration::from_secs(30 * 60),
             answer_nodes: ANSWER_NODES,
             contact_stale: Duration::from_secs(30 * 60),
+            server_contact_stale: Duration::from_secs(15 * 60),
             pings_per_maintenance: 6,
             liveness_boost: 3,
             client_bytes_per_s: 12,
@@ -1599,7 +1604,12 @@ impl<A: Address> Dht<A> {
         let boost = usize::from(self.dead_found).min(base * self.config.liveness_boost);
         let pings = base + boost;
         self.dead_found = 0;
-        let stale_before = secs.saturating_sub(self.config.contact_stale.as_secs());
+        let stale = if self.server {
+            self.config.server_contact_stale
+        } else {
+            self.config.contact_stale
+        };
+        let stale_before = secs.saturating_sub(stale.as_secs());
         for c in self.table.stale_contacts(stale_before, pings) {
             self.ping(now, &c);
         }
@@ -1780,15 +1790,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn liveness_pings_grow_with_the_contacts_they_find_gone() {
-        let start = Duration::from_secs(1_800_000_000);
-        let config = DhtConfig {
-            // Only the liveness pings: no refreshes, no self-lookup.
+    /// The default settings without refreshes and self-lookups: a
+    /// maintenance run sends only liveness pings.
+    fn only_liveness_pings() -> DhtConfig {
+        DhtConfig {
             bucket_refresh: Duration::from_secs(u64::from(u32::MAX)),
             self_lookup: Duration::from_secs(u64::from(u32::MAX)),
             ..DhtConfig::default()
-        };
+        }
+    }
+
+    #[test]
+    fn liveness_pings_grow_with_the_contacts_they_find_gone() {
+        let start = Duration::from_secs(1_800_000_000);
+        let config = only_liveness_pings();
         let base = config.pings_per_maintenance;
         let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([3; 32]), config.clone(), 7, start);
         let me = dht.id();
@@ -1840,6 +1855,38 @@ mod tests {
         // Answered, the next run is back to the base.
         assert_eq!(run(&mut dht, true), 4 * base);
         assert_eq!(run(&mut dht, true), base);
+    }
+
+    #[test]
+    fn a_server_pings_contacts_silent_for_15_minutes_and_a_client_after_30() {
+        let start = Duration::from_secs(1_800_000_000);
+        let config = only_liveness_pings();
+        assert_eq!(config.server_contact_stale, Duration::from_secs(15 * 60));
+        assert_eq!(config.contact_stale, Duration::from_secs(30 * 60));
+        // The first maintenance run after `at` minutes of silence.
+        let pings_after = |server: bool, at: u64| {
+            let mut dht: Dht<u32> = Dht::new(
+                Keypair::from_seed([5; 32]),
+                DhtConfig {
+                    server,
+                    ..config.clone()
+                },
+                7,
+                start,
+            );
+            let me = dht.id();
+            for n in 1..=4u32 {
+                let id = me.random_with_prefix(0, [n as u8; ID_BYTES]);
+                dht.seed_contact(id, n << 8, start);
+            }
+            let now = start + Duration::from_secs(at * 60);
+            dht.handle_timeout(now);
+            pings_sent(&mut dht).len()
+        };
+        assert_eq!(pings_after(true, 14), 0);
+        assert_eq!(pings_after(true, 16), 4);
+        assert_eq!(pings_after(false, 16), 0);
+        assert_eq!(pings_after(false, 31), 4);
     }
 
     #[test]
