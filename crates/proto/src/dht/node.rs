@@ -107,7 +107,8 @@ pub struct DhtConfig {
     /// Each contact a run's liveness pings found gone earns one more ping
     /// at the next run, up to this many times `pings_per_maintenance`
     /// more: a big table under churn loses more entries a minute than the
-    /// base finds, and a table that loses none pings only the base.
+    /// base finds, and a table that loses none pings only the base. On
+    /// servers only: a client's table serves only its own lookups.
     pub liveness_boost: usize,
     /// A client's byte budget for filling its table beyond the regular
     /// refreshes: it repeats a refresh early (see `Dht::handle_response`)
@@ -1599,9 +1600,15 @@ impl<A: Address> Dht<A> {
                 self.join(now);
             }
         }
-        // Pings in step with the table's losses (`liveness_boost`).
+        // Pings in step with the table's losses (`liveness_boost`), on a
+        // server: a client's table serves only its own lookups, and its
+        // bytes have the tighter goal.
         let base = self.config.pings_per_maintenance;
-        let boost = usize::from(self.dead_found).min(base * self.config.liveness_boost);
+        let boost = if self.server {
+            usize::from(self.dead_found).min(base * self.config.liveness_boost)
+        } else {
+            0
+        };
         let pings = base + boost;
         self.dead_found = 0;
         let stale = if self.server {
@@ -1802,59 +1809,69 @@ mod tests {
 
     #[test]
     fn liveness_pings_grow_with_the_contacts_they_find_gone() {
-        let start = Duration::from_secs(1_800_000_000);
-        let config = only_liveness_pings();
-        let base = config.pings_per_maintenance;
-        let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([3; 32]), config.clone(), 7, start);
-        let me = dht.id();
-        // 300 contacts, 30 in each of buckets 0-9, each on its own /24.
-        let mut addrs = HashMap::new();
-        for n in 0..300u32 {
-            let id = me.random_with_prefix(
-                (n / 30) as usize,
-                (n + 1).to_be_bytes().repeat(4).try_into().unwrap(),
-            );
-            dht.seed_contact(id, (n + 1) << 8, start);
-            addrs.insert((n + 1) << 8, id);
-        }
-        assert_eq!(dht.table().len(), 300);
-        // Maintenance after the contacts went stale; `answer` says whether
-        // they answer. Returns the pings that run sent.
-        let mut now = start + config.contact_stale + config.maintenance;
-        let mut run = |dht: &mut Dht<u32>, answer: bool| -> usize {
-            let next = dht.poll_timeout().expect("a maintenance timer").max(now);
-            dht.handle_timeout(next);
-            now = next;
-            let pings = pings_sent(dht);
-            for &(to, txid) in &pings {
-                if answer {
-                    let pong = Response {
-                        txid,
-                        responder: addrs[&to],
-                        observed: 9,
-                        cookie: 1,
-                        proof: None,
-                        body: ResponseBody::Pong,
-                    };
-                    dht.handle_datagram(now, to, &pong.encode()).unwrap();
+        // A server's pings grow with its losses; a client's do not.
+        for server in [true, false] {
+            let start = Duration::from_secs(1_800_000_000);
+            let config = DhtConfig {
+                server,
+                ..only_liveness_pings()
+            };
+            let base = config.pings_per_maintenance;
+            let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([3; 32]), config.clone(), 7, start);
+            let me = dht.id();
+            // 300 contacts, 30 in each of buckets 0-9, each on its own /24.
+            let mut addrs = HashMap::new();
+            for n in 0..300u32 {
+                let id = me.random_with_prefix(
+                    (n / 30) as usize,
+                    (n + 1).to_be_bytes().repeat(4).try_into().unwrap(),
+                );
+                dht.seed_contact(id, (n + 1) << 8, start);
+                addrs.insert((n + 1) << 8, id);
+            }
+            assert_eq!(dht.table().len(), 300);
+            // Maintenance after the contacts went stale; `answer` says whether
+            // they answer. Returns the pings that run sent.
+            let mut now = start + config.contact_stale + config.maintenance;
+            let mut run = |dht: &mut Dht<u32>, answer: bool| -> usize {
+                let next = dht.poll_timeout().expect("a maintenance timer").max(now);
+                dht.handle_timeout(next);
+                now = next;
+                let pings = pings_sent(dht);
+                for &(to, txid) in &pings {
+                    if answer {
+                        let pong = Response {
+                            txid,
+                            responder: addrs[&to],
+                            observed: 9,
+                            cookie: 1,
+                            proof: None,
+                            body: ResponseBody::Pong,
+                        };
+                        dht.handle_datagram(now, to, &pong.encode()).unwrap();
+                    }
                 }
+                // Past the resend and the give-up, short of the next run.
+                for _ in 0..2 {
+                    now += config.rpc_timeout + Duration::from_millis(1);
+                    dht.handle_timeout(now);
+                }
+                assert!(pings_sent(dht).len() <= pings.len(), "only resends");
+                pings.len()
+            };
+            let gone: Vec<usize> = (0..5).map(|_| run(&mut dht, false)).collect();
+            let answered: Vec<usize> = (0..2).map(|_| run(&mut dht, true)).collect();
+            if !server {
+                // A client's table serves only its own lookups: no boost.
+                assert_eq!((gone, answered), (vec![base; 5], vec![base; 2]));
+                continue;
             }
-            // Past the resend and the give-up, short of the next run.
-            for _ in 0..2 {
-                now += config.rpc_timeout + Duration::from_millis(1);
-                dht.handle_timeout(now);
-            }
-            assert!(pings_sent(dht).len() <= pings.len(), "only resends");
-            pings.len()
-        };
-        let gone: Vec<usize> = (0..4).map(|_| run(&mut dht, false)).collect();
-        assert_eq!(config.liveness_boost, 3);
-        assert_eq!(gone, [base, 2 * base, 3 * base, 4 * base], "capped at 4x");
-        assert_eq!(run(&mut dht, false), 4 * base);
-        assert_eq!(dht.table().len(), 300 - 14 * base);
-        // Answered, the next run is back to the base.
-        assert_eq!(run(&mut dht, true), 4 * base);
-        assert_eq!(run(&mut dht, true), base);
+            assert_eq!(config.liveness_boost, 3);
+            assert_eq!(gone, [1, 2, 3, 4, 4].map(|n| n * base), "capped at 4x");
+            assert_eq!(dht.table().len(), 300 - 14 * base);
+            // Answered, the next run is back to the base.
+            assert_eq!(answered, [4 * base, base]);
+        }
     }
 
     #[test]
