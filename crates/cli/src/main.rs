@@ -732,10 +732,11 @@ fn sim(args: SimArgs) -> Result<()> {
         );
     }
     println!(
-        "  routing tables   {:.1} entries and {:.1} replacements per node, mean; {:.1}% of entries are nodes that left",
+        "  routing tables   {:.1} entries and {:.1} replacements per node, mean; {:.1}% of entries are nodes that left; live ones {:.0} ms away (round trip, mean)",
         m.table_entries_mean,
         m.table_replacements_mean,
-        m.table_dead_share * 100.0
+        m.table_dead_share * 100.0,
+        m.table_rtt_ms_mean
     );
     let bands: Vec<String> = m
         .tables_by_age

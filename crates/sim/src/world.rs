@@ -256,6 +256,9 @@ pub struct SimMemory {
     /// Share of routing-table entries whose node has left (the table does
     /// not know yet).
     pub table_dead_share: f64,
+    /// Round trip from a node to the live entries of its table, mean (ms;
+    /// the latency model's): how near the table keeps its contacts.
+    pub table_rtt_ms_mean: f64,
     /// Routing tables by the age of their node: how fast a new node's
     /// table fills, and how dead entries pile up in old ones.
     pub tables_by_age: Vec<TablesByAge>,
@@ -283,6 +286,7 @@ impl SimMemory {
         let mut sum = p2pos_proto::dht::MemoryUse::default();
         let (mut live, mut entries, mut replacements) = (0usize, 0usize, 0usize);
         let mut dead = 0usize;
+        let (mut live_entries, mut rtt_sum) = (0usize, 0u64);
         let mut bands = AGE_BANDS_MIN.map(|min_age_min| TablesByAge {
             min_age_min,
             ..TablesByAge::default()
@@ -294,14 +298,16 @@ impl SimMemory {
                 let len = dht.table().len();
                 entries += len;
                 replacements += dht.table().replacement_count();
-                let gone = dht
-                    .table()
-                    .contacts()
-                    .filter(|c| {
-                        let at = w.shared.by_addr.get(&c.addr).copied();
-                        !at.is_some_and(|j| w.online(j) && w.place(j).id == c.id)
-                    })
-                    .count();
+                let mut gone = 0;
+                for c in dht.table().contacts() {
+                    match w.shared.by_addr.get(&c.addr).copied() {
+                        Some(j) if w.online(j) && w.place(j).id == c.id => {
+                            live_entries += 1;
+                            rtt_sum += 2 * w.shared.one_way_ms(i as u32, j);
+                        }
+                        _ => gone += 1,
+                    }
+                }
                 dead += gone;
                 let age_min = (w.now - w.online_since[i]) / 60_000;
                 let band = AGE_BANDS_MIN.partition_point(|&b| b <= age_min) - 1;
@@ -341,6 +347,7 @@ impl SimMemory {
             table_entries_mean: mean(entries),
             table_replacements_mean: mean(replacements),
             table_dead_share: dead as f64 / entries.max(1) as f64,
+            table_rtt_ms_mean: rtt_sum as f64 / live_entries.max(1) as f64,
             tables_by_age: bands.to_vec(),
         }
     }
