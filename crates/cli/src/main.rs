@@ -236,6 +236,10 @@ struct SimArgs {
     /// beyond the α in flight (0: only α; maintenance lookups use 0).
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().eager)]
     eager: usize,
+    /// Whether reachable nodes ask to be introduced to the peer they look
+    /// up (`off` for a baseline without).
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    introductions: String,
     /// The seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -608,6 +612,7 @@ fn sim(args: SimArgs) -> Result<()> {
         client_bytes_per_s: args.client_bytes_per_s,
         alpha: args.alpha.max(1),
         eager: args.eager,
+        introductions: args.introductions == "on",
         signatures: if args.real_signatures {
             p2pos_proto::dht::Signatures::Ed25519
         } else {
@@ -665,6 +670,17 @@ fn sim(args: SimArgs) -> Result<()> {
         r.latency_ms_p99,
         r.latency_ms_p99 as f64 / rtt,
         r.rtt_ms_p50
+    );
+    let intro = &r.introductions;
+    let per_lookup = |n: u64| n as f64 / intro.lookups_started.max(1) as f64;
+    println!(
+        "  introductions    p50 {} ms from servers (introduced), {} ms from clients;  per lookup: {:.2} sent, {:.2} answered, {:.2} dropped, {:.1}% found their target through one",
+        r.latency_ms_p50_servers,
+        r.latency_ms_p50_clients,
+        per_lookup(intro.sent),
+        per_lookup(intro.answered),
+        per_lookup(intro.dropped),
+        per_lookup(intro.introduced) * 100.0
     );
     println!(
         "  records          put {:.2}%  get {:.2}%;  gets: hops p50 {}  p99 {},  time p50 {} ms ({:.1}x RTT)  p99 {} ms",

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use p2pos_proto::dht::wire_types::{TYPE_REQUEST, TYPE_RESPONSE};
+use p2pos_proto::dht::wire_types::{TYPE_INTRODUCTION, TYPE_REQUEST, TYPE_RESPONSE};
 use p2pos_proto::overlay::Message;
 use tokio::sync::{mpsc, oneshot};
 
@@ -63,7 +63,7 @@ pub struct Overlay {
 
 impl Overlay {
     /// Starts the overlay task on `rx`, the socket's overlay queue. DHT and
-    /// reachability datagrams (overlay types 10, 11 and 20–23) go on to
+    /// reachability datagrams (overlay types 10–12 and 20–23) go on to
     /// `dht`, the DHT task's queue; binding-measurement ones (25–27) to
     /// `binding`, the keepalive task's; path probes (29–30) to `paths`, the
     /// relayed sessions' task.
@@ -86,8 +86,10 @@ impl Overlay {
             let mut window = Instant::now();
             let mut replies_in_window = 0u32;
             while let Some((src, datagram)) = rx.recv().await {
-                if matches!(datagram.get(2), Some(&TYPE_REQUEST) | Some(&TYPE_RESPONSE))
-                    || p2pos_proto::reach::Message::is_reach(&datagram)
+                if matches!(
+                    datagram.get(2),
+                    Some(&TYPE_REQUEST) | Some(&TYPE_RESPONSE) | Some(&TYPE_INTRODUCTION)
+                ) || p2pos_proto::reach::Message::is_reach(&datagram)
                 {
                     if dht.try_send((src, datagram)).is_err() {
                         task.counters.dht_queue_full.fetch_add(1, Ordering::Relaxed);

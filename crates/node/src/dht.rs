@@ -149,6 +149,13 @@ pub struct DhtStatus {
     pub timeouts: u64,
     /// DHT datagrams that did not decode.
     pub malformed: u64,
+    /// Introductions sent: asked for a peer in the table, this node told
+    /// the peer who asks (see `p2pos_proto::dht::RequestBody::FindPeer`).
+    pub introductions_sent: u64,
+    /// Introductions of askers to this node that it answered.
+    pub introductions_answered: u64,
+    /// This node's lookups whose target answered through an introduction.
+    pub introduced: u64,
     /// The address DHT peers last saw this node at.
     pub observed_addr: Option<String>,
     /// Sequence number of the peer record some node has confirmed storing
@@ -560,6 +567,9 @@ impl DhtHandle {
                     bytes_received: c.bytes_received,
                     timeouts: c.timeouts,
                     malformed: c.malformed,
+                    introductions_sent: c.introductions_sent,
+                    introductions_answered: c.introductions_answered,
+                    introduced: c.introduced,
                     observed_addr: dht.observed_addr().map(|a| a.to_string()),
                     peer_record_seq: stored_seq,
                 };

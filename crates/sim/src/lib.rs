@@ -25,7 +25,7 @@ pub mod nat;
 mod queue;
 mod world;
 
-pub use world::{run, RequestRates, SimConfig, SimMemory, SimReport, TablesByAge};
+pub use world::{run, Introductions, RequestRates, SimConfig, SimMemory, SimReport, TablesByAge};
 
 /// Parses a duration like `90s`, `30m`, `1h`, `1h30m` or `250ms`.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -130,6 +130,16 @@ pub struct SimReport {
     pub latency_ms_p90: u64,
     /// 99th percentile.
     pub latency_ms_p99: u64,
+    /// Lookup latency p50 of the lookups started by servers (reachable:
+    /// they ask to be introduced to their target, see
+    /// `RequestBody::FindPeer`) and by clients (ms).
+    pub latency_ms_p50_servers: u64,
+    /// See `latency_ms_p50_servers`.
+    pub latency_ms_p50_clients: u64,
+    /// Introductions over the run: sent by nodes asked for a peer in their
+    /// table, answered by the peers (at most one per asker), and lookups
+    /// whose target answered through one.
+    pub introductions: Introductions,
     /// Median RTT between two nodes in this world (ms), for the ratios.
     pub rtt_ms_p50: u64,
     /// Share of puts stored on at least one node.
@@ -472,8 +482,26 @@ struct Part {
     event_buf: Vec<DhtEvent<u32>>,
 }
 
+/// See [`SimReport::introductions`].
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Introductions {
+    /// Lookups started (the denominator of the rest).
+    pub lookups_started: u64,
+    /// Introductions sent.
+    pub sent: u64,
+    /// Introductions the targets answered.
+    pub answered: u64,
+    /// Introductions dropped (one per asker; the rate limit).
+    pub dropped: u64,
+    /// Lookups whose target answered through an introduction.
+    pub introduced: u64,
+}
+
 #[derive(Default)]
 struct Stats {
+    latency_servers: Vec<u64>,
+    latency_clients: Vec<u64>,
+    introductions: Introductions,
     hops: Vec<u32>,
     latency: Vec<u64>,
     get_hops: Vec<u32>,
@@ -1038,6 +1066,11 @@ impl World {
                     self.stats.lookups_ok += 1;
                     self.stats.hops.push(u32::from(hops));
                     self.stats.latency.push(at - started);
+                    if self.place(i).server {
+                        self.stats.latency_servers.push(at - started);
+                    } else {
+                        self.stats.latency_clients.push(at - started);
+                    }
                 }
             }
             (Pending::Get { seq }, DhtEvent::GetDone { record, hops, .. }) => {
@@ -1086,6 +1119,7 @@ impl World {
         }
         let target = self.place(target_node).id;
         let target_gen = self.place(target_node).gen;
+        self.stats.introductions.lookups_started += 1;
         let pending = Pending::Lookup {
             target,
             target_node,
@@ -1175,6 +1209,11 @@ impl World {
             let counters = dht.counters().clone();
             let bytes = counters.bytes_sent;
             self.stats.proofs += counters.proofs_signed;
+            let intro = &mut self.stats.introductions;
+            intro.sent += counters.introductions_sent;
+            intro.answered += counters.introductions_answered;
+            intro.dropped += counters.introductions_dropped;
+            intro.introduced += counters.introduced;
             self.stats.requests.add(&counters.requests);
             let secs = (now - since) as f64 / 1000.0;
             if server {
@@ -1432,6 +1471,9 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         latency_ms_p50: percentile(&mut s.latency, 0.5),
         latency_ms_p90: percentile(&mut s.latency, 0.9),
         latency_ms_p99: percentile(&mut s.latency, 0.99),
+        latency_ms_p50_servers: percentile(&mut s.latency_servers, 0.5),
+        latency_ms_p50_clients: percentile(&mut s.latency_clients, 0.5),
+        introductions: s.introductions,
         rtt_ms_p50: rtt_p50,
         put_success_rate: if s.puts > 0 {
             s.puts_ok as f64 / s.puts as f64

@@ -54,6 +54,13 @@ pub(crate) struct Lookup<A> {
     pub put_stored: usize,
     pub put_started: bool,
     pub contacted: u32,
+    /// Ask `FindPeer` instead of `FindNode`: nodes that know the target
+    /// introduce this node to it (see `wire`).
+    pub introduce: bool,
+    /// With `introduce`: the txid of each `FindPeer` sent, and the hop of
+    /// the node asked (the target's answer through its introduction echoes
+    /// the txid, possibly after the node's own answer).
+    pub introducers: Vec<(u64, u8)>,
     candidates: Vec<Candidate<A>>,
     k: usize,
     alpha: usize,
@@ -64,6 +71,7 @@ impl<A: Address> Lookup<A> {
     /// Heap bytes the lookup holds besides itself.
     pub fn heap_bytes(&self) -> usize {
         self.candidates.capacity() * std::mem::size_of::<Candidate<A>>()
+            + self.introducers.capacity() * std::mem::size_of::<(u64, u8)>()
             + self.found.as_ref().map_or(0, |(r, _)| r.heap_bytes())
     }
 
@@ -85,6 +93,8 @@ impl<A: Address> Lookup<A> {
             put_stored: 0,
             put_started: false,
             contacted: 0,
+            introduce: false,
+            introducers: Vec::new(),
             candidates: Vec::new(),
             k,
             alpha,

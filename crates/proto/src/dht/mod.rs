@@ -60,11 +60,13 @@ pub use record::{
     record_key, RecordError, RecordStore, Signatures, SignedRecord, MAX_RECORD_VALUE,
 };
 pub use table::{Contact, InsertOutcome, RoutingTable};
-pub use wire::{DhtMessage, Request, RequestBody, Response, ResponseBody, WireError, MAX_NODES};
+pub use wire::{
+    DhtMessage, Introduction, Request, RequestBody, Response, ResponseBody, WireError, MAX_NODES,
+};
 
 /// The overlay message types of DHT datagrams (for demultiplexing).
 pub mod wire_types {
-    pub use super::wire::{TYPE_REQUEST, TYPE_RESPONSE};
+    pub use super::wire::{TYPE_INTRODUCTION, TYPE_REQUEST, TYPE_RESPONSE};
 }
 
 /// Bytes of a DHT identifier.

@@ -19,7 +19,8 @@ use super::lookup::{Lookup, LookupKind};
 use super::record::{simulated_signature, RecordError, RecordStore, Signatures, SignedRecord};
 use super::table::{Contact, InsertOutcome, RoutingTable};
 use super::wire::{
-    proof_message, DhtMessage, Request, RequestBody, Response, ResponseBody, WireError,
+    proof_message, DhtMessage, Introduction, Request, RequestBody, Response, ResponseBody,
+    WireError,
 };
 use super::NodeId;
 use crate::rng::SplitMix64;
@@ -43,6 +44,8 @@ const MAX_COOKIES: usize = 1024;
 /// cookies of their current and previous 10-minute epoch, so a cookie is
 /// good for at least 10 minutes.
 const COOKIE_PERIOD: Duration = Duration::from_secs(300);
+/// Introductions a node answers a second at most (each costs a signature).
+const MAX_INTRODUCTIONS_PER_S: u8 = 20;
 /// Verification pings of new server requesters in flight at most.
 const MAX_VERIFICATIONS: usize = 32;
 
@@ -72,6 +75,10 @@ pub struct DhtConfig {
     /// many closest live candidates asked, beyond the α in flight (see
     /// `Lookup::next_queries`); the node's own maintenance lookups do not.
     pub eager: usize,
+    /// Whether a serving node's lookups for a peer ask to be introduced
+    /// to it (`RequestBody::FindPeer`): the target answers the asker
+    /// directly, half a round trip sooner.
+    pub introductions: bool,
     /// Entries of one bucket from one /24 (IPv6 /48) at most.
     pub max_per_prefix: usize,
     /// How long to wait for a response to a ping or a store.
@@ -158,6 +165,7 @@ impl Default for DhtConfig {
             bucket_size: 32,
             alpha: 8,
             eager: 12,
+            introductions: true,
             max_per_prefix: 2,
             rpc_timeout: Duration::from_millis(1000),
             query_timeout: Duration::from_millis(500),
@@ -260,6 +268,16 @@ pub struct DhtCounters {
     pub proofs_signed: u64,
     /// ID proofs this node checked (answers to its requests).
     pub proofs_checked: u64,
+    /// Introductions sent: a `FindPeer` asked for a contact of this node.
+    pub introductions_sent: u64,
+    /// Introductions answered (to the asker, with a proof).
+    pub introductions_answered: u64,
+    /// Introductions not answered: over the rate limit, or already
+    /// answered for that asker.
+    pub introductions_dropped: u64,
+    /// Lookups of this node that the target answered through an
+    /// introduction.
+    pub introduced: u64,
     /// Requests sent (first attempts and retries), by what they were for.
     pub requests: RequestsSent,
 }
@@ -485,6 +503,9 @@ pub struct Dht<A: Address> {
     /// is lost.
     bootstraps: Vec<A>,
     last_repair_s: u64,
+    /// Introductions answered in the current second (see
+    /// [`Dht::handle_introduction`]).
+    introductions: IntroductionLimit,
     /// Contacts that liveness pings found gone since the last maintenance:
     /// each earns one more ping at the next (see [`Dht::maintain`]).
     dead_found: u16,
@@ -507,6 +528,37 @@ pub struct Dht<A: Address> {
     /// simulated node tracks nothing).
     tracked: Option<Box<Tracked<A>>>,
     counters: DhtCounters,
+}
+
+/// What bounds the introductions a node answers: at most
+/// [`MAX_INTRODUCTIONS_PER_S`] a second, and one per asker (the nodes near
+/// a target that an asker queries at once each introduce it).
+#[derive(Debug, Default)]
+struct IntroductionLimit {
+    second: u32,
+    answered: u8,
+    /// The first bytes of the last askers answered this second.
+    askers: [u32; 3],
+}
+
+impl IntroductionLimit {
+    /// Whether an introduction of `asker` at `second` may be answered (and
+    /// if so, counts it).
+    fn admit(&mut self, second: u32, asker: &NodeId) -> bool {
+        if second != self.second {
+            *self = IntroductionLimit {
+                second,
+                ..IntroductionLimit::default()
+            };
+        }
+        let key = u32::from_le_bytes(asker.0[..4].try_into().expect("4 bytes")) | 1;
+        if self.answered >= MAX_INTRODUCTIONS_PER_S || self.askers.contains(&key) {
+            return false;
+        }
+        self.askers[usize::from(self.answered) % self.askers.len()] = key;
+        self.answered += 1;
+        true
+    }
 }
 
 /// Peers a node tracks for the daemon (`DhtConfig::track_peers`), each
@@ -625,6 +677,7 @@ impl<A: Address> Dht<A> {
             bootstraps: Vec::new(),
             last_repair_s: now.as_secs(),
             dead_found: 0,
+            introductions: IntroductionLimit::default(),
             waiting_for_join: Vec::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -801,6 +854,12 @@ impl<A: Address> Dht<A> {
         let eager = if for_api { self.config.eager } else { 0 };
         let shape = (self.config.k, self.config.alpha, eager);
         let mut lookup = Lookup::new(target, kind, shape, ms(now));
+        // Looking for a peer, a reachable node asks to be introduced (only
+        // it can take the target's unsolicited answer).
+        lookup.introduce = self.config.introductions
+            && for_api
+            && self.server
+            && matches!(lookup.kind, LookupKind::FindNode);
         // Only servers hold records (a node that stops serving drops them).
         if let LookupKind::GetRecord = lookup.kind {
             if let Some(r) = self.records.get(&target, now.as_secs()) {
@@ -862,14 +921,15 @@ impl<A: Address> Dht<A> {
             let next = lookup.next_queries();
             let body = match lookup.kind {
                 LookupKind::GetRecord => RequestBody::GetRecord(lookup.target),
+                _ if lookup.introduce => RequestBody::FindPeer(lookup.target),
                 _ => RequestBody::FindNode(lookup.target),
             };
             let stale_before = now.as_secs().saturating_sub(REPLACEMENT_FRESH.as_secs());
-            for (id, addr, _) in next {
+            for (id, addr, hop) in next {
                 // A proof only where the table would keep the contact.
                 let known = self.table.get(&id).is_some_and(|c| c.addr == addr);
                 let want_proof = !known && self.table.would_keep(&id, &addr, stale_before);
-                self.send_request(
+                let txid = self.send_request(
                     now,
                     addr,
                     Some(id),
@@ -877,6 +937,11 @@ impl<A: Address> Dht<A> {
                     want_proof,
                     Purpose::Query(query),
                 );
+                if let (Some(txid), RequestBody::FindPeer(_)) = (txid, &body) {
+                    if let Some(lookup) = self.lookups.get_mut(&query) {
+                        lookup.introducers.push((txid, hop));
+                    }
+                }
             }
             // Sending may fail at once (overload): check again.
             let lookup = self.lookups.get(&query).expect("present");
@@ -1009,17 +1074,17 @@ impl<A: Address> Dht<A> {
         body: RequestBody,
         want_proof: bool,
         purpose: Purpose,
-    ) {
+    ) -> Option<u64> {
         if self.pending.len() >= self.config.max_pending {
             // Not the contact's fault: its entry is left as it is.
             self.counters.overloaded += 1;
             self.give_up(now, purpose, to_id);
-            return;
+            return None;
         }
         if matches!(purpose, Purpose::Verify) {
             if self.verifying >= MAX_VERIFICATIONS {
                 self.counters.overloaded += 1;
-                return;
+                return None;
             }
             self.verifying += 1;
         }
@@ -1037,7 +1102,10 @@ impl<A: Address> Dht<A> {
         // Without a cookie, a request that may get a large answer is padded
         // so the answer fits within 3x (anti-amplification).
         let pad = match (cookie, &body) {
-            (0, RequestBody::FindNode(_) | RequestBody::GetRecord(_)) => UNVERIFIED_REQUEST_PAD,
+            (
+                0,
+                RequestBody::FindNode(_) | RequestBody::FindPeer(_) | RequestBody::GetRecord(_),
+            ) => UNVERIFIED_REQUEST_PAD,
             (0, _) if want_proof => PROOF_REQUEST_PAD,
             _ => 0,
         };
@@ -1083,6 +1151,7 @@ impl<A: Address> Dht<A> {
                 purpose,
             },
         );
+        Some(txid)
     }
 
     /// When a lookup query stops holding its slot: RTO from the measured RTTs.
@@ -1180,6 +1249,7 @@ impl<A: Address> Dht<A> {
         };
         match message {
             DhtMessage::Request(req) => self.handle_request(now, from, req, datagram.len()),
+            DhtMessage::Introduction(intro) => self.handle_introduction(now, intro),
             DhtMessage::Response(resp) => {
                 self.handle_response(now, from, resp);
                 self.release_idle();
@@ -1236,9 +1306,21 @@ impl<A: Address> Dht<A> {
                 .map(|c| (c.id, c.addr))
                 .collect()
         };
+        // Asked for a peer this table holds (and whose last request did not
+        // fail): introduce the asker to it.
+        let introduce = match &req.body {
+            RequestBody::FindPeer(target) if *target != req.sender => self
+                .table
+                .get(target)
+                .filter(|c| c.failures() == 0)
+                .map(|c| c.addr),
+            _ => None,
+        };
         let body = match &req.body {
             RequestBody::Ping => ResponseBody::Pong,
-            RequestBody::FindNode(target) => ResponseBody::Nodes(nodes_for(&self.table, target)),
+            RequestBody::FindNode(target) | RequestBody::FindPeer(target) => {
+                ResponseBody::Nodes(nodes_for(&self.table, target))
+            }
             RequestBody::GetRecord(key) => {
                 // Only servers hold records for others.
                 let record = if self.server {
@@ -1274,10 +1356,15 @@ impl<A: Address> Dht<A> {
             body,
         };
         let mut bytes = response.encode();
-        if !verified && bytes.len() > 3 * request_len {
-            // Anti-amplification: cut the contact list until it fits.
+        // Anti-amplification: what an unverified request makes this node
+        // and the target of its introduction send to its source is at most
+        // 3× its size (the introduction's answer at most 3× the
+        // introduction's).
+        let limit = (3 * request_len)
+            .saturating_sub(introduce.map_or(0, |_| 3 * super::wire::INTRODUCTION_PAD));
+        if !verified && bytes.len() > limit {
             self.counters.trimmed_responses += 1;
-            while bytes.len() > 3 * request_len {
+            while bytes.len() > limit {
                 let shrunk = match &mut response.body {
                     ResponseBody::Nodes(n) | ResponseBody::Record(_, n) if !n.is_empty() => {
                         n.pop();
@@ -1296,6 +1383,15 @@ impl<A: Address> Dht<A> {
             }
         }
         self.transmit(from, bytes);
+        if let Some(target_addr) = introduce {
+            self.counters.introductions_sent += 1;
+            let intro = Introduction {
+                txid: req.txid,
+                asker: req.sender,
+                addr: from,
+            };
+            self.transmit(target_addr, intro.encode());
+        }
         // A server we do not know yet, with room for it in its bucket: verify
         // it (it proves its ID) and add it. Pings never trigger this, or two
         // nodes with full buckets would verify each other forever.
@@ -1315,7 +1411,93 @@ impl<A: Address> Dht<A> {
         }
     }
 
+    /// Someone asked a contact of this node for it: answer the asker at
+    /// once, as if it had asked (a pong with this node's ID proof, which
+    /// is what the asker accepts it by). Only a serving node is in tables
+    /// to be introduced; the answer is at most 3× the introduction, at most
+    /// one per asker and [`MAX_INTRODUCTIONS_PER_S`] a second.
+    fn handle_introduction(&mut self, now: Duration, intro: Introduction<A>) {
+        if !self.server || intro.asker == self.id {
+            self.counters.introductions_dropped += 1;
+            return;
+        }
+        if !self.introductions.admit(now.as_secs() as u32, &intro.asker) {
+            self.counters.introductions_dropped += 1;
+            return;
+        }
+        self.counters.introductions_answered += 1;
+        self.counters.proofs_signed += 1;
+        let sig = self.signer.sign(&proof_message(intro.txid, &intro.asker));
+        let response = Response {
+            txid: intro.txid,
+            responder: self.id,
+            observed: intro.addr,
+            cookie: self.cookie_for(&intro.addr, now.as_secs() / 600),
+            proof: Some((self.signer.peer_id(), sig)),
+            body: ResponseBody::Pong,
+        };
+        self.transmit(intro.addr, response.encode());
+    }
+
+    /// Whether the response carries the responder's ID proof over its
+    /// txid and this node's ID (counted, and counted as bad if not).
+    fn check_proof(&mut self, resp: &Response<A>) -> bool {
+        self.counters.proofs_checked += 1;
+        let ok = resp.proof.as_ref().is_some_and(|(key, sig)| {
+            NodeId::of_peer(key) == resp.responder
+                && self
+                    .config
+                    .signatures
+                    .verify(key, &proof_message(resp.txid, &self.id), sig)
+        });
+        if !ok {
+            self.counters.bad_proofs += 1;
+        }
+        ok
+    }
+
+    /// An answer from the target of a lookup that sent `FindPeer` to
+    /// another node, which introduced this node to it: it echoes the txid
+    /// of that request (whose own answer may have come already) and proves
+    /// its ID over it, and the lookup has found its target. Whether it was
+    /// one (else the response is unexpected).
+    fn handle_introduced(&mut self, now: Duration, from: A, resp: &Response<A>) -> bool {
+        let Some(&query) = self.lookups.iter().find_map(|(q, l)| {
+            (l.introduce
+                && l.target == resp.responder
+                && l.introducers.iter().any(|(t, _)| *t == resp.txid))
+            .then_some(q)
+        }) else {
+            return false;
+        };
+        if !self.check_proof(resp) {
+            return true;
+        }
+        let lookup = self.lookups.get_mut(&query).expect("present");
+        self.counters.introduced += 1;
+        let hop = lookup
+            .introducers
+            .iter()
+            .find(|(t, _)| *t == resp.txid)
+            .map_or(1, |(_, hop)| *hop)
+            .saturating_add(1);
+        lookup.add([(resp.responder, from)], hop, &self.id);
+        lookup.on_answer(&resp.responder);
+        if self.cookies.len() >= MAX_COOKIES && self.cookies.get(&from).is_none() {
+            self.rotate_cookies(now);
+        }
+        self.cookies.insert(from, resp.cookie);
+        self.table
+            .mark_seen_at(&resp.responder, &from, now.as_secs());
+        self.advance(now, query);
+        true
+    }
+
     fn handle_response(&mut self, now: Duration, from: A, resp: Response<A>) {
+        let expected = self.pending.get(&resp.txid).is_some_and(|p| p.to == from);
+        if !expected && self.handle_introduced(now, from, &resp) {
+            return;
+        }
         let Some(pending) = self.pending.get(&resp.txid) else {
             self.counters.unexpected_responses += 1;
             return;
@@ -1330,16 +1512,7 @@ impl<A: Address> Dht<A> {
             self.sample_rtt(ms(now).saturating_sub(pending.sent_ms));
         }
         if pending.request.want_proof {
-            self.counters.proofs_checked += 1;
-            let ok = resp.proof.as_ref().is_some_and(|(key, sig)| {
-                NodeId::of_peer(key) == resp.responder
-                    && self
-                        .config
-                        .signatures
-                        .verify(key, &proof_message(resp.txid, &self.id), sig)
-            });
-            if !ok {
-                self.counters.bad_proofs += 1;
+            if !self.check_proof(&resp) {
                 self.fail(now, pending.purpose, pending.to_id, false);
                 return;
             }
@@ -1673,7 +1846,7 @@ impl<A: Address> Dht<A> {
 
 #[cfg(test)]
 mod tests {
-    use super::{CookieJar, Dht, DhtConfig};
+    use super::{CookieJar, Dht, DhtConfig, DhtEvent};
     use crate::dht::{DhtMessage, NodeId, Request, RequestBody, Response, ResponseBody, ID_BYTES};
     use crate::Keypair;
     use proptest::prelude::*;
@@ -1703,15 +1876,127 @@ mod tests {
             .collect()
     }
 
-    /// The FindNode requests a node sent since the last call: (to, target).
+    /// The FindNode (and FindPeer) requests a node sent since the last
+    /// call: (to, target).
     fn find_nodes_sent(dht: &mut Dht<u32>) -> Vec<(u32, NodeId)> {
         requests_sent(dht)
             .into_iter()
             .filter_map(|(to, r)| match r.body {
-                RequestBody::FindNode(target) => Some((to, target)),
+                RequestBody::FindNode(target) | RequestBody::FindPeer(target) => Some((to, target)),
                 _ => None,
             })
             .collect()
+    }
+
+    /// Asker `a` (reachable or not) knows only `b`; `b` knows the target
+    /// `t`. Returns the three nodes after `a` started its lookup of `t`.
+    fn introduction_setup(asker_serves: bool) -> [Dht<u32>; 3] {
+        let start = Duration::from_secs(1_800_000_000);
+        let node = |seed: u8, server: bool| {
+            let config = DhtConfig {
+                server,
+                ..DhtConfig::default()
+            };
+            Dht::<u32>::new(
+                Keypair::from_seed([seed; 32]),
+                config,
+                u64::from(seed),
+                start,
+            )
+        };
+        let (mut a, mut b, t) = (node(41, asker_serves), node(42, true), node(43, true));
+        a.seed_contact(b.id(), 2 << 8, start);
+        b.seed_contact(t.id(), 3 << 8, start);
+        a.lookup(start, t.id());
+        [a, b, t]
+    }
+
+    #[test]
+    fn a_reachable_asker_is_introduced_and_the_target_answers_it_directly() {
+        let now = Duration::from_secs(1_800_000_000);
+        let (a_addr, b_addr, t_addr) = (1u32 << 8, 2u32 << 8, 3u32 << 8);
+        let [mut a, mut b, mut t] = introduction_setup(true);
+        let sent: Vec<_> = std::iter::from_fn(|| a.poll_transmit()).collect();
+        assert_eq!(sent.len(), 1);
+        let req = match DhtMessage::<u32>::decode(&sent[0].1) {
+            Ok(DhtMessage::Request(r)) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(req.body, RequestBody::FindPeer(t.id()));
+        b.handle_datagram(now, a_addr, &sent[0].1).unwrap();
+        // Its answer to the asker (and a ping to verify it: a new server),
+        // and an introduction to the target.
+        let out: Vec<_> = std::iter::from_fn(|| b.poll_transmit())
+            .filter(|(_, d)| !matches!(DhtMessage::<u32>::decode(d), Ok(DhtMessage::Request(_))))
+            .collect();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].0, a_addr);
+        assert_eq!(out[1].0, t_addr);
+        assert_eq!(b.counters().introductions_sent, 1);
+        match DhtMessage::<u32>::decode(&out[1].1) {
+            Ok(DhtMessage::Introduction(i)) => {
+                assert_eq!((i.txid, i.asker, i.addr), (req.txid, a.id(), a_addr));
+            }
+            other => panic!("{other:?}"),
+        }
+        t.handle_datagram(now, b_addr, &out[1].1).unwrap();
+        let answer: Vec<_> = std::iter::from_fn(|| t.poll_transmit()).collect();
+        assert_eq!(answer.len(), 1);
+        assert_eq!(answer[0].0, a_addr);
+        // The same introduction again (another node near the target asked
+        // at once): not answered twice.
+        t.handle_datagram(now, b_addr, &out[1].1).unwrap();
+        assert!(t.poll_transmit().is_none());
+        assert_eq!(t.counters().introductions_dropped, 1);
+        // The introducer's answer comes first: it names the target, and
+        // the asker asks it.
+        a.handle_datagram(now + Duration::from_millis(20), b_addr, &out[0].1)
+            .unwrap();
+        let asked: Vec<_> = find_nodes_sent(&mut a);
+        assert!(asked.contains(&(t_addr, t.id())), "{asked:?}");
+        assert!(a.poll_event().is_none());
+        // Then the target's answer through the introduction, which echoes
+        // the txid of the request to b: found, a round trip sooner.
+        a.handle_datagram(now + Duration::from_millis(30), t_addr, &answer[0].1)
+            .unwrap();
+        assert_eq!(a.counters().introduced, 1);
+        match a.poll_event() {
+            Some(DhtEvent::LookupDone { closest, hops, .. }) => {
+                assert_eq!(closest[0], (t.id(), t_addr));
+                assert_eq!(hops, 2, "the target counts as asked after b");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_introduced_answer_without_the_targets_proof_is_refused() {
+        let now = Duration::from_secs(1_800_000_000);
+        let [mut a, _, t] = introduction_setup(true);
+        let sent: Vec<_> = std::iter::from_fn(|| a.poll_transmit()).collect();
+        let Ok(DhtMessage::Request(req)) = DhtMessage::<u32>::decode(&sent[0].1) else {
+            panic!("a request");
+        };
+        // Someone who saw the txid claims to be the target.
+        let forged = Response {
+            txid: req.txid,
+            responder: t.id(),
+            observed: 1u32 << 8,
+            cookie: 1,
+            proof: Some((Keypair::from_seed([9; 32]).peer_id(), [0; 64])),
+            body: ResponseBody::Pong,
+        };
+        a.handle_datagram(now, 9 << 8, &forged.encode()).unwrap();
+        assert_eq!(a.counters().introduced, 0);
+        assert_eq!(a.counters().bad_proofs, 1);
+        assert!(a.poll_event().is_none());
+    }
+
+    #[test]
+    fn an_unreachable_asker_asks_for_no_introduction() {
+        let [mut a, ..] = introduction_setup(false);
+        let sent = requests_sent(&mut a);
+        assert!(matches!(sent[0].1.body, RequestBody::FindNode(_)));
     }
 
     #[test]

@@ -1,16 +1,25 @@
 //! DHT messages: single overlay datagrams on the node's UDP port.
 //!
 //! ```text
-//! 0x30 | version 1 | type (10 request, 11 response) | fields…
+//! 0x30 | version 1 | type (10 request, 11 response, 12 introduction) | fields…
 //! Request:  txid u64 | sender id 16 | flags u8 (1 server, 2 want proof) |
 //!           cookie u64 | body tag u8 | body | zero padding
 //! Response: txid u64 | responder id 16 | observed addr | cookie u64 |
 //!           proof u8 (0, or 1 + public key 32 + signature 64) |
 //!           body tag u8 | body
 //! Bodies:   Ping | FindNode target | GetRecord key | PutRecord record
+//!           | FindPeer target
 //!           Pong | Nodes n × (id, addr) | Record has? record n × (id, addr)
 //!           | PutAck stored u8
+//! Introduction: txid u64 | asker id 16 | asker addr | zero padding to 51
 //! ```
+//!
+//! An introduction is what a node asked `FindPeer(target)` sends to the
+//! target when the target is in its table: the asker's request txid, ID
+//! and address, so the target answers the asker directly (a pong with its
+//! ID proof) half a round trip sooner than the asker could ask it. It is
+//! never answered to its sender, and it is padded so that the answer it
+//! causes is at most 3× its size.
 //!
 //! Every length is checked; decoding never panics (fuzzed).
 
@@ -25,6 +34,11 @@ use crate::PeerId;
 pub const TYPE_REQUEST: u8 = 10;
 /// Overlay message type of DHT responses.
 pub const TYPE_RESPONSE: u8 = 11;
+/// Overlay message type of introductions.
+pub const TYPE_INTRODUCTION: u8 = 12;
+/// Smallest introduction: its answer (a pong with a proof) is at most 3×
+/// as large.
+pub const INTRODUCTION_PAD: usize = 51;
 /// Largest DHT datagram.
 pub const MAX_DHT_DATAGRAM: usize = 1400;
 /// Most contacts in one response (a decoder refuses more).
@@ -76,6 +90,22 @@ pub enum RequestBody {
     /// Store this record (boxed: a request waiting for its answer is kept
     /// for retransmission, and most requests carry no record).
     PutRecord(Box<SignedRecord>),
+    /// As `FindNode`, and if `target` is in the responder's table, an
+    /// introduction to it (see the module docs). Asked by reachable nodes
+    /// looking for a peer: only they can take the target's unsolicited
+    /// answer.
+    FindPeer(NodeId),
+}
+
+/// An introduction: someone asked for this node (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Introduction<A> {
+    /// The txid of the asker's request, which the answer echoes.
+    pub txid: u64,
+    /// The asker's node ID (the answer's proof signs it).
+    pub asker: NodeId,
+    /// The asker's address, as the introducer saw it.
+    pub addr: A,
 }
 
 /// A response.
@@ -119,6 +149,8 @@ pub enum DhtMessage<A> {
     Request(Request),
     /// A response.
     Response(Response<A>),
+    /// An introduction.
+    Introduction(Introduction<A>),
 }
 
 /// The bytes a proof signs.
@@ -210,9 +242,28 @@ impl Request {
                 out.push(3);
                 r.encode(&mut out);
             }
+            RequestBody::FindPeer(t) => {
+                out.push(4);
+                out.extend_from_slice(&t.0);
+            }
         }
         if out.len() < pad_to {
             out.resize(pad_to.min(MAX_DHT_DATAGRAM), 0);
+        }
+        out
+    }
+}
+
+impl<A: Address> Introduction<A> {
+    /// Encodes the introduction, padded to [`INTRODUCTION_PAD`].
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(&[OVERLAY_TAG, OVERLAY_VERSION, TYPE_INTRODUCTION]);
+        out.extend_from_slice(&self.txid.to_be_bytes());
+        out.extend_from_slice(&self.asker.0);
+        self.addr.encode(&mut out);
+        if out.len() < INTRODUCTION_PAD {
+            out.resize(INTRODUCTION_PAD, 0);
         }
         out
     }
@@ -286,6 +337,7 @@ impl<A: Address> DhtMessage<A> {
                     1 => RequestBody::FindNode(r.id()?),
                     2 => RequestBody::GetRecord(r.id()?),
                     3 => RequestBody::PutRecord(Box::new(r.record()?)),
+                    4 => RequestBody::FindPeer(r.id()?),
                     _ => return Err(WireError::Invalid),
                 };
                 if r.0.iter().any(|&b| b != 0) {
@@ -344,6 +396,19 @@ impl<A: Address> DhtMessage<A> {
                     body,
                 }))
             }
+            TYPE_INTRODUCTION => {
+                // Shorter ones would make answers more than 3× their size.
+                if datagram.len() < INTRODUCTION_PAD {
+                    return Err(WireError::Length);
+                }
+                let txid = r.u64()?;
+                let asker = r.id()?;
+                let addr = r.addr()?;
+                if r.0.iter().any(|&b| b != 0) {
+                    return Err(WireError::Invalid);
+                }
+                Ok(DhtMessage::Introduction(Introduction { txid, asker, addr }))
+            }
             _ => Err(WireError::NotDht),
         }
     }
@@ -365,6 +430,7 @@ mod tests {
             RequestBody::FindNode(NodeId([1; ID_BYTES])),
             RequestBody::GetRecord(NodeId([2; ID_BYTES])),
             RequestBody::PutRecord(Box::new(record.clone())),
+            RequestBody::FindPeer(NodeId([3; ID_BYTES])),
         ];
         for (i, body) in requests.into_iter().enumerate() {
             let req = Request {
@@ -409,6 +475,28 @@ mod tests {
     }
 
     #[test]
+    fn introductions_round_trip_padded() {
+        for addr in ["192.0.2.1:7447", "[2001:db8::1]:7447"] {
+            let intro = Introduction {
+                txid: 9,
+                asker: NodeId([6; ID_BYTES]),
+                addr: addr.parse::<SocketAddr>().unwrap(),
+            };
+            let bytes = intro.encode();
+            assert!(bytes.len() >= INTRODUCTION_PAD);
+            assert_eq!(
+                DhtMessage::decode(&bytes),
+                Ok(DhtMessage::Introduction(intro))
+            );
+            // Cut below the pad: refused.
+            assert_eq!(
+                DhtMessage::<SocketAddr>::decode(&bytes[..INTRODUCTION_PAD - 1]),
+                Err(WireError::Length)
+            );
+        }
+    }
+
+    #[test]
     fn a_full_answer_fits_three_times_a_padded_request() {
         let a: SocketAddr = "[2001:db8::1]:7447".parse().unwrap();
         let resp = Response {
@@ -433,6 +521,8 @@ mod tests {
             ..resp
         };
         assert!(pong.encode().len() <= 3 * super::super::node::PROOF_REQUEST_PAD);
+        // So does the answer to an introduction, which goes to the asker.
+        assert!(pong.encode().len() <= 3 * INTRODUCTION_PAD);
     }
 
     proptest! {
@@ -443,6 +533,9 @@ mod tests {
             let _ = DhtMessage::<SocketAddr>::decode(&tagged);
             tagged[2] = TYPE_RESPONSE;
             let _ = DhtMessage::<SocketAddr>::decode(&tagged);
+            tagged[2] = TYPE_INTRODUCTION;
+            let _ = DhtMessage::<SocketAddr>::decode(&tagged);
+            let _ = DhtMessage::<u32>::decode(&tagged);
             let _ = DhtMessage::<u32>::decode(&tagged);
             let _ = DhtMessage::<u32>::decode(&bytes);
         }
