@@ -29,6 +29,59 @@ fn id_is_stable_and_printed_alone() {
     assert_eq!(a.stdout, b.stdout);
 }
 
+/// `p2pos sim --json` prints the keys, and the same seed gives the
+/// same figures (the simulator runs itself again on huge pages on Linux:
+/// the output is that of the second run, whole).
+#[test]
+fn sim_json_has_its_keys_and_repeats_with_the_seed() {
+    let run = |env: Option<&str>| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["sim", "--nodes", "300", "--duration", "2m", "--lookups"])
+            .args(["40", "--seed", "7", "--json"]);
+        if let Some(options) = env {
+            cmd.env("_RJEM_MALLOC_CONF", options);
+        } else {
+            cmd.env_remove("_RJEM_MALLOC_CONF");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for key in [
+            "nodes",
+            "lookups",
+            "lookup_success_rate",
+            "hops_p50",
+            "hops_p90",
+            "hops_p99",
+            "latency_ms_p50",
+            "latency_ms_p90",
+            "latency_ms_p99",
+            "put_success_rate",
+            "get_success_rate",
+            "maintenance_bytes_per_node_per_s",
+            "wall_s",
+            "peak_rss_mb",
+            "seed",
+        ] {
+            assert!(v.get(key).is_some(), "no {key} in {v}");
+        }
+        // What a run measures of the machine, not of the network.
+        for key in ["wall_s", "peak_rss_mb", "memory_mb"] {
+            v.as_object_mut().unwrap().remove(key);
+        }
+        v
+    };
+    let huge = run(None);
+    assert_eq!(huge["nodes"], 300);
+    assert_eq!(huge["seed"], 7);
+    assert_eq!(huge["lookups"], 40);
+    assert!(
+        huge["lookup_success_rate"].as_f64().unwrap() > 0.9,
+        "{huge}"
+    );
+    assert_eq!(huge, run(Some("narenas:1")));
+}
+
 #[test]
 fn stream_of_20_mb_arrives_byte_identical() {
     let a = Daemon::start(&[]);
