@@ -89,6 +89,13 @@ impl<T> EventQueue<T> {
         }
     }
 
+    /// The item that [`EventQueue::pop_before`] gives `n` pops from now,
+    /// if it is due at the same time as the last one popped.
+    pub fn peek_same_time(&self, n: usize) -> Option<&T> {
+        let len = self.current.len();
+        len.checked_sub(n + 1).map(|i| &self.current[i].item)
+    }
+
     /// The earliest item (the first pushed among equals), with its time.
     #[cfg(test)]
     pub fn pop(&mut self) -> Option<(u64, T)> {
