@@ -9,6 +9,8 @@ use super::wire::WireError;
 
 /// An address the DHT can carry in messages.
 pub trait Address: Copy + Eq + Hash + Ord + std::fmt::Debug + Send + Sync + 'static {
+    /// The longest wire form, in bytes.
+    const MAX_ENCODED: usize;
     /// Appends the wire form.
     fn encode(&self, out: &mut Vec<u8>);
     /// Reads one address; returns it and the rest.
@@ -19,6 +21,9 @@ pub trait Address: Copy + Eq + Hash + Ord + std::fmt::Debug + Send + Sync + 'sta
 }
 
 impl Address for SocketAddr {
+    /// Family, IPv6 address, port.
+    const MAX_ENCODED: usize = 1 + 16 + 2;
+
     fn encode(&self, out: &mut Vec<u8>) {
         crate::overlay::encode_addr(self, out);
     }
@@ -49,6 +54,8 @@ impl Address for SocketAddr {
 }
 
 impl Address for u32 {
+    const MAX_ENCODED: usize = 4;
+
     fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.to_be_bytes());
     }

@@ -1528,7 +1528,9 @@ impl<A: Address> Dht<A> {
         if let Some(t) = &mut self.tracked {
             track(&mut t.observations, (from, resp.observed));
         }
-        let was_empty = self.table.is_empty();
+        // Only a verification's answer can be the first contact (and the
+        // table's buckets are one more read of memory for every answer).
+        let was_empty = matches!(pending.purpose, Purpose::Verify) && self.table.is_empty();
         if pending.request.want_proof {
             let contact = Contact::new(resp.responder, from, now.as_secs());
             if let InsertOutcome::Pending { oldest } = self.table.insert(contact) {

@@ -192,6 +192,11 @@ impl SignedRecord {
         Ok(())
     }
 
+    /// The length of [`SignedRecord::encode`]'s output.
+    pub fn encoded_len(&self) -> usize {
+        32 + 1 + self.name.len() + 8 + 8 + 2 + self.value.len() + self.signature.len()
+    }
+
     /// Appends the wire form.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(self.owner.as_bytes());
@@ -441,6 +446,7 @@ mod tests {
             let r = SignedRecord::sign(&kp(3), &name, seq, 99, &value).unwrap();
             let mut buf = Vec::new();
             r.encode(&mut buf);
+            prop_assert_eq!(r.encoded_len(), buf.len());
             let (back, rest) = SignedRecord::decode(&buf).unwrap();
             prop_assert!(rest.is_empty());
             prop_assert_eq!(back, r);

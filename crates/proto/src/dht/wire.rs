@@ -222,7 +222,11 @@ fn put_nodes<A: Address>(nodes: &[(NodeId, A)], out: &mut Vec<u8>) {
 impl Request {
     /// Encodes the request, zero-padded to at least `pad_to` bytes.
     pub fn encode(&self, pad_to: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(pad_to.max(64));
+        let record = match &self.body {
+            RequestBody::PutRecord(r) => r.encoded_len(),
+            _ => 0,
+        };
+        let mut out = Vec::with_capacity(pad_to.max(64 + record));
         out.extend_from_slice(&[OVERLAY_TAG, OVERLAY_VERSION, TYPE_REQUEST]);
         out.extend_from_slice(&self.txid.to_be_bytes());
         out.extend_from_slice(&self.sender.0);
@@ -272,7 +276,17 @@ impl<A: Address> Introduction<A> {
 impl<A: Address> Response<A> {
     /// Encodes the response.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
+        // Room for all of it at once: answers of 10 contacts were grown
+        // twice on their way.
+        let (record, nodes) = match &self.body {
+            ResponseBody::Nodes(nodes) => (0, nodes.len()),
+            ResponseBody::Record(r, nodes) => {
+                (r.as_ref().map_or(0, |r| r.encoded_len()), nodes.len())
+            }
+            _ => (0, 0),
+        };
+        let nodes = nodes.min(MAX_NODES) * (ID_BYTES + A::MAX_ENCODED);
+        let mut out = Vec::with_capacity(160 + A::MAX_ENCODED + nodes + record);
         out.extend_from_slice(&[OVERLAY_TAG, OVERLAY_VERSION, TYPE_RESPONSE]);
         out.extend_from_slice(&self.txid.to_be_bytes());
         out.extend_from_slice(&self.responder.0);
