@@ -1116,22 +1116,21 @@ fn sim_on_huge_pages() {
     if std::env::var_os(OPTIONS).is_some() {
         return;
     }
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(err) => {
-            tracing::debug!("the simulator runs on small pages: {err}");
-            return;
-        }
-    };
-    let mut args = std::env::args_os();
-    let mut again = std::process::Command::new(exe);
-    if let Some(name) = args.next() {
-        again.arg0(name);
-    }
-    let err = again
-        .args(args)
-        .env(OPTIONS, "thp:always,metadata_thp:always")
-        .exec();
+    // `exec` returns only if it failed.
+    let err = std::env::current_exe().map_or_else(
+        |err| err,
+        |exe| {
+            let mut args = std::env::args_os();
+            let mut again = std::process::Command::new(exe);
+            if let Some(name) = args.next() {
+                again.arg0(name);
+            }
+            again
+                .args(args)
+                .env(OPTIONS, "thp:always,metadata_thp:always")
+                .exec()
+        },
+    );
     tracing::debug!("the simulator runs on small pages: {err}");
 }
 

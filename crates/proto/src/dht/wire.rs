@@ -285,8 +285,11 @@ impl<A: Address> Response<A> {
             }
             _ => (0, 0),
         };
+        // Head, txid, responder, cookie, proof (flag, key, signature), body
+        // tag, record flag, contact count; then the observed address.
+        const HEAD: usize = 3 + 8 + ID_BYTES + 8 + (1 + 32 + 64) + 3;
         let nodes = nodes.min(MAX_NODES) * (ID_BYTES + A::MAX_ENCODED);
-        let mut out = Vec::with_capacity(160 + A::MAX_ENCODED + nodes + record);
+        let mut out = Vec::with_capacity(HEAD + A::MAX_ENCODED + nodes + record);
         out.extend_from_slice(&[OVERLAY_TAG, OVERLAY_VERSION, TYPE_RESPONSE]);
         out.extend_from_slice(&self.txid.to_be_bytes());
         out.extend_from_slice(&self.responder.0);
