@@ -13,7 +13,9 @@
 //!   given median; a leaving node vanishes without notice and a new node
 //!   (new key, new address) takes its slot and joins through a random server.
 //! - **Addresses** are `u32`s spread over the space, so the DHT's per-/24
-//!   diversity limit sees realistic networks.
+//!   diversity limit sees realistic networks; each is a keyed bijection of
+//!   its node's slot and generation, so the simulator finds a datagram's
+//!   destination without a map (the `addr` module).
 //! - **Tables** at the start are built from the global ID list (as PeerSim
 //!   does) to skip 10^5–10^6 joins; nodes that join later run the real join.
 //!
@@ -21,6 +23,7 @@
 //!   mix; only reachable kinds serve the DHT, and connections by key
 //!   (`--connects`) run through emulated routers (see [`nat`]).
 
+mod addr;
 pub mod nat;
 mod queue;
 mod world;

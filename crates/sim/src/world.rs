@@ -12,6 +12,7 @@ use p2pos_proto::Keypair;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 
+use crate::addr::AddrPlan;
 use crate::queue::EventQueue;
 
 /// What to simulate.
@@ -310,7 +311,7 @@ impl SimMemory {
                 replacements += dht.table().replacement_count();
                 let mut gone = 0;
                 for c in dht.table().contacts() {
-                    match w.shared.by_addr.get(&c.addr).copied() {
+                    match w.shared.node_at(c.addr) {
                         Some(j) if w.online(j) && w.place(j).id == c.id => {
                             live_entries += 1;
                             rtt_sum += 2 * w.shared.one_way_ms(i as u32, j);
@@ -338,7 +339,7 @@ impl SimMemory {
                 .iter()
                 .map(|p| p.slots.capacity() * size_of::<Slot>())
                 .sum::<usize>()
-            + map_heap_bytes(&w.shared.by_addr)
+            + w.shared.routes.capacity() * size_of::<Route>()
             + map_heap_bytes(&w.pending)
             + w.online_since.capacity() * size_of::<u64>();
         let mb = |b: usize| b as f64 / 1e6;
@@ -413,6 +414,15 @@ struct Place {
     gen: u32,
     server: bool,
     nat: crate::nat::NatKind,
+}
+
+/// Where a node's datagrams go: its address, and where it sits (for the
+/// delays). Apart from [`Place`]: every datagram sent reads the route of
+/// its destination, at random among a million, and 16 bytes a node keep
+/// the routes within the cache far better than a whole place would.
+#[derive(Clone, Copy)]
+struct Route {
+    addr: u32,
     x: f32,
     y: f32,
     access_ms: f32,
@@ -431,21 +441,29 @@ struct Slot {
     /// its maintenance time each time, and every time a new event for it
     /// went into the heap beside the stale one.
     timer_queued: u64,
+    /// The node's generation (as its place's: read with the timer fields,
+    /// a stale timer costs no read of the place).
+    gen: u32,
 }
 
-/// What the partitions read: the places of the nodes and the address map.
+/// What the partitions read: the places and routes of the nodes.
 struct Shared {
     places: Vec<Place>,
-    /// Node indexes by address (Fx: addresses are random and the
-    /// simulator's own, so a keyed hash buys nothing, and SipHash showed in
-    /// profiles: one lookup per datagram sent).
-    by_addr: FxHashMap<u32, u32>,
+    routes: Vec<Route>,
+    addrs: AddrPlan,
     loss: f64,
 }
 
 impl Shared {
+    /// The node at `addr`, if one is there now.
+    fn node_at(&self, addr: u32) -> Option<u32> {
+        let i = self.addrs.slot(addr);
+        let route = self.routes.get(i as usize)?;
+        (route.addr == addr).then_some(i)
+    }
+
     fn one_way_ms(&self, a: u32, b: u32) -> u64 {
-        let (na, nb) = (&self.places[a as usize], &self.places[b as usize]);
+        let (na, nb) = (&self.routes[a as usize], &self.routes[b as usize]);
         let d = ((na.x - nb.x).powi(2) + (na.y - nb.y).powi(2)).sqrt();
         // Every access link takes at least a millisecond each way.
         (na.access_ms + nb.access_ms + d * 50.0).max(WINDOW_MS as f32) as u64
@@ -684,11 +702,11 @@ impl Part {
                 self.flush(shared, to);
             }
             Local::Timer { node, gen } => {
-                if shared.places[node as usize].gen != gen {
-                    return;
-                }
                 let at = self.now;
                 let slot = self.slot(node);
+                if slot.gen != gen {
+                    return;
+                }
                 if slot.timer_queued == at {
                     slot.timer_queued = u64::MAX;
                 }
@@ -721,20 +739,16 @@ impl Part {
             }
             dht.poll_timeout()
         };
-        let place = &shared.places[i as usize];
+        let from = shared.routes[i as usize].addr;
         for (to_addr, bytes) in out.drain(..) {
             if shared.loss > 0.0 && self.rng.unit() < shared.loss {
                 continue;
             }
-            let Some(&to) = shared.by_addr.get(&to_addr) else {
+            let Some(to) = shared.node_at(to_addr) else {
                 continue;
             };
             let at = self.now + shared.one_way_ms(i, to);
-            let local = Local::Deliver {
-                to,
-                from: place.addr,
-                bytes,
-            };
+            let local = Local::Deliver { to, from, bytes };
             let part = to as usize % PARTITIONS;
             if part == self.index {
                 self.queue.push(at, local);
@@ -743,10 +757,11 @@ impl Part {
             }
         }
         self.out_buf = out;
+        let gen = self.slots[i as usize / PARTITIONS].gen;
         for event in events.drain(..) {
             self.done.push(Done {
                 node: i,
-                gen: place.gen,
+                gen,
                 at: self.now,
                 event,
             });
@@ -764,7 +779,6 @@ impl Part {
                         u64::MAX => at,
                         queued => queued.max(at),
                     };
-                    let gen = place.gen;
                     self.queue.push(at, Local::Timer { node: i, gen });
                 }
             }
@@ -865,26 +879,20 @@ impl World {
         Some((session - up_ms as f64) as u64)
     }
 
-    /// A free address.
-    fn new_addr(&mut self) -> u32 {
-        loop {
-            let a = (self.rng.next_u64() >> 32) as u32;
-            if a != 0 && !self.shared.by_addr.contains_key(&a) {
-                return a;
-            }
-        }
-    }
-
     /// Creates the node in slot `index`, up for `up_ms` already (a new
     /// identity each time).
     fn spawn(&mut self, index: u32, up_ms: u64) {
-        let gen = self
+        let mut gen = self
             .shared
             .places
             .get(index as usize)
             .map_or(0, |n| n.gen + 1);
+        // Address 0 is nobody's.
+        if self.shared.addrs.addr(index, gen) == 0 {
+            gen += 1;
+        }
+        let addr = self.shared.addrs.addr(index, gen);
         let identity = self.rng.bytes();
-        let addr = self.new_addr();
         let nat = match &self.cfg.nat_mix {
             Some(mix) => crate::nat::NatKind::draw(mix, &mut self.rng),
             None => crate::nat::NatKind::Public,
@@ -917,6 +925,9 @@ impl World {
             gen,
             server,
             nat,
+        };
+        let route = Route {
+            addr,
             x: self.rng.unit() as f32,
             y: self.rng.unit() as f32,
             access_ms: 1.0 + 30.0 * u * u,
@@ -925,16 +936,18 @@ impl World {
             dht: Some(Box::new(dht)),
             timer_at: u64::MAX,
             timer_queued: u64::MAX,
+            gen,
         };
-        self.shared.by_addr.insert(addr, index);
         let part = &mut self.parts[index as usize % PARTITIONS];
         if (index as usize) < self.shared.places.len() {
             self.shared.places[index as usize] = place;
+            self.shared.routes[index as usize] = route;
             *part.slot(index) = slot;
             self.online_since[index as usize] = self.now;
         } else {
             debug_assert_eq!(index as usize, self.shared.places.len());
             self.shared.places.push(place);
+            self.shared.routes.push(route);
             part.slots.push(slot);
             self.online_since.push(self.now);
         }
@@ -1260,8 +1273,6 @@ impl World {
                 }
                 self.stats.departures += 1;
                 self.account_bytes(node);
-                let addr = self.place(node).addr;
-                self.shared.by_addr.remove(&addr);
                 self.parts[node as usize % PARTITIONS].slot(node).dht = None;
                 self.spawn(node, 0);
                 let now = self.now_d();
@@ -1424,6 +1435,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let parts = (0..PARTITIONS)
         .map(|p| Part::new(p, rng.next_u64()))
         .collect();
+    let addrs = AddrPlan::new(cfg.nodes, (rng.next_u64() >> 32) as u32);
     let mut w = World {
         rng,
         cfg: cfg.clone(),
@@ -1432,7 +1444,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         global: EventQueue::new(),
         shared: Shared {
             places: Vec::with_capacity(cfg.nodes),
-            by_addr: FxHashMap::with_capacity_and_hasher(cfg.nodes, Default::default()),
+            routes: Vec::with_capacity(cfg.nodes),
+            addrs,
             loss: cfg.loss,
         },
         parts,
