@@ -110,7 +110,7 @@ impl<A> Bucket<A> {
     }
 
     fn push_entry(&mut self, contact: Contact<A>) {
-        grow_exact(&mut self.contacts);
+        super::grow_within_class(&mut self.contacts, 1);
         self.contacts.insert(usize::from(self.entry_count), contact);
         self.entry_count += 1;
     }
@@ -125,7 +125,7 @@ impl<A> Bucket<A> {
         if self.replacements().len() >= max {
             self.contacts.remove(usize::from(self.entry_count));
         }
-        grow_exact(&mut self.contacts);
+        super::grow_within_class(&mut self.contacts, 1);
         self.contacts.push(contact);
     }
 
@@ -149,13 +149,6 @@ impl<A> Bucket<A> {
             self.contacts.insert(usize::from(self.entry_count), r);
             self.entry_count += 1;
         }
-    }
-}
-
-/// Makes room for one more item without growing the capacity past it.
-fn grow_exact<T>(v: &mut Vec<T>) {
-    if v.len() == v.capacity() {
-        v.reserve_exact(1);
     }
 }
 
