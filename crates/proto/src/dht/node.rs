@@ -1020,7 +1020,7 @@ impl<A: Address> Dht<A> {
     }
 
     fn cookie_for(&self, addr: &A, epoch: u64) -> u64 {
-        let mut buf = Vec::with_capacity(32);
+        let mut buf = Vec::with_capacity(A::MAX_ENCODED + 8);
         addr.encode(&mut buf);
         buf.extend_from_slice(&epoch.to_be_bytes());
         let h = blake3::keyed_hash(&self.cookie_key, &buf);
@@ -1274,8 +1274,11 @@ impl<A: Address> Dht<A> {
 
     fn handle_request(&mut self, now: Duration, from: A, req: Request, request_len: usize) {
         let epoch = now.as_secs() / 600;
+        // The cookie this node gives the source now (in its answer), and
+        // the one a verified request carries.
+        let cookie = self.cookie_for(&from, epoch);
         let verified = req.cookie != 0
-            && (req.cookie == self.cookie_for(&from, epoch)
+            && (req.cookie == cookie
                 || req.cookie == self.cookie_for(&from, epoch.saturating_sub(1)));
         // A contact that says it no longer serves leaves the table (only
         // from its own, proven address: nobody can evict it for it).
@@ -1353,7 +1356,7 @@ impl<A: Address> Dht<A> {
             txid: req.txid,
             responder: self.id,
             observed: from,
-            cookie: self.cookie_for(&from, epoch),
+            cookie,
             proof,
             body,
         };

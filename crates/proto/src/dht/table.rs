@@ -372,14 +372,20 @@ impl<A: Address> RoutingTable<A> {
         let i = self.me.common_prefix(target);
         let mut out: Vec<Contact<A>> = Vec::with_capacity(n.min(self.k * 3));
         // One buffer for each group's contacts and their distances (each
-        // computed once, not once per comparison).
-        let mut keyed: Vec<(NodeId, Contact<A>)> = Vec::new();
+        // computed once, as one number, not once per comparison). Only the
+        // `room` closest of a group are sorted: distances differ, so which
+        // they are does not depend on how they are picked.
+        let mut keyed: Vec<(u128, Contact<A>)> = Vec::new();
         let mut take_sorted =
             |out: &mut Vec<Contact<A>>, group: &mut dyn Iterator<Item = &Contact<A>>| {
-                keyed.clear();
-                keyed.extend(group.map(|c| (c.id.distance(target), *c)));
-                keyed.sort_unstable_by_key(|a| a.0);
                 let room = n.saturating_sub(out.len());
+                keyed.clear();
+                keyed.extend(group.map(|c| (u128::from_be_bytes(c.id.distance(target).0), *c)));
+                if keyed.len() > room && room > 0 {
+                    keyed.select_nth_unstable_by_key(room - 1, |a| a.0);
+                    keyed.truncate(room);
+                }
+                keyed.sort_unstable_by_key(|a| a.0);
                 out.extend(keyed.iter().take(room).map(|(_, c)| *c));
             };
         if let Some(b) = self.buckets.get(i) {
@@ -468,18 +474,30 @@ impl<A: Address> RoutingTable<A> {
     }
 
     /// Up to `max` contacts not seen since `before` (seconds), least
-    /// recently seen first.
+    /// recently seen first, those seen at the same time in table order.
+    ///
+    /// Kept as they come, at most `max`: on a server most of a table is
+    /// stale (a contact is pinged 15 minutes after it was last heard), and
+    /// gathering and sorting some 300 contacts to ping 6 was 5% of the
+    /// simulator's time.
     pub fn stale_contacts(&self, before: u64, max: usize) -> Vec<Contact<A>> {
-        let mut stale: Vec<Contact<A>> = self
-            .buckets
-            .iter()
-            .flat_map(|b| b.entries().iter())
-            .filter(|c| c.last_seen() < before)
-            .copied()
-            .collect();
-        stale.sort_unstable_by_key(|c| c.last_seen());
-        stale.truncate(max);
-        stale
+        let mut out: Vec<Contact<A>> = Vec::with_capacity(max);
+        if max == 0 {
+            return out;
+        }
+        for c in self.contacts().filter(|c| c.last_seen() < before) {
+            let seen = c.last_seen();
+            if out.len() == max && out[max - 1].last_seen() <= seen {
+                continue;
+            }
+            // After those seen at the same time: table order.
+            let at = out.partition_point(|o| o.last_seen() <= seen);
+            if out.len() == max {
+                out.pop();
+            }
+            out.insert(at, *c);
+        }
+        out
     }
 
     /// Marks the bucket that covers `target` as refreshed.
@@ -664,6 +682,30 @@ mod tests {
                 }
                 prop_assert!(table.check_invariants().is_ok(), "{:?}", table.check_invariants());
             }
+        }
+
+        #[test]
+        fn stale_contacts_are_the_least_recently_seen_in_table_order(
+            ops in proptest::collection::vec((any::<[u8; ID_BYTES]>(), 0u64..40), 1..300),
+            before in 0u64..50,
+            max in 0usize..30,
+        ) {
+            let mut table = RoutingTable::new(NodeId([0; ID_BYTES]), 20, 64);
+            for (i, (id, seen)) in ops.into_iter().enumerate() {
+                // 4-second steps: many contacts seen at the same time.
+                table.insert(contact(id, (i as u32) << 8, 1_000_000 + 4 * seen));
+            }
+            let before = 1_000_000 + 4 * before;
+            let mut want: Vec<(u64, usize, Contact<u32>)> = table
+                .contacts()
+                .enumerate()
+                .filter(|(_, c)| c.last_seen() < before)
+                .map(|(i, c)| (c.last_seen(), i, *c))
+                .collect();
+            want.sort_unstable_by_key(|(seen, i, _)| (*seen, *i));
+            want.truncate(max);
+            let want: Vec<Contact<u32>> = want.into_iter().map(|(_, _, c)| c).collect();
+            prop_assert_eq!(table.stale_contacts(before, max), want);
         }
 
         #[test]
