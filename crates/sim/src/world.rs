@@ -660,7 +660,7 @@ impl Part {
             self.inbox[from] = inbox;
         }
         while let Some((at, local)) = self.queue.pop_before(limit) {
-            self.prefetch();
+            self.prefetch(shared);
             self.now = at;
             self.events += 1;
             self.step(shared, local);
@@ -668,10 +668,10 @@ impl Part {
     }
 
     /// Asks the memory for what the next events will read while this one
-    /// runs: the slot of the event after next, and the state of the node
-    /// of the next one (and its datagram). A node's state is read at
-    /// random among a million, and the step waited for each of these.
-    fn prefetch(&self) {
+    /// runs: the slot of the event after next, and the state and route of
+    /// the node of the next one (and its datagram). A node's state is read
+    /// at random among a million, and the step waited for each of these.
+    fn prefetch(&self, shared: &Shared) {
         let node = |local: &Local| match local {
             Local::Deliver { to, .. } => *to,
             Local::Timer { node, .. } => *node,
@@ -680,6 +680,7 @@ impl Part {
             prefetch_lines(&self.slots[node(later) as usize / PARTITIONS], 1);
         }
         if let Some(next) = self.queue.peek_same_time(0) {
+            prefetch_lines(&shared.routes[node(next) as usize], 1);
             if let Some(dht) = &self.slots[node(next) as usize / PARTITIONS].dht {
                 let dht: &Dht<u32> = dht;
                 prefetch_lines(dht, std::mem::size_of::<Dht<u32>>().div_ceil(64));
@@ -732,6 +733,12 @@ impl Part {
                 return;
             };
             while let Some(t) = dht.poll_transmit() {
+                // Its destination's route is read below, after the events
+                // and the timer: the memory has that long to fetch it.
+                let to = shared.addrs.slot(t.0) as usize;
+                if let Some(route) = shared.routes.get(to) {
+                    prefetch_lines(route, 1);
+                }
                 out.push(t);
             }
             while let Some(e) = dht.poll_event() {
