@@ -33,6 +33,7 @@ pub mod lan;
 pub mod network;
 pub mod overlay;
 pub mod packet;
+pub mod prefetch;
 pub mod reach;
 pub mod relay;
 pub mod rng;

@@ -7,6 +7,7 @@ use p2pos_proto::dht::{
     map_heap_bytes, Dht, DhtConfig, DhtEvent, NodeId, QueryId, RequestsSent, Signatures,
     SignedRecord,
 };
+use p2pos_proto::prefetch::prefetch_lines;
 use p2pos_proto::rng::SplitMix64;
 use p2pos_proto::Keypair;
 use rustc_hash::FxHashMap;
@@ -668,22 +669,30 @@ impl Part {
     }
 
     /// Asks the memory for what the next events will read while this one
-    /// runs: the slot of the event after next, and the state and route of
-    /// the node of the next one (and its datagram). A node's state is read
-    /// at random among a million, and the step waited for each of these.
+    /// runs, in three stages, each one event before the read it serves
+    /// depends on: the slot of the event three ahead, the state of the
+    /// node of the event two ahead (its slot has arrived), and for the next
+    /// event what that state points to (its table's buckets, its cookies),
+    /// its route and its datagram. A node's state is read at random among
+    /// a million, and the step waited for each of these.
     fn prefetch(&self, shared: &Shared) {
         let node = |local: &Local| match local {
             Local::Deliver { to, .. } => *to,
             Local::Timer { node, .. } => *node,
         };
-        if let Some(later) = self.queue.peek_same_time(1) {
-            prefetch_lines(&self.slots[node(later) as usize / PARTITIONS], 1);
+        let dht = |local: &Local| -> Option<&Dht<u32>> {
+            self.slots[node(local) as usize / PARTITIONS].dht.as_deref()
+        };
+        if let Some(third) = self.queue.peek_same_time(2) {
+            prefetch_lines(&self.slots[node(third) as usize / PARTITIONS], 1);
+        }
+        if let Some(state) = self.queue.peek_same_time(1).and_then(dht) {
+            prefetch_lines(state, std::mem::size_of::<Dht<u32>>().div_ceil(64));
         }
         if let Some(next) = self.queue.peek_same_time(0) {
             prefetch_lines(&shared.routes[node(next) as usize], 1);
-            if let Some(dht) = &self.slots[node(next) as usize / PARTITIONS].dht {
-                let dht: &Dht<u32> = dht;
-                prefetch_lines(dht, std::mem::size_of::<Dht<u32>>().div_ceil(64));
+            if let Some(state) = dht(next) {
+                state.prefetch();
             }
             if let Local::Deliver { bytes, .. } = next {
                 prefetch_lines(bytes.as_ptr(), bytes.len().div_ceil(64));
@@ -1369,19 +1378,6 @@ impl World {
             }
         }
     }
-}
-
-/// Asks the memory for `lines` cache lines from `at` on, without waiting.
-fn prefetch_lines<T>(at: *const T, lines: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for line in 0..lines.min(16) {
-        let p = at.cast::<i8>().wrapping_add(line * 64);
-        // SAFETY: a prefetch is a hint: it reads nothing the program sees
-        // and never faults, whatever the address.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (at, lines);
 }
 
 /// Bit `i` of `id`, from the most significant.

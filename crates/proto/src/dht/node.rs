@@ -1810,6 +1810,22 @@ impl<A: Address> Dht<A> {
         }
     }
 
+    /// Asks the memory for the parts of this node's state that most calls
+    /// of [`Dht::handle_datagram`] read beyond the node itself (its table's
+    /// buckets, the first steps of a search of its cookies), without
+    /// waiting for them: a hint for a caller that knows a call is coming
+    /// (the simulator, an event ahead). It changes nothing the node does.
+    pub fn prefetch(&self) {
+        self.table.prefetch();
+        let cookies = &self.cookies.0;
+        for quarter in 1..4 {
+            crate::prefetch::prefetch_lines(
+                cookies.as_ptr().wrapping_add(cookies.len() * quarter / 4),
+                1,
+            );
+        }
+    }
+
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<(A, Vec<u8>)> {
         let next = self.transmits.pop_front();

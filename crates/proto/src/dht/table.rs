@@ -406,6 +406,11 @@ impl<A: Address> RoutingTable<A> {
         out
     }
 
+    /// Asks the memory for the buckets' heads (see [`crate::prefetch`]).
+    pub fn prefetch(&self) {
+        crate::prefetch::prefetch_slice(&self.buckets);
+    }
+
     /// Heap bytes the table holds (its capacity, not only what is in use).
     pub fn heap_bytes(&self) -> usize {
         self.buckets.capacity() * std::mem::size_of::<Bucket<A>>()
