@@ -409,10 +409,9 @@ enum Global {
 
 /// Where a node is and what it is: set when it is created, and only read
 /// while the partitions run.
+/// Its address is in its [`Route`], its generation in its [`Slot`].
 struct Place {
     id: NodeId,
-    addr: u32,
-    gen: u32,
     server: bool,
     nat: crate::nat::NatKind,
 }
@@ -442,8 +441,8 @@ struct Slot {
     /// its maintenance time each time, and every time a new event for it
     /// went into the heap beside the stale one.
     timer_queued: u64,
-    /// The node's generation (as its place's: read with the timer fields,
-    /// a stale timer costs no read of the place).
+    /// The node's generation: a new node in the slot has the next one.
+    /// Read with the timer fields, so a stale timer costs no other read.
     gen: u32,
 }
 
@@ -815,6 +814,14 @@ impl World {
         &self.shared.places[i as usize]
     }
 
+    fn addr(&self, i: u32) -> u32 {
+        self.shared.routes[i as usize].addr
+    }
+
+    fn gen(&self, i: u32) -> u32 {
+        self.parts[i as usize % PARTITIONS].slots[i as usize / PARTITIONS].gen
+    }
+
     fn dht(&self, i: u32) -> Option<&Dht<u32>> {
         self.parts[i as usize % PARTITIONS].slots[i as usize / PARTITIONS]
             .dht
@@ -898,11 +905,11 @@ impl World {
     /// Creates the node in slot `index`, up for `up_ms` already (a new
     /// identity each time).
     fn spawn(&mut self, index: u32, up_ms: u64) {
-        let mut gen = self
-            .shared
-            .places
-            .get(index as usize)
-            .map_or(0, |n| n.gen + 1);
+        let mut gen = if (index as usize) < self.shared.places.len() {
+            self.gen(index) + 1
+        } else {
+            0
+        };
         // Address 0 is nobody's.
         if self.shared.addrs.addr(index, gen) == 0 {
             gen += 1;
@@ -937,8 +944,6 @@ impl World {
         let u = self.rng.unit() as f32;
         let place = Place {
             id: dht.id(),
-            addr,
-            gen,
             server,
             nat,
         };
@@ -979,8 +984,9 @@ impl World {
             .shared
             .places
             .iter()
-            .filter(|n| n.server)
-            .map(|n| (n.id, n.addr))
+            .zip(&self.shared.routes)
+            .filter(|(n, _)| n.server)
+            .map(|(n, r)| (n.id, r.addr))
             .collect();
         servers.sort_unstable_by_key(|s| s.0);
         let k = self.cfg.dht.bucket_size;
@@ -1108,7 +1114,7 @@ impl World {
                 },
                 DhtEvent::LookupDone { closest, hops, .. },
             ) => {
-                if self.place(target_node).gen != target_gen || !self.online(target_node) {
+                if self.gen(target_node) != target_gen || !self.online(target_node) {
                     return; // the target left meanwhile: not a fair question
                 }
                 if !measure {
@@ -1147,7 +1153,7 @@ impl World {
                 },
                 DhtEvent::GetDone { record, .. },
             ) => {
-                if self.place(target_node).gen != target_gen || !self.online(target_node) {
+                if self.gen(target_node) != target_gen || !self.online(target_node) {
                     return;
                 }
                 self.stats.connects += 1;
@@ -1171,7 +1177,7 @@ impl World {
             return;
         }
         let target = self.place(target_node).id;
-        let target_gen = self.place(target_node).gen;
+        let target_gen = self.gen(target_node);
         self.stats.introductions.lookups_started += 1;
         let pending = Pending::Lookup {
             target,
@@ -1190,7 +1196,7 @@ impl World {
         start: impl FnOnce(&mut Dht<u32>, Duration) -> QueryId,
     ) {
         let now = self.now_d();
-        let gen = self.place(node).gen;
+        let gen = self.gen(node);
         let q = start(self.dht_mut(node).expect("online"), now);
         self.pending.insert((node, gen, q), (pending, self.now));
         self.flush(node);
@@ -1235,9 +1241,9 @@ impl World {
             hb: 2 * self.one_way_ms(h, b),
         };
         let (na, nb) = (self.place(a), self.place(b));
-        let mut nat_a = Nat::new(na.nat, na.addr);
-        let mut nat_b = Nat::new(nb.nat, nb.addr);
-        let h_addr = std::net::SocketAddr::from((self.place(h).addr.to_be_bytes(), 7447));
+        let mut nat_a = Nat::new(na.nat, self.addr(a));
+        let mut nat_b = Nat::new(nb.nat, self.addr(b));
+        let h_addr = std::net::SocketAddr::from((self.addr(h).to_be_bytes(), 7447));
         let out = connect(&mut nat_a, &mut nat_b, h_addr, rtt, &mut self.rng);
         self.stats.connects_ok += 1;
         self.stats.connect_ms.push(lookup_ms + out.connect_ms);
@@ -1284,7 +1290,7 @@ impl World {
         self.events += 1;
         match global {
             Global::Leave { node, gen } => {
-                if self.place(node).gen != gen {
+                if self.gen(node) != gen {
                     return;
                 }
                 self.stats.departures += 1;
@@ -1298,7 +1304,7 @@ impl World {
                     .filter_map(|_| self.random_online(true))
                     .find(|&b| b != node);
                 if let Some(b) = bootstrap {
-                    let baddr = self.place(b).addr;
+                    let baddr = self.addr(b);
                     if let Some(dht) = self.dht_mut(node) {
                         dht.add_bootstrap(now, baddr);
                     }
@@ -1337,7 +1343,7 @@ impl World {
                 if from == to {
                     return;
                 }
-                let to_gen = self.place(to).gen;
+                let to_gen = self.gen(to);
                 let key = self.put_record(to, b"peer", &[0x50u8; 80], Pending::PeerRecord);
                 let get = Global::ConnectGet {
                     from,
