@@ -24,6 +24,7 @@
 //!   (`--connects`) run through emulated routers (see [`nat`]).
 
 mod addr;
+mod handoff;
 pub mod nat;
 mod queue;
 mod world;

@@ -1,6 +1,7 @@
 //! The simulated world and its event loop.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use p2pos_proto::dht::{
@@ -14,6 +15,7 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::addr::AddrPlan;
+use crate::handoff::{CloseOnDrop, Handoff};
 use crate::queue::EventQueue;
 
 /// What to simulate.
@@ -377,6 +379,9 @@ const PARTITIONS: usize = 2;
 /// partitions of one window need nothing from each other.
 const WINDOW_MS: u64 = 2;
 
+/// Runs one window of every partition, up to the time given.
+type RunWindow<'a> = dyn FnMut(&mut Vec<Part>, &Arc<Shared>, u64) + 'a;
+
 /// What a partition runs.
 enum Local {
     Deliver { to: u32, from: u32, bytes: Vec<u8> },
@@ -568,11 +573,13 @@ enum Pending {
 struct World {
     cfg: SimConfig,
     /// The DHT settings, one copy for all nodes.
-    dht_cfg: std::sync::Arc<DhtConfig>,
+    dht_cfg: Arc<DhtConfig>,
     rng: SplitMix64,
     now: u64,
     global: EventQueue<Global>,
-    shared: Shared,
+    /// Shared with the partitions' threads during a window, changed only
+    /// between windows (when this is its only reference).
+    shared: Arc<Shared>,
     parts: Vec<Part>,
     pending: FxHashMap<(u32, u32, QueryId), (Pending, u64)>,
     stats: Stats,
@@ -846,7 +853,7 @@ impl World {
 
     /// Runs the windows up to `end` (inclusive) on `threads` threads.
     fn run_until(&mut self, end: u64, threads: usize) {
-        let run = |w: &mut World, join: &dyn Fn(&mut [Part], &Shared, u64)| {
+        let run = |w: &mut World, window: &mut RunWindow| {
             let mut t = 0;
             while t <= end {
                 let limit = (t + WINDOW_MS).min(end + 1);
@@ -855,32 +862,68 @@ impl World {
                 while let Some((_, global)) = w.global.pop_before(limit) {
                     w.step(global);
                 }
-                join(&mut w.parts, &w.shared, limit);
+                window(&mut w.parts, &w.shared, limit);
                 t = limit;
             }
             w.now = end;
             w.exchange();
         };
         if threads <= 1 {
-            run(self, &|parts, shared, limit| {
+            run(self, &mut |parts, shared, limit| {
                 for part in parts {
                     part.run_window(shared, limit);
                 }
             });
             return;
         }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.min(PARTITIONS))
-            .build()
-            .expect("a thread pool");
-        pool.install(|| {
-            run(self, &|parts, shared, limit| {
-                let (a, b) = parts.split_at_mut(1);
-                rayon::join(
-                    || a[0].run_window(shared, limit),
-                    || b[0].run_window(shared, limit),
-                );
-            })
+        // The first partition runs on this thread, each other one on a
+        // thread of its own, which gets the partition and the shared state
+        // for a window and hands the partition back at its end; the world's
+        // serial work (the exchange, churn, lookups) runs in between.
+        type Job = (Part, Arc<Shared>, u64);
+        let done: Vec<Handoff<Part>> = (1..PARTITIONS)
+            .map(|_| Handoff::new(std::thread::current()))
+            .collect();
+        std::thread::scope(|s| {
+            // Each thread makes the mailbox it receives on (it needs the
+            // thread) and sends it over once.
+            let (mailboxes, mailbox) = std::sync::mpsc::channel();
+            for (worker, done) in done.iter().enumerate() {
+                let mailboxes = mailboxes.clone();
+                s.spawn(move || {
+                    let _close = CloseOnDrop(done);
+                    let jobs = Arc::new(Handoff::<Job>::new(std::thread::current()));
+                    let sent = mailboxes.send((worker, Arc::clone(&jobs)));
+                    drop(mailboxes);
+                    if sent.is_err() {
+                        return;
+                    }
+                    while let Some((mut part, shared, limit)) = jobs.recv() {
+                        part.run_window(&shared, limit);
+                        // The world changes the shared state between
+                        // windows: only its own reference may remain.
+                        drop(shared);
+                        done.send(part);
+                    }
+                });
+            }
+            drop(mailboxes);
+            let mut jobs: Vec<(usize, Arc<Handoff<Job>>)> =
+                mailbox.iter().take(done.len()).collect();
+            jobs.sort_by_key(|&(worker, _)| worker);
+            assert_eq!(jobs.len(), done.len(), "a partition's thread panicked");
+            let _close: Vec<_> = jobs.iter().map(|(_, j)| CloseOnDrop(&**j)).collect();
+            run(self, &mut |parts, shared, limit| {
+                for (_, job) in jobs.iter().rev() {
+                    let part = parts.pop().expect("a partition per thread");
+                    job.send((part, Arc::clone(shared), limit));
+                }
+                parts[0].run_window(shared, limit);
+                for done in &done {
+                    let part = done.recv().expect("a partition's thread panicked");
+                    parts.push(part);
+                }
+            });
         });
     }
 
@@ -960,15 +1003,16 @@ impl World {
             gen,
         };
         let part = &mut self.parts[index as usize % PARTITIONS];
-        if (index as usize) < self.shared.places.len() {
-            self.shared.places[index as usize] = place;
-            self.shared.routes[index as usize] = route;
+        let shared = Arc::get_mut(&mut self.shared).expect("no window runs while a node spawns");
+        if (index as usize) < shared.places.len() {
+            shared.places[index as usize] = place;
+            shared.routes[index as usize] = route;
             *part.slot(index) = slot;
             self.online_since[index as usize] = self.now;
         } else {
-            debug_assert_eq!(index as usize, self.shared.places.len());
-            self.shared.places.push(place);
-            self.shared.routes.push(route);
+            debug_assert_eq!(index as usize, shared.places.len());
+            shared.places.push(place);
+            shared.routes.push(route);
             part.slots.push(slot);
             self.online_since.push(self.now);
         }
@@ -1448,15 +1492,15 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     let mut w = World {
         rng,
         cfg: cfg.clone(),
-        dht_cfg: std::sync::Arc::new(cfg.dht.clone()),
+        dht_cfg: Arc::new(cfg.dht.clone()),
         now: 0,
         global: EventQueue::new(),
-        shared: Shared {
+        shared: Arc::new(Shared {
             places: Vec::with_capacity(cfg.nodes),
             routes: Vec::with_capacity(cfg.nodes),
             addrs,
             loss: cfg.loss,
-        },
+        }),
         parts,
         pending: FxHashMap::default(),
         stats: Stats::default(),
