@@ -41,6 +41,7 @@
 mod address;
 mod lookup;
 mod node;
+mod pending;
 mod record;
 mod table;
 mod wire;

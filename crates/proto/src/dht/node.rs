@@ -16,6 +16,7 @@ use rustc_hash::FxHashMap;
 
 use super::address::Address;
 use super::lookup::{Lookup, LookupKind};
+use super::pending::{Deadlines, Requests};
 use super::record::{simulated_signature, RecordError, RecordStore, Signatures, SignedRecord};
 use super::table::{Contact, InsertOutcome, RoutingTable};
 use super::wire::{
@@ -437,6 +438,20 @@ struct Pending<A> {
     purpose: Purpose,
 }
 
+impl<A> Deadlines for Pending<A> {
+    fn deadline_ms(&self) -> u64 {
+        self.deadline_ms
+    }
+
+    fn soft_deadline_ms(&self) -> Option<u64> {
+        self.soft_deadline_ms
+    }
+
+    fn clear_soft_deadline(&mut self) {
+        self.soft_deadline_ms = None;
+    }
+}
+
 /// Heap bytes a node holds, by part (capacities, not only what is in
 /// use): what a simulator of a million nodes must fit in memory.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -487,7 +502,7 @@ pub struct Dht<A: Address> {
     /// Requests waiting for answers, by txid. The keys are this node's own
     /// (random txids, sequential query IDs), so a keyed hash buys nothing
     /// against floods, and Fx is much cheaper than SipHash.
-    pending: FxHashMap<u64, Pending<A>>,
+    pending: Requests<Pending<A>>,
     lookups: FxHashMap<QueryId, Lookup<A>>,
     next_query: u64,
     rng: SplitMix64,
@@ -666,7 +681,7 @@ impl<A: Address> Dht<A> {
             server,
             id,
             own_records: Vec::new(),
-            pending: FxHashMap::default(),
+            pending: Requests::default(),
             lookups: FxHashMap::default(),
             next_query: 1,
             rng,
@@ -705,7 +720,7 @@ impl<A: Address> Dht<A> {
         MemoryUse {
             node: size_of::<Self>() + self.bootstraps.capacity() * size_of::<A>(),
             table: self.table.heap_bytes(),
-            requests: super::map_heap_bytes(&self.pending)
+            requests: self.pending.heap_bytes()
                 + self
                     .pending
                     .values()
@@ -1092,7 +1107,7 @@ impl<A: Address> Dht<A> {
         }
         let txid = loop {
             let t = self.rng.next_u64();
-            if t != 0 && !self.pending.contains_key(&t) {
+            if t != 0 && !self.pending.contains_key(t) {
                 break t;
             }
         };
@@ -1264,9 +1279,7 @@ impl<A: Address> Dht<A> {
     /// idle most of the time, and a burst of lookups would otherwise keep
     /// their memory for good (a million simulated nodes feel it).
     fn release_idle(&mut self) {
-        if self.pending.is_empty() && self.pending.capacity() > 0 {
-            self.pending = FxHashMap::default();
-        }
+        self.pending.release_idle();
         if self.lookups.is_empty() && self.lookups.capacity() > 0 {
             self.lookups = FxHashMap::default();
         }
@@ -1499,11 +1512,11 @@ impl<A: Address> Dht<A> {
     }
 
     fn handle_response(&mut self, now: Duration, from: A, resp: Response<A>) {
-        let expected = self.pending.get(&resp.txid).is_some_and(|p| p.to == from);
+        let expected = self.pending.get(resp.txid).is_some_and(|p| p.to == from);
         if !expected && self.handle_introduced(now, from, &resp) {
             return;
         }
-        let Some(pending) = self.pending.get(&resp.txid) else {
+        let Some(pending) = self.pending.get(resp.txid) else {
             self.counters.unexpected_responses += 1;
             return;
         };
@@ -1511,7 +1524,7 @@ impl<A: Address> Dht<A> {
             self.counters.unexpected_responses += 1;
             return;
         }
-        let pending = self.pending.remove(&resp.txid).expect("present");
+        let pending = self.pending.remove(resp.txid).expect("present");
         if !pending.retransmitted {
             // Only unambiguous samples (no retransmission), as Karn's rule.
             self.sample_rtt(ms(now).saturating_sub(pending.sent_ms));
@@ -1678,34 +1691,27 @@ impl<A: Address> Dht<A> {
         let now_ms = ms(now);
         // Timers firing together are handled in txid order, not the map's
         // (random) order: the same seed must give the same run.
-        let mut stalled: Vec<(u64, QueryId, Option<NodeId>)> = self
+        let stalled: Vec<(QueryId, Option<NodeId>)> = self
             .pending
-            .iter_mut()
-            .filter(|(_, p)| p.soft_deadline_ms.is_some_and(|s| s <= now_ms))
-            .filter_map(|(t, p)| {
-                p.soft_deadline_ms = None;
-                match p.purpose {
-                    Purpose::Query(q) => Some((*t, q, p.to_id)),
-                    _ => None,
-                }
+            .take_stalled(now_ms)
+            .into_iter()
+            .filter_map(|t| match self.pending.get(t)? {
+                Pending {
+                    purpose: Purpose::Query(q),
+                    to_id,
+                    ..
+                } => Some((*q, *to_id)),
+                _ => None,
             })
             .collect();
-        stalled.sort_unstable_by_key(|(t, _, _)| *t);
-        for (_, q, id) in stalled {
+        for (q, id) in stalled {
             if let (Some(l), Some(id)) = (self.lookups.get_mut(&q), id) {
                 l.on_stall(&id);
             }
             self.advance(now, q);
         }
-        let mut expired: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.deadline_ms <= now_ms)
-            .map(|(t, _)| *t)
-            .collect();
-        expired.sort_unstable();
-        for txid in expired {
-            let Some(mut p) = self.pending.remove(&txid) else {
+        for txid in self.pending.expired(now_ms) {
+            let Some(mut p) = self.pending.remove(txid) else {
                 continue;
             };
             if p.attempts <= self.config.retries {
@@ -1838,15 +1844,7 @@ impl<A: Address> Dht<A> {
 
     /// When [`Dht::handle_timeout`] should be called next.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        let pending = self
-            .pending
-            .values()
-            .map(|p| {
-                p.soft_deadline_ms
-                    .map_or(p.deadline_ms, |s| s.min(p.deadline_ms))
-            })
-            .min();
-        let next = pending.map_or(self.next_maintenance_ms, |p| {
+        let next = self.pending.due_ms().map_or(self.next_maintenance_ms, |p| {
             p.min(self.next_maintenance_ms)
         });
         Some(Duration::from_millis(next))
