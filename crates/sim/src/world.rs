@@ -911,8 +911,9 @@ impl World {
             let mut jobs: Vec<(usize, Arc<Handoff<Job>>)> =
                 mailbox.iter().take(done.len()).collect();
             jobs.sort_by_key(|&(worker, _)| worker);
-            assert_eq!(jobs.len(), done.len(), "a partition's thread panicked");
+            // Closed before any check can unwind: no thread waits forever.
             let _close: Vec<_> = jobs.iter().map(|(_, j)| CloseOnDrop(&**j)).collect();
+            assert_eq!(jobs.len(), done.len(), "a partition's thread panicked");
             run(self, &mut |parts, shared, limit| {
                 for (_, job) in jobs.iter().rev() {
                     let part = parts.pop().expect("a partition per thread");
