@@ -374,8 +374,10 @@ impl<A: Address> RoutingTable<A> {
         // One buffer for each group's contacts and their distances (each
         // computed once, as one number, not once per comparison). Only the
         // `room` closest of a group are sorted: distances differ, so which
-        // they are does not depend on how they are picked.
-        let mut keyed: Vec<(u128, Contact<A>)> = Vec::new();
+        // they are does not depend on how they are picked. A group is a
+        // bucket, or the deeper ones, which hold about a bucket together:
+        // room for two, so that it is allocated once.
+        let mut keyed: Vec<(u128, Contact<A>)> = Vec::with_capacity(self.k * 2);
         let mut take_sorted =
             |out: &mut Vec<Contact<A>>, group: &mut dyn Iterator<Item = &Contact<A>>| {
                 let room = n.saturating_sub(out.len());

@@ -154,12 +154,18 @@ pub enum DhtMessage<A> {
 }
 
 /// The bytes a proof signs.
-pub fn proof_message(txid: u64, requester: &NodeId) -> Vec<u8> {
-    let mut m = b"p2pos dht proof v1".to_vec();
-    m.extend_from_slice(&txid.to_be_bytes());
-    m.extend_from_slice(&requester.0);
+pub fn proof_message(txid: u64, requester: &NodeId) -> [u8; PROOF_MESSAGE_BYTES] {
+    let mut m = [0; PROOF_MESSAGE_BYTES];
+    let (domain, rest) = m.split_at_mut(PROOF_DOMAIN.len());
+    let (id, key) = rest.split_at_mut(8);
+    domain.copy_from_slice(PROOF_DOMAIN);
+    id.copy_from_slice(&txid.to_be_bytes());
+    key.copy_from_slice(&requester.0);
     m
 }
+
+const PROOF_DOMAIN: &[u8] = b"p2pos dht proof v1";
+const PROOF_MESSAGE_BYTES: usize = PROOF_DOMAIN.len() + 8 + ID_BYTES;
 
 struct Reader<'a>(&'a [u8]);
 
