@@ -374,34 +374,17 @@ impl Signer {
     }
 }
 
-/// Cookies by address, from the current period and the one before: a
-/// vector sorted by address, grown by an eighth at a time. A node holds a
-/// few dozen; a hash map took twice the memory, and at a million simulated
-/// nodes that is half a gigabyte. A cookie is kept as two `u32` halves:
-/// next to a 4-byte address an entry takes 12 bytes, not 16.
-///
-/// One entry an address, not one jar a period: a node hears from the same
-/// addresses period after period, and two jars (a new one filled from
-/// empty each period) held most addresses twice and spent a tenth of the
-/// simulator's time growing and filling the new one. The issuers' cookies
-/// are odd ([`Dht::cookie_for`]), so an entry keeps the parity of its
-/// period in the cookie's lowest bit; even ones are not kept.
+/// Cookies by address: a vector sorted by address, grown by an eighth at a
+/// time. A node holds a few dozen; a hash map took twice the memory, and at
+/// a million simulated nodes that is half a gigabyte. A cookie is kept as
+/// two `u32` halves: next to a 4-byte address an entry takes 12 bytes, not
+/// 16.
 #[derive(Debug, Clone)]
-struct CookieJar<A> {
-    entries: Vec<(A, [u32; 2])>,
-    /// The parity of the current period.
-    period: u8,
-    /// The entries of the current period.
-    current: u16,
-}
+struct CookieJar<A>(Vec<(A, [u32; 2])>);
 
 impl<A> Default for CookieJar<A> {
     fn default() -> Self {
-        CookieJar {
-            entries: Vec::new(),
-            period: 0,
-            current: 0,
-        }
+        CookieJar(Vec::new())
     }
 }
 
@@ -414,70 +397,28 @@ fn cookie_of_halves([high, low]: [u32; 2]) -> u64 {
 }
 
 impl<A: Address> CookieJar<A> {
-    fn find(&self, addr: &A) -> Result<usize, usize> {
-        self.entries.binary_search_by(|(a, _)| a.cmp(addr))
-    }
-
-    /// The latest cookie for `addr`, of this period or the one before.
     fn get(&self, addr: &A) -> Option<u64> {
-        let i = self.find(addr).ok()?;
-        Some(cookie_of_halves(self.entries[i].1) | 1)
+        let i = self.0.binary_search_by(|(a, _)| a.cmp(addr)).ok()?;
+        Some(cookie_of_halves(self.0[i].1))
     }
 
-    /// Whether `addr` has a cookie of this period.
-    fn has_current(&self, addr: &A) -> bool {
-        self.find(addr)
-            .is_ok_and(|i| self.entries[i].1[1] & 1 == u32::from(self.period))
-    }
-
-    /// Keeps `cookie` for `addr` as a cookie of this period (an even one is
-    /// no cookie an issuer gives, and is not kept).
     fn insert(&mut self, addr: A, cookie: u64) {
-        if cookie & 1 == 0 {
-            return;
-        }
-        let halves = cookie_halves(cookie & !1 | u64::from(self.period));
-        match self.find(&addr) {
-            Ok(i) => {
-                let entry = &mut self.entries[i].1;
-                if entry[1] & 1 != u32::from(self.period) {
-                    self.current += 1;
-                }
-                *entry = halves;
-            }
+        match self.0.binary_search_by(|(a, _)| a.cmp(&addr)) {
+            Ok(i) => self.0[i].1 = cookie_halves(cookie),
             Err(i) => {
-                if self.entries.len() == self.entries.capacity() {
+                if self.0.len() == self.0.capacity() {
                     // At most an eighth unused, or what the allocation
                     // holds anyway.
-                    let more = self.entries.len() / 8 + 1;
-                    super::grow_within_class(&mut self.entries, more);
+                    let more = self.0.len() / 8 + 1;
+                    super::grow_within_class(&mut self.0, more);
                 }
-                self.entries.insert(i, (addr, halves));
-                self.current += 1;
+                self.0.insert(i, (addr, cookie_halves(cookie)));
             }
         }
     }
 
-    /// Starts a new period: the cookies of the one before go, and the
-    /// room they took (a node hears mostly from new addresses each
-    /// period: the jar would otherwise hold two periods' room all along).
-    fn rotate(&mut self) {
-        let current = u32::from(self.period);
-        self.entries.retain(|(_, c)| c[1] & 1 == current);
-        let len = self.entries.len();
-        self.entries.shrink_to(len + len.div_ceil(8));
-        self.period ^= 1;
-        self.current = 0;
-    }
-
-    /// Cookies of this period.
-    fn current_len(&self) -> usize {
-        usize::from(self.current)
-    }
-
-    #[cfg(test)]
     fn len(&self) -> usize {
-        self.entries.len()
+        self.0.len()
     }
 }
 
@@ -569,6 +510,7 @@ pub struct Dht<A: Address> {
     /// Cookies other nodes issued to this node in the current period, and
     /// in the one before (older ones may no longer be accepted).
     cookies: CookieJar<A>,
+    old_cookies: CookieJar<A>,
     next_cookie_rotation_ms: u64,
     verifying: usize,
     /// The lookup of this node's own ID that its first contact started
@@ -745,6 +687,7 @@ impl<A: Address> Dht<A> {
             rng,
             cookie_key,
             cookies: CookieJar::default(),
+            old_cookies: CookieJar::default(),
             next_cookie_rotation_ms: ms(now) + COOKIE_PERIOD.as_millis() as u64,
             verifying: 0,
             join: None,
@@ -795,7 +738,8 @@ impl<A: Address> Dht<A> {
                     .iter()
                     .map(|r| size_of::<SignedRecord>() + r.heap_bytes())
                     .sum::<usize>(),
-            cookies: self.cookies.entries.capacity() * size_of::<(A, [u32; 2])>(),
+            cookies: (self.cookies.0.capacity() + self.old_cookies.0.capacity())
+                * size_of::<(A, [u32; 2])>(),
             queues: self.transmits.capacity() * size_of::<(A, Vec<u8>)>()
                 + self
                     .transmits
@@ -1090,9 +1034,6 @@ impl<A: Address> Dht<A> {
         self.events.push_back(event);
     }
 
-    /// The cookie this node gives `addr` in `epoch`: keyed, and odd (a
-    /// cookie is never 0, which means none; the receivers' jars use the
-    /// lowest bit).
     fn cookie_for(&self, addr: &A, epoch: u64) -> u64 {
         let mut buf = Vec::with_capacity(A::MAX_ENCODED + 8);
         addr.encode(&mut buf);
@@ -1170,7 +1111,11 @@ impl<A: Address> Dht<A> {
                 break t;
             }
         };
-        let cookie = self.cookies.get(&to).unwrap_or(0);
+        let cookie = self
+            .cookies
+            .get(&to)
+            .or_else(|| self.old_cookies.get(&to))
+            .unwrap_or(0);
         // Without a cookie, a request that may get a large answer is padded
         // so the answer fits within 3x (anti-amplification).
         let pad = match (cookie, &body) {
@@ -1556,7 +1501,7 @@ impl<A: Address> Dht<A> {
             .saturating_add(1);
         lookup.add([(resp.responder, from)], hop, &self.id);
         lookup.on_answer(&resp.responder);
-        if self.cookies.current_len() >= MAX_COOKIES && !self.cookies.has_current(&from) {
+        if self.cookies.len() >= MAX_COOKIES && self.cookies.get(&from).is_none() {
             self.rotate_cookies(now);
         }
         self.cookies.insert(from, resp.cookie);
@@ -1593,7 +1538,7 @@ impl<A: Address> Dht<A> {
                 track(&mut t.verified, (from, *key));
             }
         }
-        if self.cookies.current_len() >= MAX_COOKIES && !self.cookies.has_current(&from) {
+        if self.cookies.len() >= MAX_COOKIES && self.cookies.get(&from).is_none() {
             self.rotate_cookies(now);
         }
         self.cookies.insert(from, resp.cookie);
@@ -1737,7 +1682,7 @@ impl<A: Address> Dht<A> {
     /// the old ones go. A cookie is kept at most two periods (10 minutes),
     /// within which its issuer still accepts it.
     fn rotate_cookies(&mut self, now: Duration) {
-        self.cookies.rotate();
+        self.old_cookies = std::mem::take(&mut self.cookies);
         self.next_cookie_rotation_ms = ms(now) + COOKIE_PERIOD.as_millis() as u64;
     }
 
@@ -1878,7 +1823,7 @@ impl<A: Address> Dht<A> {
     /// (the simulator, an event ahead). It changes nothing the node does.
     pub fn prefetch(&self) {
         self.table.prefetch();
-        let cookies = &self.cookies.entries;
+        let cookies = &self.cookies.0;
         for quarter in 1..4 {
             crate::prefetch::prefetch_lines(
                 cookies.as_ptr().wrapping_add(cookies.len() * quarter / 4),
@@ -1926,7 +1871,7 @@ mod tests {
     use crate::dht::{DhtMessage, NodeId, Request, RequestBody, Response, ResponseBody, ID_BYTES};
     use crate::Keypair;
     use proptest::prelude::*;
-    use std::collections::{HashMap, HashSet};
+    use std::collections::HashMap;
     use std::time::Duration;
 
     #[test]
@@ -2489,47 +2434,20 @@ mod tests {
     }
 
     proptest! {
-        /// The jar answers as the two maps it replaces: this period's
-        /// cookies, and the previous period's, which a rotation drops.
         #[test]
-        fn the_cookie_jar_answers_as_two_periods_maps(
-            ops in proptest::collection::vec(
-                prop_oneof![
-                    9 => (0u32..64, any::<u64>()).prop_map(Some),
-                    1 => Just(None),
-                ],
-                0..300,
-            )
-        ) {
+        fn the_cookie_jar_answers_as_a_map(ops in proptest::collection::vec((0u32..64, any::<u64>()), 0..300)) {
             let mut jar = CookieJar::default();
-            let (mut current, mut previous) = (HashMap::new(), HashMap::new());
-            let mut peak = 0;
-            for op in ops {
-                match op {
-                    Some((addr, cookie)) => {
-                        jar.insert(addr, cookie);
-                        if cookie & 1 == 1 {
-                            current.insert(addr, cookie);
-                        }
-                    }
-                    None => {
-                        jar.rotate();
-                        previous = std::mem::take(&mut current);
-                    }
-                }
-                prop_assert_eq!(jar.current_len(), current.len());
-                let union = current.keys().chain(previous.keys()).collect::<HashSet<_>>();
-                prop_assert_eq!(jar.len(), union.len());
-                // At most an eighth more than it ever held, or what its
-                // size class holds (a rotation keeps the allocation).
-                peak = peak.max(jar.len());
-                let most = peak + peak / 8 + 1;
-                prop_assert!(jar.entries.capacity() * 12 <= crate::dht::size_class(most * 12).max(most * 12));
+            let mut model = HashMap::new();
+            for (addr, cookie) in ops {
+                jar.insert(addr, cookie);
+                model.insert(addr, cookie);
+                prop_assert_eq!(jar.len(), model.len());
+                // At most an eighth unused, or what its size class holds.
+                let most = jar.len() + jar.len() / 8 + 1;
+                prop_assert!(jar.0.capacity() * 12 <= crate::dht::size_class(most * 12).max(most * 12));
             }
             for addr in 0u32..64 {
-                let latest = current.get(&addr).or(previous.get(&addr)).copied();
-                prop_assert_eq!(jar.get(&addr), latest);
-                prop_assert_eq!(jar.has_current(&addr), current.contains_key(&addr));
+                prop_assert_eq!(jar.get(&addr), model.get(&addr).copied());
             }
         }
     }
