@@ -2,8 +2,10 @@
 //! them kept. A node is asked for its next timer after every datagram and
 //! timer it handles, and its timer handler looked for overdue requests
 //! each time it fired: reading every waiting request for that took 6% of
-//! a 10^6-node simulation. Now only taking out the request due first reads
-//! the others. (Keeping the IDs and deadlines in a dense array of their
+//! a 10^6-node simulation. Now only taking out the last of the requests
+//! due first reads the others: requests sent together share a deadline,
+//! and taking a request out, which searched the rest as soon as the first
+//! of them was answered, was 3.6% of a 10^6 profile. (Keeping the IDs and deadlines in a dense array of their
 //! own instead of a map was tried: 3% slower, from the growth of two
 //! arrays.)
 
@@ -31,6 +33,10 @@ pub(super) struct Requests<T> {
     map: FxHashMap<u64, T>,
     /// The least [`Deadlines::due_ms`] in `map`, `u64::MAX` when empty.
     due_ms: u64,
+    /// How many requests fall due at `due_ms`. Requests sent together
+    /// (a lookup's, a refresh's pings) share their deadlines, so the
+    /// first answers leave others due then, and need no new search.
+    at_due: u32,
 }
 
 impl<T> Default for Requests<T> {
@@ -38,6 +44,7 @@ impl<T> Default for Requests<T> {
         Requests {
             map: FxHashMap::default(),
             due_ms: u64::MAX,
+            at_due: 0,
         }
     }
 }
@@ -74,16 +81,22 @@ impl<T: Deadlines> Requests<T> {
         let due = request.due_ms();
         if let Some(old) = self.map.insert(txid, request) {
             if old.due_ms() <= self.due_ms {
+                // The search counts the new request too.
                 self.recompute();
+                return;
             }
         }
-        self.due_ms = self.due_ms.min(due);
+        count_due(&mut self.due_ms, &mut self.at_due, due);
     }
 
     pub(super) fn remove(&mut self, txid: u64) -> Option<T> {
         let request = self.map.remove(&txid)?;
         if request.due_ms() <= self.due_ms {
-            self.recompute();
+            if self.at_due > 1 {
+                self.at_due -= 1;
+            } else {
+                self.recompute();
+            }
         }
         Some(request)
     }
@@ -135,7 +148,24 @@ impl<T: Deadlines> Requests<T> {
     }
 
     fn recompute(&mut self) {
-        self.due_ms = self.map.values().map(T::due_ms).min().unwrap_or(u64::MAX);
+        self.due_ms = u64::MAX;
+        self.at_due = 0;
+        for due in self.map.values().map(T::due_ms) {
+            count_due(&mut self.due_ms, &mut self.at_due, due);
+        }
+    }
+}
+
+/// Counts a request due at `due` into the earliest deadline `least` and
+/// the number of requests due then.
+fn count_due(least: &mut u64, at_least: &mut u32, due: u64) {
+    match due.cmp(least) {
+        std::cmp::Ordering::Less => {
+            *least = due;
+            *at_least = 1;
+        }
+        std::cmp::Ordering::Equal => *at_least += 1,
+        std::cmp::Ordering::Greater => {}
     }
 }
 
@@ -172,12 +202,13 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         // Few IDs, so inserts replace and removes hit.
-        let req = (0u64..100, proptest::option::of(0u64..100))
-            .prop_map(|(hard, soft)| Req { hard, soft });
+        // Few times too, so that requests share deadlines.
+        let req =
+            (0u64..12, proptest::option::of(0u64..12)).prop_map(|(hard, soft)| Req { hard, soft });
         prop_oneof![
             (0u64..8, req).prop_map(|(t, r)| Op::Insert(t, r)),
             (0u64..8).prop_map(Op::Remove),
-            (0u64..100).prop_map(Op::Stall),
+            (0u64..12).prop_map(Op::Stall),
         ]
     }
 
@@ -186,7 +217,7 @@ mod tests {
         /// least of the requests', and the overdue ones are found, as a
         /// plain map read in full says.
         #[test]
-        fn due_and_overdue_match_a_full_read(ops in proptest::collection::vec(op(), 0..60), now in 0u64..100) {
+        fn due_and_overdue_match_a_full_read(ops in proptest::collection::vec(op(), 0..60), now in 0u64..12) {
             let mut requests = Requests::default();
             let mut model: BTreeMap<u64, Req> = BTreeMap::new();
             for op in ops {
