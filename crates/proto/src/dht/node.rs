@@ -377,10 +377,10 @@ impl Signer {
 /// Cookies by address: a vector sorted by address, but for up to
 /// [`JAR_TAIL`] new ones at its end, merged into the rest when that many
 /// wait (a sorted insert moved half the vector each time; `memmove` was
-/// 4% of a 10^6 profile). Grown by an eighth at a time. A node holds a few dozen; a hash map took twice the memory, and
-/// at a million simulated nodes that is half a gigabyte. A cookie is kept
-/// as two `u32` halves: next to a 4-byte address an entry takes 12 bytes,
-/// not 16.
+/// 4% of a 10^6 profile). Grown by an eighth at a time. A node holds a
+/// few dozen; a hash map took twice the memory, and at a million simulated
+/// nodes that is half a gigabyte. A cookie is kept as two `u32` halves:
+/// next to a 4-byte address an entry takes 12 bytes, not 16.
 #[derive(Debug, Clone)]
 struct CookieJar<A> {
     entries: Vec<(A, [u32; 2])>,
@@ -535,9 +535,9 @@ pub struct Dht<A: Address> {
     rng: SplitMix64,
     /// The key of the cookies this node gives.
     cookie_key: [u8; 16],
-    /// Cookies other nodes issued to this node in the current period, and
-    /// in the one before (older ones may no longer be accepted).
+    /// Cookies other nodes issued to this node in the current period.
     cookies: CookieJar<A>,
+    /// Those of the period before (older ones may no longer be accepted).
     old_cookies: CookieJar<A>,
     next_cookie_rotation_ms: u64,
     verifying: usize,
@@ -1540,10 +1540,7 @@ impl<A: Address> Dht<A> {
             .saturating_add(1);
         lookup.add([(resp.responder, from)], hop, &self.id);
         lookup.on_answer(&resp.responder);
-        if self.cookies.len() >= MAX_COOKIES && self.cookies.get(&from).is_none() {
-            self.rotate_cookies(now);
-        }
-        self.cookies.insert(from, resp.cookie);
+        self.keep_cookie(now, from, resp.cookie);
         self.table
             .mark_seen_at(&resp.responder, &from, now.as_secs());
         self.advance(now, query);
@@ -1577,10 +1574,7 @@ impl<A: Address> Dht<A> {
                 track(&mut t.verified, (from, *key));
             }
         }
-        if self.cookies.len() >= MAX_COOKIES && self.cookies.get(&from).is_none() {
-            self.rotate_cookies(now);
-        }
-        self.cookies.insert(from, resp.cookie);
+        self.keep_cookie(now, from, resp.cookie);
         self.observed = Some(resp.observed);
         if let Some(t) = &mut self.tracked {
             track(&mut t.observations, (from, resp.observed));
@@ -1715,6 +1709,15 @@ impl<A: Address> Dht<A> {
             .client_fill_burst
             .saturating_add(self.config.client_bytes_per_s.saturating_mul(life_s));
         self.counters.bytes_sent <= allowed
+    }
+
+    /// Keeps the cookie `from` gave this node, starting a new period first
+    /// if the current one already holds [`MAX_COOKIES`] other addresses.
+    fn keep_cookie(&mut self, now: Duration, from: A, cookie: u64) {
+        if self.cookies.len() >= MAX_COOKIES && self.cookies.get(&from).is_none() {
+            self.rotate_cookies(now);
+        }
+        self.cookies.insert(from, cookie);
     }
 
     /// Starts a new cookie period: the current cookies become the old ones,

@@ -5,9 +5,9 @@
 //! a 10^6-node simulation. Now only taking out the last of the requests
 //! due first reads the others: requests sent together share a deadline,
 //! and taking a request out, which searched the rest as soon as the first
-//! of them was answered, was 3.6% of a 10^6 profile. (Keeping the IDs and deadlines in a dense array of their
-//! own instead of a map was tried: 3% slower, from the growth of two
-//! arrays.)
+//! of them was answered, was 3.6% of a 10^6 profile. (Keeping the IDs and
+//! deadlines in a dense array of their own instead of a map was tried: 3%
+//! slower, from the growth of two arrays.)
 
 use rustc_hash::FxHashMap;
 
