@@ -675,12 +675,15 @@ impl Part {
     }
 
     /// Asks the memory for what the next events will read while this one
-    /// runs, in three stages, each one event before the read it serves
-    /// depends on: the slot of the event three ahead, the state of the
-    /// node of the event two ahead (its slot has arrived), and for the next
-    /// event what that state points to (its table's buckets, its cookies),
-    /// its route and its datagram. A node's state is read at random among
-    /// a million, and the step waited for each of these.
+    /// runs, in four stages, each one event before the read it serves
+    /// depends on: the slot of the event four ahead; the state of the node
+    /// of the event three ahead (its slot has arrived) and its datagram;
+    /// for the event two ahead what that state points to (its table's
+    /// buckets, its cookies) and its route; and for the next event the
+    /// table entries its datagram will be checked against (the buckets of
+    /// the IDs it names: their places have arrived). A node's state is
+    /// read at random among a million, and the step waited for each of
+    /// these.
     fn prefetch(&self, shared: &Shared) {
         let node = |local: &Local| match local {
             Local::Deliver { to, .. } => *to,
@@ -689,19 +692,26 @@ impl Part {
         let dht = |local: &Local| -> Option<&Dht<u32>> {
             self.slots[node(local) as usize / PARTITIONS].dht.as_deref()
         };
+        if let Some(fourth) = self.queue.peek_same_time(3) {
+            prefetch_lines(&self.slots[node(fourth) as usize / PARTITIONS], 1);
+        }
         if let Some(third) = self.queue.peek_same_time(2) {
-            prefetch_lines(&self.slots[node(third) as usize / PARTITIONS], 1);
+            if let Some(state) = dht(third) {
+                prefetch_lines(state, std::mem::size_of::<Dht<u32>>().div_ceil(64));
+            }
+            if let Local::Deliver { bytes, .. } = third {
+                prefetch_lines(bytes.as_ptr(), bytes.len().div_ceil(64));
+            }
         }
-        if let Some(state) = self.queue.peek_same_time(1).and_then(dht) {
-            prefetch_lines(state, std::mem::size_of::<Dht<u32>>().div_ceil(64));
-        }
-        if let Some(next) = self.queue.peek_same_time(0) {
-            prefetch_lines(&shared.routes[node(next) as usize], 1);
-            if let Some(state) = dht(next) {
+        if let Some(second) = self.queue.peek_same_time(1) {
+            prefetch_lines(&shared.routes[node(second) as usize], 1);
+            if let Some(state) = dht(second) {
                 state.prefetch();
             }
-            if let Local::Deliver { bytes, .. } = next {
-                prefetch_lines(bytes.as_ptr(), bytes.len().div_ceil(64));
+        }
+        if let Some(next @ Local::Deliver { bytes, .. }) = self.queue.peek_same_time(0) {
+            if let Some(state) = dht(next) {
+                state.prefetch_datagram(bytes);
             }
         }
     }

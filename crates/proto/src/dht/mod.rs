@@ -90,7 +90,8 @@ pub use record::{
 };
 pub use table::{Contact, InsertOutcome, RoutingTable};
 pub use wire::{
-    DhtMessage, Introduction, Request, RequestBody, Response, ResponseBody, WireError, MAX_NODES,
+    peek_ids, DhtMessage, Introduction, Request, RequestBody, Response, ResponseBody, WireError,
+    MAX_NODES,
 };
 
 /// The overlay message types of DHT datagrams (for demultiplexing).

@@ -1874,6 +1874,18 @@ impl<A: Address> Dht<A> {
         }
     }
 
+    /// Asks the memory for the table entries that handling `datagram` will
+    /// read first: the buckets of the IDs it names (a request's sender and
+    /// target, a response's responder). A hint for a caller that knows the
+    /// datagram is coming and has already prefetched this node's state and
+    /// its table's buckets ([`Dht::prefetch`]) an event earlier; it changes
+    /// nothing the node does.
+    pub fn prefetch_datagram(&self, datagram: &[u8]) {
+        for id in super::wire::peek_ids(datagram).iter().flatten() {
+            self.table.prefetch_bucket_of(id);
+        }
+    }
+
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<(A, Vec<u8>)> {
         let next = self.transmits.pop_front();

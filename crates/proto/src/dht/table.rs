@@ -413,6 +413,14 @@ impl<A: Address> RoutingTable<A> {
         crate::prefetch::prefetch_slice(&self.buckets);
     }
 
+    /// Asks the memory for the entries of the bucket that covers `id`
+    /// (its headers must have arrived: see [`RoutingTable::prefetch`]).
+    pub fn prefetch_bucket_of(&self, id: &NodeId) {
+        if let Some(b) = self.bucket_index(id).and_then(|i| self.buckets.get(i)) {
+            crate::prefetch::prefetch_slice(b.entries());
+        }
+    }
+
     /// Heap bytes the table holds (its capacity, not only what is in use).
     pub fn heap_bytes(&self) -> usize {
         self.buckets.capacity() * std::mem::size_of::<Bucket<A>>()

@@ -335,6 +335,33 @@ impl<A: Address> Response<A> {
     }
 }
 
+/// The node IDs a datagram names in its first bytes, read without
+/// decoding it: a request's sender and (for a search) its target, a
+/// response's responder. For hints (what memory the datagram's handling
+/// will read); whatever the bytes, the answer is only ever a guess, and
+/// nothing is checked.
+pub fn peek_ids(datagram: &[u8]) -> [Option<NodeId>; 2] {
+    const ID_AT: usize = 3 + 8;
+    const TARGET_AT: usize = ID_AT + ID_BYTES + 1 + 8 + 1;
+    let id_at = |at: usize| {
+        datagram
+            .get(at..at + ID_BYTES)
+            .and_then(|b| b.try_into().ok())
+            .map(NodeId)
+    };
+    match datagram.get(2) {
+        Some(&TYPE_REQUEST) => {
+            let target = match datagram.get(TARGET_AT - 1) {
+                Some(1 | 2 | 4) => id_at(TARGET_AT),
+                _ => None,
+            };
+            [id_at(ID_AT), target]
+        }
+        Some(&TYPE_RESPONSE) => [id_at(ID_AT), None],
+        _ => [None, None],
+    }
+}
+
 impl<A: Address> DhtMessage<A> {
     /// Decodes a datagram.
     pub fn decode(datagram: &[u8]) -> Result<Self, WireError> {
@@ -444,6 +471,23 @@ mod tests {
     use proptest::prelude::*;
     use std::net::SocketAddr;
 
+    /// What [`peek_ids`] should find in a message's bytes.
+    fn named_ids<A>(m: &DhtMessage<A>) -> [Option<NodeId>; 2] {
+        match m {
+            DhtMessage::Request(r) => [
+                Some(r.sender),
+                match r.body {
+                    RequestBody::FindNode(t)
+                    | RequestBody::GetRecord(t)
+                    | RequestBody::FindPeer(t) => Some(t),
+                    _ => None,
+                },
+            ],
+            DhtMessage::Response(r) => [Some(r.responder), None],
+            DhtMessage::Introduction(_) => [None, None],
+        }
+    }
+
     #[test]
     fn round_trips() {
         let kp = Keypair::from_seed([5; 32]);
@@ -471,6 +515,8 @@ mod tests {
                     DhtMessage::<SocketAddr>::decode(&bytes),
                     Ok(DhtMessage::Request(req.clone()))
                 );
+                let message = DhtMessage::<SocketAddr>::Request(req.clone());
+                assert_eq!(peek_ids(&bytes), named_ids(&message));
             }
         }
         let a: SocketAddr = "192.0.2.1:7447".parse().unwrap();
@@ -494,6 +540,7 @@ mod tests {
                 DhtMessage::decode(&resp.encode()),
                 Ok(DhtMessage::Response(resp.clone()))
             );
+            assert_eq!(peek_ids(&resp.encode()), [Some(resp.responder), None]);
         }
     }
 
@@ -561,6 +608,12 @@ mod tests {
             let _ = DhtMessage::<u32>::decode(&tagged);
             let _ = DhtMessage::<u32>::decode(&tagged);
             let _ = DhtMessage::<u32>::decode(&bytes);
+            // What decodes names the IDs the quick read finds.
+            for b in [&tagged, &bytes] {
+                if let Ok(m) = DhtMessage::<u32>::decode(b) {
+                    prop_assert_eq!(peek_ids(b), named_ids(&m));
+                }
+            }
         }
     }
 }
