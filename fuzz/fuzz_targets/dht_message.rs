@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
-use p2pos_proto::dht::{peek_ids, DhtMessage, RequestBody};
+use p2pos_proto::dht::{peek_ids, peek_response_txid, DhtMessage, RequestBody};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(DhtMessage::Response(r)) = DhtMessage::<SocketAddr>::decode(data) {
@@ -25,7 +25,10 @@ fuzz_target!(|data: &[u8]| {
             };
             assert_eq!(peeked[1], target);
         }
-        Ok(DhtMessage::Response(r)) => assert_eq!(peeked, [Some(r.responder), None]),
+        Ok(DhtMessage::Response(r)) => {
+            assert_eq!(peeked, [Some(r.responder), None]);
+            assert_eq!(peek_response_txid(data), Some(r.txid));
+        }
         Ok(DhtMessage::Introduction(_)) => assert_eq!(peeked, [None, None]),
         Err(_) => {}
     }

@@ -90,8 +90,8 @@ pub use record::{
 };
 pub use table::{Contact, InsertOutcome, RoutingTable};
 pub use wire::{
-    peek_ids, DhtMessage, Introduction, Request, RequestBody, Response, ResponseBody, WireError,
-    MAX_NODES,
+    peek_ids, peek_response_txid, DhtMessage, Introduction, Request, RequestBody, Response,
+    ResponseBody, WireError, MAX_NODES,
 };
 
 /// The overlay message types of DHT datagrams (for demultiplexing).

@@ -526,10 +526,11 @@ pub struct Dht<A: Address> {
     records: RecordStore,
     own_records: Vec<SignedRecord>,
     next_republish_ms: u64,
-    /// Requests waiting for answers, by txid. The keys are this node's own
-    /// (random txids, sequential query IDs), so a keyed hash buys nothing
-    /// against floods, and Fx is much cheaper than SipHash.
+    /// Requests waiting for answers, each in the slot its txid names.
     pending: Requests<Pending<A>>,
+    /// Lookups by ID. The keys are this node's own (sequential query IDs),
+    /// so a keyed hash buys nothing against floods, and Fx is much cheaper
+    /// than SipHash.
     lookups: FxHashMap<QueryId, Lookup<A>>,
     next_query: u64,
     rng: SplitMix64,
@@ -1137,6 +1138,13 @@ impl<A: Address> Dht<A> {
             self.give_up(now, purpose, to_id);
             return None;
         }
+        // Free while fewer than `max_pending` wait, unless that is set
+        // above the slots there are.
+        let Some(txid) = self.pending.free_txid(self.rng.next_u64()) else {
+            self.counters.overloaded += 1;
+            self.give_up(now, purpose, to_id);
+            return None;
+        };
         if matches!(purpose, Purpose::Verify) {
             if self.verifying >= MAX_VERIFICATIONS {
                 self.counters.overloaded += 1;
@@ -1144,12 +1152,6 @@ impl<A: Address> Dht<A> {
             }
             self.verifying += 1;
         }
-        let txid = loop {
-            let t = self.rng.next_u64();
-            if t != 0 && !self.pending.contains_key(t) {
-                break t;
-            }
-        };
         let cookie = self
             .cookies
             .get(&to)
@@ -1874,15 +1876,18 @@ impl<A: Address> Dht<A> {
         }
     }
 
-    /// Asks the memory for the table entries that handling `datagram` will
-    /// read first: the buckets of the IDs it names (a request's sender and
-    /// target, a response's responder). A hint for a caller that knows the
+    /// Asks the memory for what handling `datagram` will read first: the
+    /// buckets of the IDs it names (a request's sender and target, a
+    /// response's responder), and a response's request. A hint for a caller that knows the
     /// datagram is coming and has already prefetched this node's state and
     /// its table's buckets ([`Dht::prefetch`]) an event earlier; it changes
     /// nothing the node does.
     pub fn prefetch_datagram(&self, datagram: &[u8]) {
         for id in super::wire::peek_ids(datagram).iter().flatten() {
             self.table.prefetch_bucket_of(id);
+        }
+        if let Some(txid) = super::wire::peek_response_txid(datagram) {
+            self.pending.prefetch(txid);
         }
     }
 

@@ -362,6 +362,15 @@ pub fn peek_ids(datagram: &[u8]) -> [Option<NodeId>; 2] {
     }
 }
 
+/// The transaction ID of a response, read without decoding it (a hint,
+/// like [`peek_ids`]).
+pub fn peek_response_txid(datagram: &[u8]) -> Option<u64> {
+    if datagram.get(2) != Some(&TYPE_RESPONSE) {
+        return None;
+    }
+    Some(u64::from_be_bytes(datagram.get(3..11)?.try_into().ok()?))
+}
+
 impl<A: Address> DhtMessage<A> {
     /// Decodes a datagram.
     pub fn decode(datagram: &[u8]) -> Result<Self, WireError> {
@@ -517,6 +526,7 @@ mod tests {
                 );
                 let message = DhtMessage::<SocketAddr>::Request(req.clone());
                 assert_eq!(peek_ids(&bytes), named_ids(&message));
+                assert_eq!(peek_response_txid(&bytes), None);
             }
         }
         let a: SocketAddr = "192.0.2.1:7447".parse().unwrap();
@@ -541,6 +551,7 @@ mod tests {
                 Ok(DhtMessage::Response(resp.clone()))
             );
             assert_eq!(peek_ids(&resp.encode()), [Some(resp.responder), None]);
+            assert_eq!(peek_response_txid(&resp.encode()), Some(resp.txid));
         }
     }
 
@@ -612,6 +623,11 @@ mod tests {
             for b in [&tagged, &bytes] {
                 if let Ok(m) = DhtMessage::<u32>::decode(b) {
                     prop_assert_eq!(peek_ids(b), named_ids(&m));
+                    let txid = match m {
+                        DhtMessage::Response(r) => Some(r.txid),
+                        _ => None,
+                    };
+                    prop_assert_eq!(peek_response_txid(b), txid);
                 }
             }
         }
