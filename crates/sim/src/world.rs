@@ -678,12 +678,13 @@ impl Part {
     /// runs, in four stages, each one event before the read it serves
     /// depends on: the slot of the event four ahead; the state of the node
     /// of the event three ahead (its slot has arrived) and its datagram;
-    /// for the event two ahead what that state points to (its table's
-    /// buckets, its cookies) and its route; and for the next event the
-    /// table entries its datagram will be checked against (the buckets of
-    /// the IDs it names: their places have arrived). A node's state is
-    /// read at random among a million, and the step waited for each of
-    /// these.
+    /// for the event two ahead what that state points to that the event
+    /// will read (for a datagram the places of the buckets of the IDs it
+    /// names, a response's request and the cookies; for a timer the places
+    /// of all the buckets and the cookies) and its route; and for the next
+    /// event the entries of those buckets (their places have arrived). A
+    /// node's state is read at random among a million, and the step waited
+    /// for each of these.
     fn prefetch(&self, shared: &Shared) {
         let node = |local: &Local| match local {
             Local::Deliver { to, .. } => *to,
@@ -706,7 +707,10 @@ impl Part {
         if let Some(second) = self.queue.peek_same_time(1) {
             prefetch_lines(&shared.routes[node(second) as usize], 1);
             if let Some(state) = dht(second) {
-                state.prefetch();
+                match second {
+                    Local::Deliver { bytes, .. } => state.prefetch_datagram_early(bytes),
+                    Local::Timer { .. } => state.prefetch(),
+                }
             }
         }
         if let Some(next @ Local::Deliver { bytes, .. }) = self.queue.peek_same_time(0) {

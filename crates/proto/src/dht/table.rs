@@ -413,8 +413,17 @@ impl<A: Address> RoutingTable<A> {
         crate::prefetch::prefetch_slice(&self.buckets);
     }
 
+    /// Asks the memory for the place of the bucket that covers `id` (where
+    /// its entries are, how many).
+    pub fn prefetch_bucket_place(&self, id: &NodeId) {
+        if let Some(b) = self.bucket_index(id).and_then(|i| self.buckets.get(i)) {
+            crate::prefetch::prefetch_lines(b, 1);
+        }
+    }
+
     /// Asks the memory for the entries of the bucket that covers `id`
-    /// (its headers must have arrived: see [`RoutingTable::prefetch`]).
+    /// (its place must have arrived: see [`RoutingTable::prefetch`] and
+    /// [`RoutingTable::prefetch_bucket_place`]).
     pub fn prefetch_bucket_of(&self, id: &NodeId) {
         if let Some(b) = self.bucket_index(id).and_then(|i| self.buckets.get(i)) {
             crate::prefetch::prefetch_slice(b.entries());
