@@ -1860,11 +1860,12 @@ impl<A: Address> Dht<A> {
         }
     }
 
-    /// Asks the memory for the parts of this node's state that most calls
-    /// of [`Dht::handle_datagram`] read beyond the node itself (its table's
-    /// buckets, the first steps of a search of its cookies), without
-    /// waiting for them: a hint for a caller that knows a call is coming
-    /// (the simulator, an event ahead). It changes nothing the node does.
+    /// Asks the memory for the parts of this node's state that a call of
+    /// [`Dht::handle_timeout`] reads beyond the node itself (the places of
+    /// its table's buckets, the first steps of a search of its cookies),
+    /// without waiting for them: a hint for a caller that knows a call is
+    /// coming (the simulator, an event ahead; for a datagram see
+    /// [`Dht::prefetch_datagram_early`]). It changes nothing the node does.
     pub fn prefetch(&self) {
         self.table.prefetch();
         self.prefetch_cookies();
