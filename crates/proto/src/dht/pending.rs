@@ -135,12 +135,7 @@ impl<T: Deadlines> Requests<T> {
             // Another request holds the slot: it goes.
             self.remove(other);
         }
-        self.put(txid, request);
-    }
-
-    fn put(&mut self, txid: u64, request: T) {
         let due = request.due_ms();
-        let slot = slot_of(txid);
         if let Some((_, old)) = self.slots[slot].replace((txid, request)) {
             if old.due_ms() <= self.due_ms {
                 // The search counts the new request too.
@@ -155,10 +150,7 @@ impl<T: Deadlines> Requests<T> {
 
     pub(super) fn remove(&mut self, txid: u64) -> Option<T> {
         let slot = self.slots.get_mut(slot_of(txid))?;
-        if !matches!(slot, Some((t, _)) if *t == txid) {
-            return None;
-        }
-        let (_, request) = slot.take()?;
+        let (_, request) = slot.take_if(|(t, _)| *t == txid)?;
         self.len -= 1;
         if request.due_ms() <= self.due_ms {
             if self.at_due > 1 {
