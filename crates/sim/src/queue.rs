@@ -1,16 +1,19 @@
 //! The simulator's event queue: a timing wheel of 1-ms slots for the near
-//! future and a heap for the rest.
+//! future, a coarser wheel of 1-s slots for the next two minutes, and a
+//! heap for the rest.
 //!
 //! Nearly every event is a datagram delivery (under 300 ms ahead) or a
 //! request's timer (about a second ahead), so a slot per millisecond makes
 //! pushing and popping them O(1); a binary heap of a million nodes' events
-//! costs a cache miss per level instead. The wheel spans 4 s; the
-//! minute-long maintenance timers are few enough for the heap. Events come
-//! out in exactly the order a heap keyed on (time, sequence number) would
-//! give: a slot holds
-//! its events in sequence order, because events are numbered as they are
-//! pushed, and later events move from the heap into a slot before any event
-//! can be pushed straight into it.
+//! costs a cache miss per level instead. The fine wheel spans about 4 s.
+//! The minute-long maintenance timers (one a node a minute) wait in the
+//! coarse wheel: in a heap they cost about 20 levels of it each, most of
+//! them misses. Events come out in exactly the order a heap keyed on
+//! (time, sequence number) would give: a slot holds its events in
+//! sequence order, because events are numbered as they are pushed, and
+//! later events move from the heap into a coarse slot, and from a coarse
+//! slot into fine ones, before any event can be pushed straight into
+//! where they go.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -19,6 +22,13 @@ use std::collections::BinaryHeap;
 const WHEEL_MS: u64 = 1 << 12;
 /// A slot keeps an emptied buffer up to this capacity.
 const SLOT_KEEP: usize = 64;
+/// Milliseconds one slot of the coarse wheel covers.
+const COARSE_MS: u64 = 1 << 10;
+/// Slots of the coarse wheel.
+const COARSE_SLOTS: u64 = 1 << 7;
+/// Milliseconds the coarse wheel covers beyond the fine one: about two
+/// minutes.
+const COARSE_SPAN: u64 = COARSE_MS * COARSE_SLOTS;
 
 /// An entry: when, its sequence number, and what.
 pub(crate) struct Timed<T> {
@@ -53,7 +63,16 @@ pub(crate) struct EventQueue<T> {
     in_wheel: usize,
     /// Items for `now` being handed out, last first.
     current: Vec<Timed<T>>,
-    /// Items for `now + WHEEL_MS` and later.
+    /// Items before this time are in the fine wheel's slots: a multiple of
+    /// [`COARSE_MS`], above `now + WHEEL_MS - COARSE_MS` and at most `now +
+    /// WHEEL_MS`.
+    fine_end: u64,
+    /// Slot `(t / COARSE_MS) % COARSE_SLOTS` holds the items for the times
+    /// `t` from `fine_end` to `fine_end + COARSE_SPAN`, in push order.
+    coarse: Vec<Vec<Timed<T>>>,
+    /// Items in the coarse slots.
+    in_coarse: usize,
+    /// Items for `fine_end + COARSE_SPAN` and later.
     far: BinaryHeap<Reverse<Timed<T>>>,
     now: u64,
     seq: u64,
@@ -65,6 +84,9 @@ impl<T> EventQueue<T> {
             slots: (0..WHEEL_MS).map(|_| Vec::new()).collect(),
             in_wheel: 0,
             current: Vec::new(),
+            fine_end: WHEEL_MS / COARSE_MS * COARSE_MS,
+            coarse: (0..COARSE_SLOTS).map(|_| Vec::new()).collect(),
+            in_coarse: 0,
             far: BinaryHeap::new(),
             now: 0,
             seq: 0,
@@ -81,9 +103,12 @@ impl<T> EventQueue<T> {
             seq: self.seq,
             item,
         };
-        if at < self.now + WHEEL_MS {
+        if at < self.fine_end {
             self.slots[(at % WHEEL_MS) as usize].push(timed);
             self.in_wheel += 1;
+        } else if at < self.fine_end + COARSE_SPAN {
+            self.coarse[coarse_slot(at)].push(timed);
+            self.in_coarse += 1;
         } else {
             self.far.push(Reverse(timed));
         }
@@ -130,6 +155,14 @@ impl<T> EventQueue<T> {
             }
             let next = if self.in_wheel > 0 {
                 self.now + 1
+            } else if self.in_coarse > 0 {
+                // When the first coarse slot with items moves into the
+                // fine wheel (none of its items is due before).
+                let mut start = self.fine_end;
+                while self.coarse[coarse_slot(start)].is_empty() {
+                    start += COARSE_MS;
+                }
+                start + COARSE_MS - WHEEL_MS
             } else {
                 self.far.peek()?.0.at
             };
@@ -137,18 +170,46 @@ impl<T> EventQueue<T> {
                 return None;
             }
             self.now = next;
-            // Items now within the wheel's reach move into their slots, in
-            // order, before anything can be pushed there directly.
+            self.advance_wheels();
+        }
+    }
+
+    /// Moves the items the fine wheel now reaches from their coarse slots
+    /// into its slots, and those the coarse wheel reaches from the heap
+    /// into its slots, in order, before anything can be pushed there
+    /// directly.
+    fn advance_wheels(&mut self) {
+        let fine_end = (self.now + WHEEL_MS) / COARSE_MS * COARSE_MS;
+        while self.fine_end < fine_end {
+            let slot = coarse_slot(self.fine_end);
+            if !self.coarse[slot].is_empty() {
+                // The buffer goes with its items: this slot's next ones
+                // come two minutes later, and kept, every slot would hold
+                // the capacity of its largest burst.
+                let items = std::mem::take(&mut self.coarse[slot]);
+                self.in_coarse -= items.len();
+                self.in_wheel += items.len();
+                for t in items {
+                    self.slots[(t.at % WHEEL_MS) as usize].push(t);
+                }
+            }
+            self.fine_end += COARSE_MS;
+            let coarse_end = self.fine_end + COARSE_SPAN;
             while let Some(Reverse(t)) = self.far.peek() {
-                if t.at >= self.now + WHEEL_MS {
+                if t.at >= coarse_end {
                     break;
                 }
                 let Reverse(t) = self.far.pop().expect("peeked");
-                self.slots[(t.at % WHEEL_MS) as usize].push(t);
-                self.in_wheel += 1;
+                self.coarse[coarse_slot(t.at)].push(t);
+                self.in_coarse += 1;
             }
         }
     }
+}
+
+/// The coarse slot of time `at`.
+fn coarse_slot(at: u64) -> usize {
+    ((at / COARSE_MS) % COARSE_SLOTS) as usize
 }
 
 #[cfg(test)]
