@@ -745,8 +745,8 @@ fn sim(args: SimArgs) -> Result<()> {
     }
     println!("  churn            {} departures", r.departures);
     println!(
-        "  run              {} events ({} deliveries, {} timers) in {:.1} s wall, peak RSS {:.0} MB",
-        r.events, r.deliveries, r.timers, r.wall_s, r.peak_rss_mb
+        "  run              {} events ({} deliveries, {} timers) in {:.1} s wall ({:.1} s setting up, {:.1} s of events), peak RSS {:.0} MB",
+        r.events, r.deliveries, r.timers, r.wall_s, r.setup_s, r.events_s, r.peak_rss_mb
     );
     let m = &r.memory_mb;
     println!(

@@ -184,6 +184,10 @@ pub struct SimReport {
     pub timers: u64,
     /// Wall-clock seconds.
     pub wall_s: f64,
+    /// Of them, building the world (nodes and their routing tables).
+    pub setup_s: f64,
+    /// Of them, running its events (the rest is the report).
+    pub events_s: f64,
     /// Peak resident memory (MB).
     pub peak_rss_mb: f64,
     /// Connections by key tried (targets still online at the end).
@@ -1560,7 +1564,9 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         }
     }
     w.global.push(0, Global::Progress);
+    let setup_s = wall.elapsed().as_secs_f64();
     w.run_until(end, cfg.threads());
+    let events_s = wall.elapsed().as_secs_f64() - setup_s;
     for i in 0..w.shared.places.len() as u32 {
         w.account_bytes(i);
     }
@@ -1632,6 +1638,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         deliveries,
         timers,
         wall_s: wall.elapsed().as_secs_f64(),
+        setup_s,
+        events_s,
         peak_rss_mb: peak_rss_mb(),
         connects: s.connects,
         connect_success_rate: share(s.connects_ok, s.connects),
