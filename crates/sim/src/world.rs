@@ -596,13 +596,18 @@ struct World {
 /// carry realistic expiry times.
 const EPOCH_S: u64 = 1_800_000_000;
 
-/// The nodes of the start have been up for up to this long, and last
-/// heard from their contacts within it: a network that has been running,
-/// not one whose nodes all started together. Otherwise every node's first
+/// The nodes of the start started their protocol state (timers, budgets)
+/// within this long, and last heard from their contacts within it (without
+/// churn they have been up for that long; with churn, see
+/// `World::start_age_ms`): a network that has been running, not one whose
+/// nodes all started together. Otherwise every node's first
 /// self-lookup, bucket refresh and stale-contact pings fell due in the same
 /// minute, 30 minutes in (at 10^6 nodes that minute alone took longer than
 /// the 30 before it).
 const WARM_START_MS: u64 = 30 * 60 * 1000;
+
+/// Ages of the start beyond a year count as a year.
+const MAX_AGE_MS: u64 = 365 * 24 * 3600 * 1000;
 
 /// Entries of [`SimReport::hops_share`].
 const HOPS_SHARE_LEN: usize = 8;
@@ -951,7 +956,8 @@ impl World {
     /// lasted `up_ms` so far, minus `up_ms`. Drawn from scratch for the
     /// nodes of the warm start, every one of them stayed at least the
     /// Pareto minimum (18.9 min at median 30): nobody left in the first 19
-    /// minutes, and then half the network left within 11.
+    /// minutes, and then half the network left within 11. (See
+    /// `World::start_age_ms` for how long they have been up.)
     fn session_left_ms(&mut self, up_ms: u64) -> Option<u64> {
         let median = self.cfg.median_session?.as_millis() as f64;
         // Pareto with shape 1.5: median = xm * 2^(1/1.5). Given S > t (t
@@ -964,9 +970,46 @@ impl World {
         Some((session - up_ms as f64) as u64)
     }
 
+    /// How long a node of the start has been up: with churn, drawn from
+    /// the ages of the nodes online in a network where nodes have been
+    /// coming and going for ever (its steady state); without, up to 30
+    /// minutes.
+    ///
+    /// In the steady state the age of an online node has the density
+    /// `P(S > a) / E[S]` for a session `S`: with Pareto sessions of
+    /// minimum `xm` and shape 1.5 (`E[S] = 3 xm`), a third of the nodes are
+    /// younger than `xm` (uniformly), and the rest have Pareto ages of
+    /// shape 1/2: half are older than 34 minutes at a median session of
+    /// 30, a quarter than 2.2 hours, a tenth than 14 hours. Before session
+    /// 28 every node of the start had been up for at most 30 minutes: a
+    /// network that had all joined within the last half hour, of which
+    /// some 84% left within the hour. It lost about 1.4 times as many
+    /// nodes an hour as the steady state does (1.06 times its size at a
+    /// median of 30 minutes: 10,626 departures at 10^4, against 14,612).
+    fn start_age_ms(&mut self) -> u64 {
+        let Some(median) = self.cfg.median_session else {
+            return self.rng.next_u64() % WARM_START_MS;
+        };
+        let shape = 1.5;
+        let xm = median.as_millis() as f64 / 2f64.powf(1.0 / shape);
+        // P(age > a) = 1 - a / (3 xm) up to xm, (2/3) (xm / a)^(1/2) beyond.
+        let v = self.rng.unit().max(1e-12);
+        let age = if v >= 2.0 / 3.0 {
+            3.0 * xm * (1.0 - v)
+        } else {
+            xm * (2.0 / (3.0 * v)).powi(2)
+        };
+        age.min(MAX_AGE_MS as f64) as u64
+    }
+
     /// Creates the node in slot `index`, up for `up_ms` already (a new
     /// identity each time).
     fn spawn(&mut self, index: u32, up_ms: u64) {
+        // The node's protocol state (its timers' phases, a client's byte
+        // budget) is as if it had started within the last 30 minutes: a
+        // node up for hours has no timer left that it started at its
+        // start, and its budget is spent as it goes.
+        let phase_ms = up_ms % WARM_START_MS;
         let mut gen = if (index as usize) < self.shared.places.len() {
             self.gen(index) + 1
         } else {
@@ -987,7 +1030,7 @@ impl World {
             None => self.rng.unit() >= self.cfg.client_fraction,
         };
         let seed = self.rng.next_u64();
-        let started = self.now_d() - Duration::from_millis(up_ms);
+        let started = self.now_d() - Duration::from_millis(phase_ms);
         let config = self.dht_cfg.clone();
         // The insecure scheme's nodes need no key pair: their identity
         // stands for a public key.
@@ -1527,7 +1570,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         online_since: Vec::with_capacity(cfg.nodes),
     };
     for i in 0..cfg.nodes {
-        let up_ms = w.rng.next_u64() % WARM_START_MS;
+        let up_ms = w.start_age_ms();
         w.spawn(i as u32, up_ms);
     }
     if cfg.progress {
