@@ -1847,7 +1847,7 @@ impl<A: Address> Dht<A> {
             self.config.contact_stale
         };
         let stale_before = secs.saturating_sub(stale.as_secs());
-        for c in self.table.stale_contacts(stale_before, pings) {
+        for c in self.table.next_stale(stale_before, pings) {
             self.ping(now, &c);
         }
         if ms(now) >= self.next_republish_ms {
