@@ -315,7 +315,7 @@ impl RequestsSent {
         let slot = match purpose {
             Purpose::Query(_) => &mut self.queries,
             Purpose::Put(_) => &mut self.stores,
-            Purpose::Liveness => &mut self.liveness,
+            Purpose::Liveness | Purpose::Leave => &mut self.liveness,
             Purpose::Verify => &mut self.verify,
             Purpose::Fill => &mut self.fill,
             Purpose::Refresh(_) => &mut self.refresh,
@@ -340,6 +340,10 @@ enum Purpose {
     /// in the bucket; the ones the bucket has room for are verified. With
     /// how many contacts failed to answer it before.
     Refresh(u8),
+    /// A ping that tells a contact this node no longer serves. The contact
+    /// believes only a ping with its cookie (the address is proven): one
+    /// that carried none is sent again with the cookie its answer gave.
+    Leave,
 }
 
 /// What signs this node's ID proofs: its key pair, or with the simulator's
@@ -378,7 +382,8 @@ impl Signer {
 /// [`JAR_TAIL`] new ones at its end, merged into the rest when that many
 /// wait (a sorted insert moved half the vector each time; `memmove` was
 /// 4% of a 10^6 profile). Grown by an eighth at a time. A node holds a
-/// few dozen; a hash map took twice the memory, and at a million simulated
+/// few dozen (those of its searches' and stores' answers only: see
+/// `Dht::send_request`); a hash map took twice the memory, and at a million simulated
 /// nodes that is half a gigabyte. A cookie is kept as two `u32` halves:
 /// next to a 4-byte address an entry takes 12 bytes, not 16.
 #[derive(Debug, Clone)]
@@ -843,7 +848,7 @@ impl<A: Address> Dht<A> {
             // gets.
             self.records.clear();
             for c in self.table.closest(&self.id, 64) {
-                self.ping(now, &c);
+                self.ping(now, &c, Purpose::Leave);
             }
         }
     }
@@ -1110,17 +1115,10 @@ impl<A: Address> Dht<A> {
         }
     }
 
-    /// A liveness ping to a contact (it also carries this node's server
-    /// flag).
-    fn ping(&mut self, now: Duration, c: &Contact<A>) {
-        self.send_request(
-            now,
-            c.addr,
-            Some(c.id),
-            RequestBody::Ping,
-            false,
-            Purpose::Liveness,
-        );
+    /// A ping to a contact, for liveness or to say this node left (it
+    /// carries this node's server flag).
+    fn ping(&mut self, now: Duration, c: &Contact<A>, purpose: Purpose) {
+        self.send_request(now, c.addr, Some(c.id), RequestBody::Ping, false, purpose);
     }
 
     fn send_request(
@@ -1152,11 +1150,22 @@ impl<A: Address> Dht<A> {
             }
             self.verifying += 1;
         }
-        let cookie = self
-            .cookies
-            .get(&to)
-            .or_else(|| self.old_cookies.get(&to))
-            .unwrap_or(0);
+        // Only searches and stores carry cookies, and only their answers'
+        // cookies are kept: without one, they are the requests padded to
+        // 168 bytes (a ping asking for a proof only to 51) and the answers
+        // trimmed to 3x. (And a ping that says this node no longer serves,
+        // which only a proven address may say: see `Purpose::Leave`.) Pings are 85% of the answers (liveness, verify,
+        // fill); their cookies were 90% of what a node kept, and one in
+        // a thousand pings found one to carry (a contact is pinged 15
+        // minutes after it was last heard from, when its cookie is gone).
+        let cookie = match (&body, purpose) {
+            (RequestBody::Ping, p) if !matches!(p, Purpose::Leave) => 0,
+            _ => self
+                .cookies
+                .get(&to)
+                .or_else(|| self.old_cookies.get(&to))
+                .unwrap_or(0),
+        };
         // Without a cookie, a request that may get a large answer is padded
         // so the answer fits within 3x (anti-amplification).
         let pad = match (cookie, &body) {
@@ -1258,7 +1267,7 @@ impl<A: Address> Dht<A> {
                 // within seconds instead of at the next lookup that picks it.
                 if let Some(c) = self.table.get(&id).copied() {
                     if self.pending.len() < self.config.max_pending {
-                        self.ping(now, &c);
+                        self.ping(now, &c, Purpose::Liveness);
                     }
                 }
             }
@@ -1285,7 +1294,7 @@ impl<A: Address> Dht<A> {
                 self.verifying = self.verifying.saturating_sub(1);
                 self.release_waiting_for_join(now);
             }
-            Purpose::Liveness | Purpose::Refresh(_) | Purpose::Fill => {}
+            Purpose::Liveness | Purpose::Refresh(_) | Purpose::Fill | Purpose::Leave => {}
         }
     }
 
@@ -1576,7 +1585,13 @@ impl<A: Address> Dht<A> {
                 track(&mut t.verified, (from, *key));
             }
         }
-        self.keep_cookie(now, from, resp.cookie);
+        // Only searches, stores and leaving pings carry cookies (see
+        // `send_request`).
+        if !matches!(pending.request.body, RequestBody::Ping)
+            || matches!(pending.purpose, Purpose::Leave)
+        {
+            self.keep_cookie(now, from, resp.cookie);
+        }
         self.observed = Some(resp.observed);
         if let Some(t) = &mut self.tracked {
             track(&mut t.observations, (from, resp.observed));
@@ -1644,6 +1659,20 @@ impl<A: Address> Dht<A> {
                 self.advance(now, q);
             }
             Purpose::Liveness | Purpose::Fill => {}
+            Purpose::Leave => {
+                if pending.request.cookie == 0 {
+                    if let Some(id) = pending.to_id {
+                        self.send_request(
+                            now,
+                            from,
+                            Some(id),
+                            RequestBody::Ping,
+                            false,
+                            Purpose::Leave,
+                        );
+                    }
+                }
+            }
             Purpose::Refresh(_) => {
                 if let (ResponseBody::Nodes(nodes), RequestBody::FindNode(target)) =
                     (resp.body, &pending.request.body)
@@ -1848,7 +1877,7 @@ impl<A: Address> Dht<A> {
         };
         let stale_before = secs.saturating_sub(stale.as_secs());
         for c in self.table.next_stale(stale_before, pings) {
-            self.ping(now, &c);
+            self.ping(now, &c, Purpose::Liveness);
         }
         if ms(now) >= self.next_republish_ms {
             self.next_republish_ms = ms(now) + self.config.republish.as_millis() as u64;
