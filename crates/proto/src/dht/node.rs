@@ -383,8 +383,8 @@ impl Signer {
 /// wait (a sorted insert moved half the vector each time; `memmove` was
 /// 4% of a 10^6 profile). Grown by an eighth at a time. A node holds a
 /// few dozen (those of its searches' and stores' answers only: see
-/// `Dht::send_request`); a hash map took twice the memory, and at a million simulated
-/// nodes that is half a gigabyte. A cookie is kept as two `u32` halves:
+/// `Dht::send_request`); a hash map took twice the memory, and at a
+/// million simulated nodes that is half a gigabyte. A cookie is kept as two `u32` halves:
 /// next to a 4-byte address an entry takes 12 bytes, not 16.
 #[derive(Debug, Clone)]
 struct CookieJar<A> {
@@ -1154,10 +1154,11 @@ impl<A: Address> Dht<A> {
         // cookies are kept: without one, they are the requests padded to
         // 168 bytes (a ping asking for a proof only to 51) and the answers
         // trimmed to 3x. (And a ping that says this node no longer serves,
-        // which only a proven address may say: see `Purpose::Leave`.) Pings are 85% of the answers (liveness, verify,
-        // fill); their cookies were 90% of what a node kept, and one in
-        // a thousand pings found one to carry (a contact is pinged 15
-        // minutes after it was last heard from, when its cookie is gone).
+        // which only a proven address may say: see `Purpose::Leave`.)
+        // Pings are 85% of the answers (liveness, verify, fill); their
+        // cookies were 90% of what a node kept, and one in a thousand
+        // pings found one to carry (a contact is pinged 15 minutes after
+        // it was last heard from, when its cookie is gone).
         let cookie = match (&body, purpose) {
             (RequestBody::Ping, p) if !matches!(p, Purpose::Leave) => 0,
             _ => self

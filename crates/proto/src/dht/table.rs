@@ -534,8 +534,9 @@ impl<A: Address> RoutingTable<A> {
                 out.push(*c);
             }
         }
-        // A bucket has at most `k` entries and a table at most
-        // `ID_BITS` buckets, both far below `u16::MAX`.
+        // A table has at most `ID_BITS` buckets, and a bucket `k` entries
+        // (32 by default); a place beyond `u16::MAX` (a bucket size set
+        // that high) only makes the next call start elsewhere.
         self.walk = (b as u16, place as u16);
         out
     }
