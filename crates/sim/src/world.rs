@@ -612,6 +612,10 @@ const EPOCH_S: u64 = 1_800_000_000;
 /// the 30 before it).
 const WARM_START_MS: u64 = 30 * 60 * 1000;
 
+/// The shape of the Pareto distribution of session lengths (see
+/// `World::session_left_ms`; `World::start_age_ms`'s formula is for it).
+const SESSION_SHAPE: f64 = 1.5;
+
 /// Ages of the start beyond a year count as a year.
 const MAX_AGE_MS: u64 = 365 * 24 * 3600 * 1000;
 
@@ -965,15 +969,19 @@ impl World {
     /// minutes, and then half the network left within 11. (See
     /// `World::start_age_ms` for how long they have been up.)
     fn session_left_ms(&mut self, up_ms: u64) -> Option<u64> {
-        let median = self.cfg.median_session?.as_millis() as f64;
-        // Pareto with shape 1.5: median = xm * 2^(1/1.5). Given S > t (t
-        // at least xm), S / t is Pareto with minimum 1 and the same shape.
-        let shape = 1.5;
-        let xm = median / 2f64.powf(1.0 / shape);
-        let floor = xm.max(up_ms as f64);
+        // Given S > t (t at least xm), S / t is Pareto with minimum 1 and
+        // the same shape.
+        let floor = self.session_min_ms()?.max(up_ms as f64);
         let u = self.rng.unit().max(1e-12);
-        let session = floor / u.powf(1.0 / shape);
+        let session = floor / u.powf(1.0 / SESSION_SHAPE);
         Some((session - up_ms as f64) as u64)
+    }
+
+    /// The minimum `xm` of the Pareto sessions (ms), with churn: their
+    /// median is `xm * 2^(1 / shape)`.
+    fn session_min_ms(&self) -> Option<f64> {
+        let median = self.cfg.median_session?.as_millis() as f64;
+        Some(median / 2f64.powf(1.0 / SESSION_SHAPE))
     }
 
     /// How long a node of the start has been up: with churn, drawn from
@@ -993,11 +1001,9 @@ impl World {
     /// nodes an hour as the steady state does (1.06 times its size at a
     /// median of 30 minutes: 10,626 departures at 10^4, against 14,612).
     fn start_age_ms(&mut self) -> u64 {
-        let Some(median) = self.cfg.median_session else {
+        let Some(xm) = self.session_min_ms() else {
             return self.rng.next_u64() % WARM_START_MS;
         };
-        let shape = 1.5;
-        let xm = median.as_millis() as f64 / 2f64.powf(1.0 / shape);
         // P(age > a) = 1 - a / (3 xm) up to xm, (2/3) (xm / a)^(1/2) beyond.
         let v = self.rng.unit().max(1e-12);
         let age = if v >= 2.0 / 3.0 {
