@@ -346,6 +346,19 @@ enum Purpose {
     Leave,
 }
 
+/// Whether a request carries the cookie its destination gave this node (and
+/// the cookie of its answer is kept): searches and stores, the requests
+/// that without one are padded to 168 bytes (a ping asking for a proof
+/// only to 51) and whose answers are trimmed to 3x; and a ping that says
+/// this node no longer serves, which only a proven address may say (see
+/// `Purpose::Leave`). Pings are 85% of a node's answers (liveness,
+/// verify, fill); their cookies were 90% of what a node kept, and one in
+/// a thousand pings found one to carry (a contact is pinged 15 minutes
+/// after it was last heard from, when its cookie is gone).
+fn carries_cookie(body: &RequestBody, purpose: Purpose) -> bool {
+    !matches!(body, RequestBody::Ping) || matches!(purpose, Purpose::Leave)
+}
+
 /// What signs this node's ID proofs: its key pair, or with the simulator's
 /// insecure scheme only its peer ID (which is all that scheme uses; a key
 /// pair takes 224 bytes, and a simulator holds a million).
@@ -383,7 +396,7 @@ impl Signer {
 /// wait (a sorted insert moved half the vector each time; `memmove` was
 /// 4% of a 10^6 profile). Grown by an eighth at a time. A node holds a
 /// few dozen (those of its searches' and stores' answers only: see
-/// `Dht::send_request`); a hash map took twice the memory, and at a
+/// [`carries_cookie`]); a hash map took twice the memory, and at a
 /// million simulated nodes that is half a gigabyte. A cookie is kept as two `u32` halves:
 /// next to a 4-byte address an entry takes 12 bytes, not 16.
 #[derive(Debug, Clone)]
@@ -1150,22 +1163,13 @@ impl<A: Address> Dht<A> {
             }
             self.verifying += 1;
         }
-        // Only searches and stores carry cookies, and only their answers'
-        // cookies are kept: without one, they are the requests padded to
-        // 168 bytes (a ping asking for a proof only to 51) and the answers
-        // trimmed to 3x. (And a ping that says this node no longer serves,
-        // which only a proven address may say: see `Purpose::Leave`.)
-        // Pings are 85% of the answers (liveness, verify, fill); their
-        // cookies were 90% of what a node kept, and one in a thousand
-        // pings found one to carry (a contact is pinged 15 minutes after
-        // it was last heard from, when its cookie is gone).
-        let cookie = match (&body, purpose) {
-            (RequestBody::Ping, p) if !matches!(p, Purpose::Leave) => 0,
-            _ => self
-                .cookies
+        let cookie = if carries_cookie(&body, purpose) {
+            self.cookies
                 .get(&to)
                 .or_else(|| self.old_cookies.get(&to))
-                .unwrap_or(0),
+                .unwrap_or(0)
+        } else {
+            0
         };
         // Without a cookie, a request that may get a large answer is padded
         // so the answer fits within 3x (anti-amplification).
@@ -1586,11 +1590,7 @@ impl<A: Address> Dht<A> {
                 track(&mut t.verified, (from, *key));
             }
         }
-        // Only searches, stores and leaving pings carry cookies (see
-        // `send_request`).
-        if !matches!(pending.request.body, RequestBody::Ping)
-            || matches!(pending.purpose, Purpose::Leave)
-        {
+        if carries_cookie(&pending.request.body, pending.purpose) {
             self.keep_cookie(now, from, resp.cookie);
         }
         self.observed = Some(resp.observed);
