@@ -299,17 +299,36 @@ pub struct TablesByAge {
 /// Lower bounds of the age bands (minutes).
 const AGE_BANDS_MIN: [u64; 6] = [0, 2, 5, 10, 20, 40];
 
-impl SimMemory {
-    fn of(w: &World) -> Self {
-        let mut sum = p2pos_proto::dht::MemoryUse::default();
-        let (mut live, mut entries, mut replacements) = (0usize, 0usize, 0usize);
-        let mut dead = 0usize;
-        let (mut live_entries, mut rtt_sum) = (0usize, 0u64);
-        let mut bands = AGE_BANDS_MIN.map(|min_age_min| TablesByAge {
-            min_age_min,
-            ..TablesByAge::default()
-        });
-        for i in 0..w.shared.places.len() {
+/// What [`SimMemory::of`] counts, over some of the nodes (the bands'
+/// means are still sums).
+struct Tally {
+    sum: p2pos_proto::dht::MemoryUse,
+    live: usize,
+    entries: usize,
+    replacements: usize,
+    dead: usize,
+    live_entries: usize,
+    rtt_sum: u64,
+    bands: [TablesByAge; AGE_BANDS_MIN.len()],
+}
+
+impl Tally {
+    /// Counts the nodes of `range`.
+    fn of(w: &World, range: std::ops::Range<usize>) -> Self {
+        let mut t = Tally {
+            sum: p2pos_proto::dht::MemoryUse::default(),
+            live: 0,
+            entries: 0,
+            replacements: 0,
+            dead: 0,
+            live_entries: 0,
+            rtt_sum: 0,
+            bands: AGE_BANDS_MIN.map(|min_age_min| TablesByAge {
+                min_age_min,
+                ..TablesByAge::default()
+            }),
+        };
+        for i in range {
             // The next node's state is read at random, and each contact
             // names a node whose route, slot and place are read at random
             // too: asked for first, all of them, the memory fetches them
@@ -322,38 +341,88 @@ impl SimMemory {
                 prefetch_lines(next, 1);
                 next.prefetch();
             }
-            if let Some(dht) = w.dht(i as u32) {
-                for c in dht.table().contacts() {
-                    let j = w.shared.addrs.slot(c.addr) as usize;
-                    if let Some(route) = w.shared.routes.get(j) {
-                        prefetch_lines(route, 1);
-                        prefetch_lines(&w.shared.places[j], 1);
-                        prefetch_lines(&w.parts[j % PARTITIONS].slots[j / PARTITIONS], 1);
-                    }
+            let Some(dht) = w.dht(i as u32) else {
+                continue;
+            };
+            for c in dht.table().contacts() {
+                let j = w.shared.addrs.slot(c.addr) as usize;
+                if let Some(route) = w.shared.routes.get(j) {
+                    prefetch_lines(route, 1);
+                    prefetch_lines(&w.shared.places[j], 1);
+                    prefetch_lines(&w.parts[j % PARTITIONS].slots[j / PARTITIONS], 1);
                 }
-                sum.add(&dht.memory_use());
-                live += 1;
-                let len = dht.table().len();
-                entries += len;
-                replacements += dht.table().replacement_count();
-                let mut gone = 0;
-                for c in dht.table().contacts() {
-                    match w.shared.node_at(c.addr) {
-                        Some(j) if w.online(j) && w.place(j).id == c.id => {
-                            live_entries += 1;
-                            rtt_sum += 2 * w.shared.one_way_ms(i as u32, j);
-                        }
-                        _ => gone += 1,
-                    }
-                }
-                dead += gone;
-                let age_min = (w.now - w.online_since[i]) / 60_000;
-                let band = AGE_BANDS_MIN.partition_point(|&b| b <= age_min) - 1;
-                bands[band].nodes += 1;
-                bands[band].entries_mean += len as f64;
-                bands[band].dead_mean += gone as f64;
             }
+            t.sum.add(&dht.memory_use());
+            t.live += 1;
+            let len = dht.table().len();
+            t.entries += len;
+            t.replacements += dht.table().replacement_count();
+            let mut gone = 0;
+            for c in dht.table().contacts() {
+                match w.shared.node_at(c.addr) {
+                    Some(j) if w.online(j) && w.place(j).id == c.id => {
+                        t.live_entries += 1;
+                        t.rtt_sum += 2 * w.shared.one_way_ms(i as u32, j);
+                    }
+                    _ => gone += 1,
+                }
+            }
+            t.dead += gone;
+            let age_min = (w.now - w.online_since[i]) / 60_000;
+            let band = AGE_BANDS_MIN.partition_point(|&b| b <= age_min) - 1;
+            t.bands[band].nodes += 1;
+            t.bands[band].entries_mean += len as f64;
+            t.bands[band].dead_mean += gone as f64;
         }
+        t
+    }
+
+    /// The counts of both (sums of whole numbers: the same in any order).
+    fn merge(mut self, other: Tally) -> Tally {
+        self.sum.add(&other.sum);
+        self.live += other.live;
+        self.entries += other.entries;
+        self.replacements += other.replacements;
+        self.dead += other.dead;
+        self.live_entries += other.live_entries;
+        self.rtt_sum += other.rtt_sum;
+        for (b, o) in self.bands.iter_mut().zip(other.bands) {
+            b.nodes += o.nodes;
+            b.entries_mean += o.entries_mean;
+            b.dead_mean += o.dead_mean;
+        }
+        self
+    }
+}
+
+impl SimMemory {
+    fn of(w: &World) -> Self {
+        // Each thread of the run counts half of the nodes.
+        let n = w.shared.places.len();
+        let halves = w.cfg.threads().clamp(1, 2);
+        let ranges = (0..halves).map(|h| n * h / halves..n * (h + 1) / halves);
+        let tally = if halves == 1 {
+            Tally::of(w, 0..n)
+        } else {
+            std::thread::scope(|s| {
+                let counting: Vec<_> = ranges.map(|r| s.spawn(move || Tally::of(w, r))).collect();
+                counting
+                    .into_iter()
+                    .map(|t| t.join().expect("a count of the tables panicked"))
+                    .reduce(Tally::merge)
+                    .expect("a half")
+            })
+        };
+        let Tally {
+            sum,
+            live,
+            entries,
+            replacements,
+            dead,
+            live_entries,
+            rtt_sum,
+            mut bands,
+        } = tally;
         for b in &mut bands {
             let n = b.nodes.max(1) as f64;
             b.entries_mean /= n;
@@ -880,8 +949,8 @@ impl TableBuild<'_> {
         // One buffer, reused for every node.
         let mut picks: Vec<(NodeId, u32)> = Vec::new();
         let mut chosen: Vec<usize> = Vec::with_capacity(k);
-        for (j, slot) in part.slots.iter_mut().enumerate() {
-            let i = j * PARTITIONS + part.index;
+        for (position, slot) in part.slots.iter_mut().enumerate() {
+            let i = position * PARTITIONS + part.index;
             let me = self.places[i].id;
             picks.clear();
             // `lo..hi`: the servers sharing the first `prefix` bits with me
