@@ -250,7 +250,7 @@ struct SimArgs {
     real_signatures: bool,
     /// Run on small pages. By default the simulator runs on transparent
     /// huge pages (Linux): at 10^6 nodes about 8% faster, for 24 MB more
-    /// after 10 minutes (the churn hour's peak: 14,825 MiB)
+    /// after 10 minutes (the churn hour's peak: 14,837 MiB)
     #[arg(long)]
     small_pages: bool,
     /// Run on transparent huge pages: the default (kept for scripts)
@@ -1110,7 +1110,7 @@ fn allocator_heap() -> Option<fn() -> (usize, usize)> {
 /// TLB misses: the first 10 minutes of the 10^6 churn hour took 273 s of
 /// wall instead of 298 (session 26). They cost little memory now that
 /// requests wait in slots and tables grow by size class: the hour peaks
-/// at 14,825 MiB on them (session 20's code went over 16 GiB, and they
+/// at 14,837 MiB on them (session 20's code went over 16 GiB, and they
 /// were asked for until session 26). jemalloc reads its options once,
 /// before `main`, and the daemon stays on small pages (13 MB resident; 19
 /// MB on huge ones), so the simulator runs itself again with them set. If
