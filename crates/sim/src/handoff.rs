@@ -2,11 +2,12 @@
 //!
 //! The partitions of a window run side by side and meet at its end, a
 //! millisecond or so of work later, some 720,000 times in a simulated hour
-//! (windows of 5 ms). A thread that goes to sleep at each meeting costs a wake-up in
-//! the kernel (tens of microseconds) every time, more than the wait
-//! itself; one that spins a little is there when the other arrives. After
-//! [`SPIN`] it parks, so a thread left waiting long (the other one ran the
-//! serial part of a window, or the machine is busy) gives its core back.
+//! (windows of 5 ms). A thread that goes to sleep at each meeting costs a
+//! wake-up in the kernel (tens of microseconds) every time, more than the
+//! wait itself; one that spins a little is there when the other arrives.
+//! After [`SPIN`] it parks, so a thread left waiting long (the other one
+//! ran the serial part of a window, or the machine is busy) gives its core
+//! back.
 
 use std::hint::spin_loop;
 use std::sync::atomic::{AtomicU8, Ordering};

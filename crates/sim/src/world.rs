@@ -397,20 +397,22 @@ impl Tally {
 
 impl SimMemory {
     fn of(w: &World) -> Self {
-        // Each thread of the run counts half of the nodes.
+        // Each thread of the run counts its share of the nodes.
         let n = w.shared.places.len();
-        let halves = w.cfg.threads().clamp(1, 2);
-        let ranges = (0..halves).map(|h| n * h / halves..n * (h + 1) / halves);
-        let tally = if halves == 1 {
+        let threads = w.cfg.threads();
+        let tally = if threads <= 1 {
             Tally::of(w, 0..n)
         } else {
             std::thread::scope(|s| {
-                let counting: Vec<_> = ranges.map(|r| s.spawn(move || Tally::of(w, r))).collect();
+                let counting: Vec<_> = (0..threads)
+                    .map(|t| n * t / threads..n * (t + 1) / threads)
+                    .map(|share| s.spawn(move || Tally::of(w, share)))
+                    .collect();
                 counting
                     .into_iter()
                     .map(|t| t.join().expect("a count of the tables panicked"))
                     .reduce(Tally::merge)
-                    .expect("a half")
+                    .expect("at least two shares")
             })
         };
         let Tally {

@@ -397,8 +397,9 @@ impl Signer {
 /// 4% of a 10^6 profile). Grown by an eighth at a time. A node holds a
 /// few dozen (those of its searches' and stores' answers only: see
 /// [`carries_cookie`]); a hash map took twice the memory, and at a
-/// million simulated nodes that is half a gigabyte. A cookie is kept as two `u32` halves:
-/// next to a 4-byte address an entry takes 12 bytes, not 16.
+/// million simulated nodes that is half a gigabyte. A cookie is kept as
+/// two `u32` halves: next to a 4-byte address an entry takes 12 bytes,
+/// not 16.
 #[derive(Debug, Clone)]
 struct CookieJar<A> {
     entries: Vec<(A, [u32; 2])>,
