@@ -205,6 +205,12 @@ struct SimArgs {
     /// Routing-table bucket size.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().bucket_size)]
     bucket_size: usize,
+    /// A server takes the nodes a bucket refresh names into its first this
+    /// many buckets unverified (its own lookups use them; they are handed
+    /// to others once proven); into deeper ones after a proof ping each.
+    /// 0: every entry of a server proven first; 128: none.
+    #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().unverified_buckets)]
+    unverified_buckets: usize,
     /// Liveness pings a node sends per maintenance run (each minute) at
     /// most, to contacts silent for 30 minutes (15 on servers).
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().pings_per_maintenance)]
@@ -613,6 +619,7 @@ fn sim(args: SimArgs) -> Result<()> {
         k: args.k.max(1),
         bucket_size: args.bucket_size.max(1),
         pings_per_maintenance: args.liveness_pings,
+        unverified_buckets: args.unverified_buckets,
         liveness_boost: args.liveness_boost,
         contact_stale: args
             .contact_stale

@@ -234,7 +234,7 @@ pub struct RequestRates {
     pub liveness: f64,
     /// Pings verifying new server requesters and bootstrap nodes.
     pub verify: f64,
-    /// Pings of nodes a refresh named.
+    /// Proof pings of nodes a server's refresh named for a deeper bucket.
     pub fill: f64,
     /// Bucket refreshes.
     pub refresh: f64,
@@ -274,6 +274,9 @@ pub struct SimMemory {
     /// Share of routing-table entries whose node has left (the table does
     /// not know yet).
     pub table_dead_share: f64,
+    /// Share of routing-table entries that have not proven their ID to
+    /// their table's node yet (named by a refresh, not yet asked).
+    pub table_unverified_share: f64,
     /// Round trip from a node to the live entries of its table, mean (ms;
     /// the latency model's): how near the table keeps its contacts.
     pub table_rtt_ms_mean: f64,
@@ -294,6 +297,8 @@ pub struct TablesByAge {
     pub entries_mean: f64,
     /// Of them, nodes that left, per node, mean.
     pub dead_mean: f64,
+    /// Of them, unverified ones, per node, mean.
+    pub unverified_mean: f64,
 }
 
 /// Lower bounds of the age bands (minutes).
@@ -307,6 +312,7 @@ struct Tally {
     entries: usize,
     replacements: usize,
     dead: usize,
+    unverified: usize,
     live_entries: usize,
     rtt_sum: u64,
     bands: [TablesByAge; AGE_BANDS_MIN.len()],
@@ -321,6 +327,7 @@ impl Tally {
             entries: 0,
             replacements: 0,
             dead: 0,
+            unverified: 0,
             live_entries: 0,
             rtt_sum: 0,
             bands: AGE_BANDS_MIN.map(|min_age_min| TablesByAge {
@@ -358,7 +365,9 @@ impl Tally {
             t.entries += len;
             t.replacements += dht.table().replacement_count();
             let mut gone = 0;
+            let mut unverified = 0;
             for c in dht.table().contacts() {
+                unverified += usize::from(!c.is_verified());
                 match w.shared.node_at(c.addr) {
                     Some(j) if w.online(j) && w.place(j).id == c.id => {
                         t.live_entries += 1;
@@ -368,11 +377,13 @@ impl Tally {
                 }
             }
             t.dead += gone;
+            t.unverified += unverified;
             let age_min = (w.now - w.online_since[i]) / 60_000;
             let band = AGE_BANDS_MIN.partition_point(|&b| b <= age_min) - 1;
             t.bands[band].nodes += 1;
             t.bands[band].entries_mean += len as f64;
             t.bands[band].dead_mean += gone as f64;
+            t.bands[band].unverified_mean += unverified as f64;
         }
         t
     }
@@ -384,12 +395,14 @@ impl Tally {
         self.entries += other.entries;
         self.replacements += other.replacements;
         self.dead += other.dead;
+        self.unverified += other.unverified;
         self.live_entries += other.live_entries;
         self.rtt_sum += other.rtt_sum;
         for (b, o) in self.bands.iter_mut().zip(other.bands) {
             b.nodes += o.nodes;
             b.entries_mean += o.entries_mean;
             b.dead_mean += o.dead_mean;
+            b.unverified_mean += o.unverified_mean;
         }
         self
     }
@@ -421,6 +434,7 @@ impl SimMemory {
             entries,
             replacements,
             dead,
+            unverified,
             live_entries,
             rtt_sum,
             mut bands,
@@ -429,6 +443,7 @@ impl SimMemory {
             let n = b.nodes.max(1) as f64;
             b.entries_mean /= n;
             b.dead_mean /= n;
+            b.unverified_mean /= n;
         }
         let mean = |n: usize| n as f64 / live.max(1) as f64;
         use std::mem::size_of;
@@ -456,6 +471,7 @@ impl SimMemory {
             table_entries_mean: mean(entries),
             table_replacements_mean: mean(replacements),
             table_dead_share: dead as f64 / entries.max(1) as f64,
+            table_unverified_share: unverified as f64 / entries.max(1) as f64,
             table_rtt_ms_mean: rtt_sum as f64 / live_entries.max(1) as f64,
             tables_by_age: bands.to_vec(),
         }

@@ -23,7 +23,15 @@
 //!   response carries the public key and a signature over the request's
 //!   random transaction id and the requester's ID. So neither an off-path
 //!   spoofer (who cannot see the transaction id) nor a responder claiming
-//!   someone else's ID can plant a contact.
+//!   someone else's ID can plant a contact. The nodes a proven contact
+//!   names in answer to a bucket refresh of a client, or of a server's
+//!   first buckets (`DhtConfig::unverified_buckets`), enter the bucket
+//!   *unverified*: the node's own lookups use them, every request to one
+//!   asks for its proof (a wrong one removes it at once), and it is
+//!   handed to no one (answers, introductions) until it has proven its ID.
+//!   A lying contact can thus only make this node ask nodes that are not
+//!   there, as its lookup answers always could; nothing it names reaches
+//!   anyone else.
 //! - **Servers and clients.** Only nodes reachable from outside serve
 //!   (routing and storage); clients only query and are never added to tables
 //!   (IPFS learned that NATed servers poison routing).

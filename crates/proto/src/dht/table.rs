@@ -14,13 +14,20 @@ pub struct Contact<A> {
     pub id: NodeId,
     /// Where it answers.
     pub addr: A,
-    /// When it last answered, in 4-second steps since the Unix epoch (the
-    /// high 30 bits: until 2106), and the RPCs to it that failed in a row
+    /// When it last answered, in 8-second steps since the Unix epoch (the
+    /// high 29 bits: until 2106); whether it is unverified (bit 2, see
+    /// [`Contact::unverified`]); and the RPCs to it that failed in a row
     /// since (the low 2 bits). Packed, a contact with a `u32` address takes
     /// 24 bytes instead of 28, and most of a big network's memory is
     /// routing tables.
     seen: u32,
 }
+
+/// The bit of [`Contact::seen`] that marks an unverified contact.
+const UNVERIFIED: u32 = 4;
+
+/// The bits of [`Contact::seen`] that are not its time.
+const NOT_TIME: u32 = 7;
 
 impl<A> Contact<A> {
     /// A contact last heard from at `last_seen` (seconds since the Unix
@@ -29,14 +36,31 @@ impl<A> Contact<A> {
         Contact {
             id,
             addr,
-            seen: secs32(last_seen) & !3,
+            seen: secs32(last_seen) & !NOT_TIME,
         }
     }
 
+    /// A contact that a proven contact's answer named at `named` (seconds
+    /// since the Unix epoch) and that has not proven its ID to this node
+    /// yet: good for the node's own lookups (whose first request to it asks
+    /// for the proof), never handed to others.
+    pub fn unverified(id: NodeId, addr: A, named: u64) -> Self {
+        Contact {
+            id,
+            addr,
+            seen: (secs32(named) & !NOT_TIME) | UNVERIFIED,
+        }
+    }
+
+    /// Whether it proved its ID to this node (see [`Contact::unverified`]).
+    pub fn is_verified(&self) -> bool {
+        self.seen & UNVERIFIED == 0
+    }
+
     /// When it last answered (seconds since the Unix epoch, rounded down
-    /// to 4 s).
+    /// to 8 s), or when it was named, if it is unverified.
     pub fn last_seen(&self) -> u64 {
-        u64::from(self.seen & !3)
+        u64::from(self.seen & !NOT_TIME)
     }
 
     /// RPCs to it that failed in a row.
@@ -44,8 +68,13 @@ impl<A> Contact<A> {
         (self.seen & 3) as u8
     }
 
+    /// Records an answer at `secs` of a verified contact (an unverified
+    /// one's time changes only when it proves its ID: see
+    /// [`RoutingTable::insert`]).
     fn set_seen(&mut self, secs: u64) {
-        self.seen = secs32(secs) & !3;
+        if self.is_verified() {
+            self.seen = secs32(secs) & !NOT_TIME;
+        }
     }
 
     fn add_failure(&mut self) {
@@ -189,8 +218,10 @@ impl<A: Address> RoutingTable<A> {
         (cpl < ID_BITS).then_some(cpl)
     }
 
-    /// Offers a verified contact to the table.
+    /// Offers a verified contact to the table (an unverified entry with
+    /// its ID becomes verified).
     pub fn insert(&mut self, contact: Contact<A>) -> InsertOutcome<A> {
+        debug_assert!(contact.is_verified(), "see RoutingTable::insert_unverified");
         let Some(index) = self.bucket_index(&contact.id) else {
             return InsertOutcome::SelfId;
         };
@@ -202,7 +233,7 @@ impl<A: Address> RoutingTable<A> {
         let bucket = &mut self.buckets[index];
         if let Some(c) = bucket.entries_mut().iter_mut().find(|c| c.id == contact.id) {
             c.addr = contact.addr;
-            c.seen = contact.seen & !3;
+            c.seen = contact.seen & !NOT_TIME;
             return InsertOutcome::Updated;
         }
         let net = contact.addr.network();
@@ -231,6 +262,27 @@ impl<A: Address> RoutingTable<A> {
             .min_by_key(|c| c.last_seen())
             .expect("a full bucket has entries");
         InsertOutcome::Pending { oldest }
+    }
+
+    /// Adds an unverified contact (see [`Contact::unverified`]) if it would
+    /// enter its bucket now ([`RoutingTable::has_room_for`]): never to a
+    /// replacement cache, never in place of an entry. Whether it was added.
+    pub fn insert_unverified(&mut self, contact: Contact<A>) -> bool {
+        if !self.has_room_for(&contact.id, &contact.addr) {
+            return false;
+        }
+        let Some(index) = self.bucket_index(&contact.id) else {
+            return false;
+        };
+        if self.buckets.len() <= index {
+            self.buckets.reserve_exact(index + 1 - self.buckets.len());
+            self.buckets.resize_with(index + 1, Bucket::default);
+        }
+        self.buckets[index].push_entry(Contact {
+            seen: contact.seen | UNVERIFIED,
+            ..contact
+        });
+        true
     }
 
     /// Whether a new contact `id` at `addr` would enter its bucket now (not
@@ -288,7 +340,8 @@ impl<A: Address> RoutingTable<A> {
                     .is_some_and(|c| c.last_seen() < stale_before))
     }
 
-    /// Records that `id` answered at `now`.
+    /// Records that `id` answered at `now` (if it is verified: an
+    /// unverified contact is seen only once it proved its ID).
     pub fn mark_seen(&mut self, id: &NodeId, now: u64) {
         if let Some(c) = self.get_mut(id) {
             c.set_seen(now);
@@ -296,7 +349,7 @@ impl<A: Address> RoutingTable<A> {
     }
 
     /// Records that `id` was heard from at `now`, from `addr`: only if that
-    /// is the address its entry has.
+    /// is the address its entry has (and it is verified).
     pub fn mark_seen_at(&mut self, id: &NodeId, addr: &A, now: u64) {
         if let Some(c) = self.get_mut(id).filter(|c| c.addr == *addr) {
             c.set_seen(now);
@@ -373,6 +426,17 @@ impl<A: Address> RoutingTable<A> {
     /// then the deeper buckets together, then buckets `i - 1` down to 0,
     /// each sorted by distance.
     pub fn closest(&self, target: &NodeId, n: usize) -> Vec<Contact<A>> {
+        self.closest_where(target, n, |_| true)
+    }
+
+    /// The `n` contacts closest to `target` among those `keep` accepts,
+    /// closest first (see [`RoutingTable::closest`]).
+    pub fn closest_where(
+        &self,
+        target: &NodeId,
+        n: usize,
+        keep: impl Fn(&Contact<A>) -> bool,
+    ) -> Vec<Contact<A>> {
         let i = self.me.common_prefix(target);
         let mut out: Vec<Contact<A>> = Vec::with_capacity(n.min(self.k * 3));
         // One buffer for each group's contacts and their distances (each
@@ -386,7 +450,11 @@ impl<A: Address> RoutingTable<A> {
             |out: &mut Vec<Contact<A>>, group: &mut dyn Iterator<Item = &Contact<A>>| {
                 let room = n.saturating_sub(out.len());
                 keyed.clear();
-                keyed.extend(group.map(|c| (u128::from_be_bytes(c.id.distance(target).0), *c)));
+                keyed.extend(
+                    group
+                        .filter(|c| keep(c))
+                        .map(|c| (u128::from_be_bytes(c.id.distance(target).0), *c)),
+                );
                 if keyed.len() > room && room > 0 {
                     keyed.select_nth_unstable_by_key(room - 1, |a| a.0);
                     keyed.truncate(room);
@@ -660,15 +728,20 @@ mod tests {
     fn a_contact_keeps_its_time_and_failures_apart() {
         let now = 1_800_000_123;
         let mut c = contact([1; ID_BYTES], 7, now);
-        assert_eq!(c.last_seen(), now - now % 4);
+        assert_eq!(c.last_seen(), now - now % 8);
         assert_eq!(c.failures(), 0);
         for want in [1, 2, 3, 3] {
             c.add_failure();
             assert_eq!(c.failures(), want);
-            assert_eq!(c.last_seen(), now - now % 4);
+            assert_eq!(c.last_seen(), now - now % 8);
+            assert!(c.is_verified());
         }
         c.set_seen(now + 9);
-        assert_eq!((c.last_seen(), c.failures()), (now + 9 - (now + 9) % 4, 0));
+        assert_eq!((c.last_seen(), c.failures()), (now + 9 - (now + 9) % 8, 0));
+        let mut u = Contact::unverified(NodeId([2; ID_BYTES]), 7, now);
+        u.add_failure();
+        assert_eq!((u.last_seen(), u.failures()), (now - now % 8, 1));
+        assert!(!u.is_verified());
         assert_eq!(std::mem::size_of::<Contact<u32>>(), 24);
     }
 
@@ -678,11 +751,52 @@ mod tests {
         let mut table: RoutingTable<u32> = RoutingTable::new(me, 4, 2);
         let mut id = [0; ID_BYTES];
         id[0] = 0x80;
-        table.insert(contact(id, 1 << 8, 100));
-        table.mark_seen_at(&NodeId(id), &(2 << 8), 500);
-        assert_eq!(table.get(&NodeId(id)).unwrap().last_seen(), 100);
-        table.mark_seen_at(&NodeId(id), &(1 << 8), 500);
-        assert_eq!(table.get(&NodeId(id)).unwrap().last_seen(), 500);
+        table.insert(contact(id, 1 << 8, 104));
+        table.mark_seen_at(&NodeId(id), &(2 << 8), 504);
+        assert_eq!(table.get(&NodeId(id)).unwrap().last_seen(), 104);
+        table.mark_seen_at(&NodeId(id), &(1 << 8), 504);
+        assert_eq!(table.get(&NodeId(id)).unwrap().last_seen(), 504);
+    }
+
+    #[test]
+    fn an_unverified_contact_stays_so_until_it_proves_its_id() {
+        let me = NodeId([0; ID_BYTES]);
+        let mut table: RoutingTable<u32> = RoutingTable::new(me, 3, 1);
+        let id = |i: u8| {
+            let mut b = [0u8; ID_BYTES];
+            b[0] = 0x80; // bucket 0
+            b[1] = i;
+            NodeId(b)
+        };
+        table.insert(contact(id(1).0, 1 << 8, 100));
+        assert!(table.insert_unverified(Contact::unverified(id(2), 2 << 8, 100)));
+        // Only where a verified contact would enter: not twice, not past a
+        // network's share, not into a full bucket (nor its replacements).
+        assert!(!table.insert_unverified(Contact::unverified(id(2), 2 << 8, 100)));
+        assert!(!table.insert_unverified(Contact::unverified(id(3), (1 << 8) | 1, 100)));
+        assert!(table.insert_unverified(Contact::unverified(id(4), 4 << 8, 100)));
+        assert!(!table.insert_unverified(Contact::unverified(id(5), 5 << 8, 100)));
+        assert_eq!(table.len(), 3);
+        assert_eq!(table.replacement_count(), 0);
+        let c = *table.get(&id(2)).unwrap();
+        assert!(!c.is_verified());
+        // Traffic that does not prove the ID does not make it fresh.
+        table.mark_seen(&id(2), 500);
+        table.mark_seen_at(&id(2), &(2 << 8), 500);
+        assert_eq!(table.get(&id(2)).unwrap().last_seen(), 96);
+        // Answers to others leave it out; the node's own lookups do not.
+        let verified = table.closest_where(&id(2), 10, |c| c.is_verified());
+        assert!(verified.iter().all(|c| c.id != id(2)));
+        assert!(table.closest(&id(2), 10).iter().any(|c| c.id == id(2)));
+        // Its proof makes it verified, at the address it answered from.
+        assert_eq!(
+            table.insert(contact(id(2).0, 9 << 8, 504)),
+            InsertOutcome::Updated
+        );
+        let c = *table.get(&id(2)).unwrap();
+        assert!(c.is_verified());
+        assert_eq!((c.addr, c.last_seen()), (9 << 8, 504));
+        assert!(table.check_invariants().is_ok());
     }
 
     #[test]
@@ -713,11 +827,18 @@ mod tests {
         #[test]
         fn invariants_hold_under_random_inserts_and_failures(
             me in any::<[u8; ID_BYTES]>(),
-            ops in proptest::collection::vec((any::<[u8; ID_BYTES]>(), 0u32..64, any::<bool>()), 1..400),
+            ops in proptest::collection::vec(
+                (any::<[u8; ID_BYTES]>(), 0u32..64, any::<bool>(), any::<bool>()),
+                1..400,
+            ),
         ) {
             let mut table = RoutingTable::new(NodeId(me), 4, 2);
-            for (t, (id, net, fail)) in ops.into_iter().enumerate() {
-                table.insert(contact(id, net << 8, t as u64));
+            for (t, (id, net, fail, verified)) in ops.into_iter().enumerate() {
+                if verified {
+                    table.insert(contact(id, net << 8, t as u64));
+                } else {
+                    table.insert_unverified(Contact::unverified(NodeId(id), net << 8, t as u64));
+                }
                 if fail {
                     table.record_failure(&NodeId(id));
                 }
