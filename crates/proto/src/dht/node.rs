@@ -349,8 +349,9 @@ enum Purpose {
     Fill,
     /// A bucket refresh: one contact is asked for the nodes of a random ID
     /// in the bucket; the ones the bucket has room for enter it unverified
-    /// (see `Contact::unverified`). With how many contacts failed to answer
-    /// it before.
+    /// (see `Contact::unverified`), or after a proof ping each in a
+    /// server's deeper buckets (`DhtConfig::unverified_buckets`). With how
+    /// many contacts failed to answer it before.
     Refresh(u8),
     /// A ping that tells a contact this node no longer serves. The contact
     /// believes only a ping with its cookie (the address is proven): one
@@ -364,7 +365,8 @@ enum Purpose {
 /// only to 51) and whose answers are trimmed to 3x; and a ping that says
 /// this node no longer serves, which only a proven address may say (see
 /// `Purpose::Leave`). Pings are 85% of a node's answers (liveness,
-/// verify, and then the pings of new entries); their cookies were 90% of what a node kept, and one in
+/// verify, and then the proof pings of every new entry); their cookies
+/// were 90% of what a node kept, and one in
 /// a thousand pings found one to carry (a contact is pinged 15 minutes
 /// after it was last heard from, when its cookie is gone).
 fn carries_cookie(body: &RequestBody, purpose: Purpose) -> bool {
@@ -1706,12 +1708,16 @@ impl<A: Address> Dht<A> {
                     (resp.body, &pending.request.body)
                 {
                     // The closest first, as many as the bucket has room for,
-                    // unverified: the node's own lookups use them at once
+                    // unverified on a client and in a server's first
+                    // buckets: the node's own lookups use them at once
                     // (asking each for its proof the first time), and they
                     // are handed to others only once proven (by a lookup,
                     // or the liveness walk). One proof ping for each new
-                    // entry was 45% of a million nodes' requests under
-                    // churn, most of them spent on joining nodes.
+                    // entry was 44% of a million nodes' requests under
+                    // churn, most of them spent on joining nodes. A
+                    // server's deeper buckets, which answer others'
+                    // lookups, take a node only once it answered a proof
+                    // ping (a few may fail: the next refresh fills in).
                     let room_before = self.table.room_for(target);
                     let mut room = room_before;
                     let shallow = self.id.common_prefix(target) < self.config.unverified_buckets;
