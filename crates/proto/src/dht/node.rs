@@ -1726,19 +1726,9 @@ impl<A: Address> Dht<A> {
                         if room == 0 {
                             break;
                         }
-                        if id == self.id {
-                            continue;
-                        }
-                        if unverified {
-                            if self.table.insert_unverified(Contact::unverified(
-                                id,
-                                addr,
-                                now.as_secs(),
-                            )) {
-                                room -= 1;
-                            }
+                        let taken = if unverified {
+                            self.table.insert_unverified(id, addr, now.as_secs())
                         } else if self.table.has_room_for(&id, &addr) {
-                            room -= 1;
                             self.send_request(
                                 now,
                                 addr,
@@ -1747,7 +1737,11 @@ impl<A: Address> Dht<A> {
                                 true,
                                 Purpose::Fill,
                             );
-                        }
+                            true
+                        } else {
+                            false
+                        };
+                        room -= usize::from(taken);
                     }
                     // An answer that named nodes the bucket lacks, and not
                     // enough to fill it, means there are more: the bucket

@@ -225,12 +225,8 @@ impl<A: Address> RoutingTable<A> {
         let Some(index) = self.bucket_index(&contact.id) else {
             return InsertOutcome::SelfId;
         };
-        if self.buckets.len() <= index {
-            self.buckets.reserve_exact(index + 1 - self.buckets.len());
-            self.buckets.resize_with(index + 1, Bucket::default);
-        }
         let (k, max_per_prefix) = (self.k, self.max_per_prefix);
-        let bucket = &mut self.buckets[index];
+        let bucket = self.bucket_creating(index);
         if let Some(c) = bucket.entries_mut().iter_mut().find(|c| c.id == contact.id) {
             c.addr = contact.addr;
             c.seen = contact.seen & !NOT_TIME;
@@ -264,25 +260,27 @@ impl<A: Address> RoutingTable<A> {
         InsertOutcome::Pending { oldest }
     }
 
-    /// Adds an unverified contact (see [`Contact::unverified`]) if it would
-    /// enter its bucket now ([`RoutingTable::has_room_for`]): never to a
-    /// replacement cache, never in place of an entry. Whether it was added.
-    pub fn insert_unverified(&mut self, contact: Contact<A>) -> bool {
-        if !self.has_room_for(&contact.id, &contact.addr) {
-            return false;
-        }
-        let Some(index) = self.bucket_index(&contact.id) else {
-            return false;
+    /// Adds `id` at `addr`, named at `named` (seconds), as an unverified
+    /// contact (see [`Contact::unverified`]) if it would enter its bucket
+    /// now ([`RoutingTable::has_room_for`]): never to a replacement cache,
+    /// never in place of an entry. Whether it was added.
+    pub fn insert_unverified(&mut self, id: NodeId, addr: A, named: u64) -> bool {
+        let index = match self.bucket_index(&id) {
+            Some(index) if self.has_room_for(&id, &addr) => index,
+            _ => return false,
         };
+        self.bucket_creating(index)
+            .push_entry(Contact::unverified(id, addr, named));
+        true
+    }
+
+    /// Bucket `index`, created (with the ones before it) if need be.
+    fn bucket_creating(&mut self, index: usize) -> &mut Bucket<A> {
         if self.buckets.len() <= index {
             self.buckets.reserve_exact(index + 1 - self.buckets.len());
             self.buckets.resize_with(index + 1, Bucket::default);
         }
-        self.buckets[index].push_entry(Contact {
-            seen: contact.seen | UNVERIFIED,
-            ..contact
-        });
-        true
+        &mut self.buckets[index]
     }
 
     /// Whether a new contact `id` at `addr` would enter its bucket now (not
@@ -769,13 +767,13 @@ mod tests {
             NodeId(b)
         };
         table.insert(contact(id(1).0, 1 << 8, 100));
-        assert!(table.insert_unverified(Contact::unverified(id(2), 2 << 8, 100)));
+        assert!(table.insert_unverified(id(2), 2 << 8, 100));
         // Only where a verified contact would enter: not twice, not past a
         // network's share, not into a full bucket (nor its replacements).
-        assert!(!table.insert_unverified(Contact::unverified(id(2), 2 << 8, 100)));
-        assert!(!table.insert_unverified(Contact::unverified(id(3), (1 << 8) | 1, 100)));
-        assert!(table.insert_unverified(Contact::unverified(id(4), 4 << 8, 100)));
-        assert!(!table.insert_unverified(Contact::unverified(id(5), 5 << 8, 100)));
+        assert!(!table.insert_unverified(id(2), 2 << 8, 100));
+        assert!(!table.insert_unverified(id(3), (1 << 8) | 1, 100));
+        assert!(table.insert_unverified(id(4), 4 << 8, 100));
+        assert!(!table.insert_unverified(id(5), 5 << 8, 100));
         assert_eq!(table.len(), 3);
         assert_eq!(table.replacement_count(), 0);
         let c = *table.get(&id(2)).unwrap();
@@ -837,7 +835,7 @@ mod tests {
                 if verified {
                     table.insert(contact(id, net << 8, t as u64));
                 } else {
-                    table.insert_unverified(Contact::unverified(NodeId(id), net << 8, t as u64));
+                    table.insert_unverified(NodeId(id), net << 8, t as u64);
                 }
                 if fail {
                     table.record_failure(&NodeId(id));
