@@ -934,7 +934,11 @@ impl Part {
                 .saturating_sub(EPOCH_S * 1000)
                 .max(self.now);
             let slot = &mut self.slots[i as usize / PARTITIONS];
-            if at < slot.timer_at || slot.timer_at < self.now {
+            // The node is due at `at` now, earlier or later than before (a
+            // request was answered: it is usually due at its next
+            // maintenance again). An event that was queued for another
+            // time finds itself stale, and wakes no node with nothing due.
+            if at != slot.timer_at {
                 slot.timer_at = at;
                 if at != slot.timer_queued {
                     slot.timer_queued = match slot.timer_queued {
