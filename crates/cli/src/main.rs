@@ -211,10 +211,15 @@ struct SimArgs {
     /// 0: every entry of a server proven first; 128: none.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().unverified_buckets)]
     unverified_buckets: usize,
-    /// Liveness pings a node sends per maintenance run (each minute) at
-    /// most, to contacts silent for 30 minutes (15 on servers).
+    /// Liveness pings a server sends per maintenance run (each minute) at
+    /// most, to contacts silent for 20 minutes.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().pings_per_maintenance)]
     liveness_pings: usize,
+    /// Liveness pings a client sends per maintenance run at most, to
+    /// contacts silent for 30 minutes (no boost: its table serves only its
+    /// own lookups).
+    #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().client_pings_per_maintenance)]
+    client_liveness_pings: usize,
     /// Each contact a run's liveness pings found gone earns one more ping
     /// at the next run, up to this many times --liveness-pings more.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().liveness_boost)]
@@ -224,7 +229,7 @@ struct SimArgs {
     #[arg(long, value_parser = p2pos_sim::parse_duration)]
     contact_stale: Option<std::time::Duration>,
     /// A server pings a contact not heard from for this long (default:
-    /// the DHT's, 15 minutes: its table answers everyone's lookups).
+    /// the DHT's, 20 minutes: its table answers everyone's lookups).
     #[arg(long, value_parser = p2pos_sim::parse_duration)]
     server_contact_stale: Option<std::time::Duration>,
     /// A client's byte budget for filling its table beyond its regular
@@ -619,6 +624,7 @@ fn sim(args: SimArgs) -> Result<()> {
         k: args.k.max(1),
         bucket_size: args.bucket_size.max(1),
         pings_per_maintenance: args.liveness_pings,
+        client_pings_per_maintenance: args.client_liveness_pings,
         unverified_buckets: args.unverified_buckets,
         liveness_boost: args.liveness_boost,
         contact_stale: args

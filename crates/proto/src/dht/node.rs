@@ -118,8 +118,14 @@ pub struct DhtConfig {
     /// of others, which are handed only verified contacts. A client, whose
     /// table serves only its own lookups, takes them all unverified.
     pub unverified_buckets: usize,
-    /// Liveness pings per maintenance run at most, before the boost.
+    /// Liveness pings per maintenance run of a server at most, before the
+    /// boost.
     pub pings_per_maintenance: usize,
+    /// Liveness pings per maintenance run of a client at most. Its table
+    /// serves only its own lookups, whose failed queries already drop the
+    /// contacts that left (a ping settles each at once), and its bytes
+    /// have the tighter goal.
+    pub client_pings_per_maintenance: usize,
     /// Each contact a run's liveness pings found gone earns one more ping
     /// at the next run, up to this many times `pings_per_maintenance`
     /// more: a big table under churn loses more entries a minute than the
@@ -183,9 +189,10 @@ impl Default for DhtConfig {
             self_lookup: Duration::from_secs(30 * 60),
             answer_nodes: ANSWER_NODES,
             contact_stale: Duration::from_secs(30 * 60),
-            server_contact_stale: Duration::from_secs(15 * 60),
+            server_contact_stale: Duration::from_secs(20 * 60),
             unverified_buckets: 5,
-            pings_per_maintenance: 6,
+            pings_per_maintenance: 5,
+            client_pings_per_maintenance: 3,
             liveness_boost: 3,
             client_bytes_per_s: 12,
             client_fill_burst: 8 * 1024,
@@ -367,8 +374,8 @@ enum Purpose {
 /// `Purpose::Leave`). Pings are 85% of a node's answers (liveness,
 /// verify, and then the proof pings of every new entry); their cookies
 /// were 90% of what a node kept, and one in
-/// a thousand pings found one to carry (a contact is pinged 15 minutes
-/// after it was last heard from, when its cookie is gone).
+/// a thousand pings found one to carry (a contact is pinged 20 minutes
+/// or more after it was last heard from, when its cookie is gone).
 fn carries_cookie(body: &RequestBody, purpose: Purpose) -> bool {
     !matches!(body, RequestBody::Ping) || matches!(purpose, Purpose::Leave)
 }
@@ -1908,11 +1915,12 @@ impl<A: Address> Dht<A> {
         // Pings in step with the table's losses (`liveness_boost`), on a
         // server: a client's table serves only its own lookups, and its
         // bytes have the tighter goal.
-        let base = self.config.pings_per_maintenance;
-        let boost = if self.server {
-            usize::from(self.dead_found).min(base * self.config.liveness_boost)
+        let (base, boost) = if self.server {
+            let base = self.config.pings_per_maintenance;
+            let boost = usize::from(self.dead_found).min(base * self.config.liveness_boost);
+            (base, boost)
         } else {
-            0
+            (self.config.client_pings_per_maintenance, 0)
         };
         let pings = base + boost;
         self.dead_found = 0;
@@ -2274,7 +2282,11 @@ mod tests {
                 server,
                 ..only_liveness_pings()
             };
-            let base = config.pings_per_maintenance;
+            let base = if server {
+                config.pings_per_maintenance
+            } else {
+                config.client_pings_per_maintenance
+            };
             let mut dht: Dht<u32> = Dht::new(Keypair::from_seed([3; 32]), config.clone(), 7, start);
             let me = dht.id();
             // 300 contacts, 30 in each of buckets 0-9, each on its own /24.
@@ -2333,10 +2345,10 @@ mod tests {
     }
 
     #[test]
-    fn a_server_pings_contacts_silent_for_15_minutes_and_a_client_after_30() {
+    fn a_server_pings_contacts_silent_for_20_minutes_and_a_client_after_30() {
         let start = Duration::from_secs(1_800_000_000);
         let config = only_liveness_pings();
-        assert_eq!(config.server_contact_stale, Duration::from_secs(15 * 60));
+        assert_eq!(config.server_contact_stale, Duration::from_secs(20 * 60));
         assert_eq!(config.contact_stale, Duration::from_secs(30 * 60));
         // The first maintenance run after `at` minutes of silence.
         let pings_after = |server: bool, at: u64| {
@@ -2358,10 +2370,11 @@ mod tests {
             dht.handle_timeout(now);
             pings_sent(&mut dht).len()
         };
-        assert_eq!(pings_after(true, 14), 0);
-        assert_eq!(pings_after(true, 16), 4);
-        assert_eq!(pings_after(false, 16), 0);
-        assert_eq!(pings_after(false, 31), 4);
+        assert_eq!(pings_after(true, 19), 0);
+        assert_eq!(pings_after(true, 21), 4);
+        assert_eq!(pings_after(false, 21), 0);
+        // A client pings 3 a run at most, a server 5.
+        assert_eq!(pings_after(false, 31), 3);
     }
 
     #[test]

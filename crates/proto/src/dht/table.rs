@@ -572,8 +572,8 @@ impl<A: Address> RoutingTable<A> {
     /// stopped, bucket by bucket, round and round.
     ///
     /// A call reads only as far as it must. On a server most of a table is
-    /// stale (a contact is pinged 15 minutes after it was last heard, and
-    /// 6 to 24 pings a minute check 450 entries in 19 to 75 minutes), so a
+    /// stale (a contact is pinged 20 minutes after it was last heard, and
+    /// 5 to 20 pings a minute check 450 entries in 23 to 90 minutes), so a
     /// call reads a few entries past the `max` it returns; scanning every
     /// entry each minute for the least recently seen (which, with every
     /// stale contact checked in turn, are the ones the walk reaches too)
