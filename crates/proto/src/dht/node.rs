@@ -373,9 +373,9 @@ enum Purpose {
 /// this node no longer serves, which only a proven address may say (see
 /// `Purpose::Leave`). Pings are 85% of a node's answers (liveness,
 /// verify, and then the proof pings of every new entry); their cookies
-/// were 90% of what a node kept, and one in
-/// a thousand pings found one to carry (a contact is pinged 20 minutes
-/// or more after it was last heard from, when its cookie is gone).
+/// were 90% of what a node kept, and one in a thousand pings found one to
+/// carry (a contact is pinged 20 minutes or more after it was last heard
+/// from, when its cookie is gone).
 fn carries_cookie(body: &RequestBody, purpose: Purpose) -> bool {
     !matches!(body, RequestBody::Ping) || matches!(purpose, Purpose::Leave)
 }
