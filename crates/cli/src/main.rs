@@ -211,8 +211,8 @@ struct SimArgs {
     /// 0: every entry of a server proven first; 128: none.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().unverified_buckets)]
     unverified_buckets: usize,
-    /// Liveness pings a server sends per maintenance run (each minute) at
-    /// most, to contacts silent for 20 minutes.
+    /// Liveness pings a server sends per maintenance run (every two
+    /// minutes) at most, to contacts silent for 20 minutes.
     #[arg(long, default_value_t = p2pos_proto::dht::DhtConfig::default().pings_per_maintenance)]
     liveness_pings: usize,
     /// Liveness pings a client sends per maintenance run at most, to
@@ -232,6 +232,14 @@ struct SimArgs {
     /// the DHT's, 20 minutes: its table answers everyone's lookups).
     #[arg(long, value_parser = p2pos_sim::parse_duration)]
     server_contact_stale: Option<std::time::Duration>,
+    /// Refresh a bucket not touched for this long, e.g. 10m (default:
+    /// the DHT's, 10 minutes).
+    #[arg(long, value_parser = p2pos_sim::parse_duration)]
+    bucket_refresh: Option<std::time::Duration>,
+    /// How often a node runs its maintenance (bucket refreshes, liveness
+    /// pings), e.g. 1m (default: the DHT's, two minutes).
+    #[arg(long, value_parser = p2pos_sim::parse_duration)]
+    maintenance: Option<std::time::Duration>,
     /// A client's byte budget for filling its table beyond its regular
     /// refreshes, in bytes sent per second of its life (after a first
     /// 8 KiB).
@@ -633,6 +641,12 @@ fn sim(args: SimArgs) -> Result<()> {
         server_contact_stale: args
             .server_contact_stale
             .unwrap_or(p2pos_proto::dht::DhtConfig::default().server_contact_stale),
+        bucket_refresh: args
+            .bucket_refresh
+            .unwrap_or(p2pos_proto::dht::DhtConfig::default().bucket_refresh),
+        maintenance: args
+            .maintenance
+            .unwrap_or(p2pos_proto::dht::DhtConfig::default().maintenance),
         answer_nodes: args.answer_nodes.clamp(1, p2pos_proto::dht::MAX_NODES),
         client_bytes_per_s: args.client_bytes_per_s,
         alpha: args.alpha.max(1),

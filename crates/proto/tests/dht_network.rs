@@ -440,3 +440,28 @@ fn a_node_that_lost_every_contact_joins_again_from_its_bootstrap() {
         }
     }
 }
+
+#[test]
+fn a_node_runs_its_maintenance_as_soon_as_it_has_joined() {
+    let mut net = Net::new(30, config());
+    let new = net.add_node(config());
+    let start = net.now;
+    net.nodes[new].add_bootstrap(start, addr(0));
+    net.settle();
+    assert_eq!(net.nodes[new].lookups_in_progress(), 0, "joined");
+    // Its first run is due now, not a period or two after it started: it
+    // refreshes the buckets far from its own ID at once.
+    let due = net.nodes[new].poll_timeout().expect("maintenance");
+    assert!(due <= net.now, "due {due:?}, now {:?}", net.now);
+    let now = net.now;
+    net.nodes[new].handle_timeout(now);
+    let mut refreshes = 0;
+    while net.nodes[new].poll_transmit().is_some() {
+        refreshes += 1;
+    }
+    assert!(refreshes > 0, "the run refreshed no bucket");
+    // Then every period from there.
+    let next = net.nodes[new].poll_timeout().expect("maintenance");
+    assert!(next <= now + config().maintenance, "{next:?}");
+    assert!(next > now, "{next:?}");
+}

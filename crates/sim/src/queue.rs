@@ -6,7 +6,7 @@
 //! request's timer (about a second ahead), so a slot per millisecond makes
 //! pushing and popping them O(1); a binary heap of a million nodes' events
 //! costs a cache miss per level instead. The fine wheel spans about 4 s.
-//! The minute-long maintenance timers (one a node a minute) wait in the
+//! The maintenance timers (one a node every two minutes) wait in the
 //! coarse wheel: in a heap they cost about 20 levels of it each, most of
 //! them misses. Events come out in exactly the order a heap keyed on
 //! (time, sequence number) would give: a slot holds its events in

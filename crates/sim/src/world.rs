@@ -1233,13 +1233,21 @@ impl World {
         } else {
             Dht::with_simulated_identity(identity, config.clone(), server, seed, started)
         };
-        let dht = match simulated {
+        let mut dht = match simulated {
             Some(dht) => dht,
             None => {
                 let keypair = Keypair::from_seed(identity);
                 Dht::with_shared_config(keypair, config, server, seed, started)
             }
         };
+        if up_ms > 0 {
+            // A node of the start runs its maintenance at a random time of
+            // the period, as in a network that has been running, not with
+            // every other node at the first instant.
+            let period = self.dht_cfg.maintenance.as_millis().max(1) as u64;
+            let at = self.now_d() + Duration::from_millis(self.rng.next_u64() % period);
+            dht.seed_maintenance(at);
+        }
         let u = self.rng.unit() as f32;
         let place = Place {
             id: dht.id(),
