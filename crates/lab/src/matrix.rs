@@ -249,12 +249,39 @@ pub fn status(node: &LabNode) -> serde_json::Value {
 
 /// For tests: polls `check` every 100 ms until it holds; panics naming
 /// `what` after `limit`.
-pub fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+pub fn wait_for(limit: Duration, what: &str, check: impl FnMut() -> bool) {
+    wait_for_explained(limit, what, check, String::new);
+}
+
+/// [`wait_for`], with `explain`'s text (say, the nodes' status and logs)
+/// in the panic message.
+pub fn wait_for_explained(
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+    explain: impl FnOnce() -> String,
+) {
     let deadline = Instant::now() + limit;
     while !check() {
-        assert!(Instant::now() < deadline, "no {what} within {limit:?}");
+        if Instant::now() >= deadline {
+            panic!("no {what} within {limit:?}\n{}", explain());
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A node's status and the last lines of its daemon's log, for failure
+/// messages.
+pub fn describe(name: &str, node: &LabNode) -> String {
+    const LINES: usize = 40;
+    let log = std::fs::read_to_string(node.data_dir.join("daemon.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(LINES)..].join("\n");
+    format!(
+        "== {name} ({}): status {}\n-- the last {LINES} lines of its log:\n{tail}\n",
+        node.peer_id,
+        status(node)
+    )
 }
 
 /// Has `from` reach `to` by peer ID only (a one-echo ping); returns the
@@ -737,19 +764,36 @@ pub fn two_behind(
     let client = ["--dht-client"];
     let a = start_node_with(lab, ha, 7447, p2pos, &entry, &client)?;
     let b = start_node_with(lab, hb, 7447, p2pos, &entry, &client)?;
-    for n in [&a, &b] {
-        wait_for(Duration::from_secs(60), "a home and a NAT verdict", || {
-            let s = status(n);
-            s["reachable"] == false
-                && s["homes"].as_array().is_some_and(|h| !h.is_empty())
-                && s["nat"]["mapping"] != "unknown"
-        });
+    for (name, n) in [("a", &a), ("b", &b)] {
+        wait_for_explained(
+            Duration::from_secs(60),
+            &format!("home and NAT verdict for {name}"),
+            || {
+                let s = status(n);
+                s["reachable"] == false
+                    && s["homes"].as_array().is_some_and(|h| !h.is_empty())
+                    && s["nat"]["mapping"] != "unknown"
+            },
+            || describe(name, n),
+        );
     }
-    wait_for(Duration::from_secs(30), "b's record with its homes", || {
-        lookup(&a, &b)["homes"]
-            .as_array()
-            .is_some_and(|h| !h.is_empty())
-    });
+    wait_for_explained(
+        Duration::from_secs(30),
+        "b's record with its homes",
+        || {
+            lookup(&a, &b)["homes"]
+                .as_array()
+                .is_some_and(|h| !h.is_empty())
+        },
+        || {
+            format!(
+                "a's lookup of b: {}\n{}{}",
+                lookup(&a, &b),
+                describe("a", &a),
+                describe("b", &b)
+            )
+        },
+    );
     Ok(TwoBehind {
         servers: vec![n1, n2],
         a,

@@ -42,6 +42,88 @@ const PEER_RECORD_RETRY: Duration = Duration::from_secs(10);
 /// How often the peer record is re-signed.
 const PEER_RECORD_REFRESH: Duration = Duration::from_secs(1800);
 
+/// Keeps the node's peer record in the DHT: one put at a time, a new one
+/// when the value changes (once the put in flight ends) and every
+/// [`PEER_RECORD_REFRESH`], again after [`PEER_RECORD_RETRY`] when a put
+/// stored nowhere. The task asks it after every event and wakes at
+/// [`PeerRecordPublisher::wake`], so a change never waits for unrelated
+/// traffic.
+#[derive(Debug, Default)]
+struct PeerRecordPublisher {
+    /// The value last put, and when.
+    published: Option<(Vec<u8>, Duration)>,
+    /// The sequence of the last put.
+    seq: u64,
+    /// The put in flight.
+    put: Option<QueryId>,
+    /// The last sequence some node confirmed storing.
+    stored_seq: u64,
+    /// No put before this (after one that stored nowhere).
+    retry_at: Duration,
+}
+
+impl PeerRecordPublisher {
+    /// The record to put now for `value`, if one is due; the caller puts
+    /// it and hands the query to [`Self::started`].
+    fn due(&mut self, keypair: &Keypair, now: Duration, value: Vec<u8>) -> Option<SignedRecord> {
+        if self.put.is_some() || now < self.retry_at {
+            return None;
+        }
+        let stale = self
+            .published
+            .as_ref()
+            .is_none_or(|(v, at)| *v != value || now.saturating_sub(*at) >= PEER_RECORD_REFRESH);
+        if !stale {
+            return None;
+        }
+        let seq = self.seq.max(now.as_millis() as u64);
+        let expires = (now + RECORD_TTL).as_secs();
+        let record = SignedRecord::sign(keypair, PEER_RECORD, seq, expires, &value).ok()?;
+        self.seq = seq;
+        self.published = Some((value, now));
+        Some(record)
+    }
+
+    fn started(&mut self, query: QueryId) {
+        self.put = Some(query);
+    }
+
+    /// Takes `event` if it ends this publisher's put.
+    fn on_event(&mut self, now: Duration, event: &DhtEvent<SocketAddr>) -> bool {
+        let DhtEvent::PutDone { query, stored, .. } = event else {
+            return false;
+        };
+        if self.put != Some(*query) {
+            return false;
+        }
+        self.put = None;
+        if *stored > 0 {
+            self.stored_seq = self.seq;
+            tracing::debug!(seq = self.seq, stored, "peer record stored");
+        } else {
+            self.published = None;
+            self.retry_at = now + PEER_RECORD_RETRY;
+            tracing::debug!(
+                seq = self.seq,
+                "peer record stored nowhere: publishing again in {PEER_RECORD_RETRY:?}"
+            );
+        }
+        true
+    }
+
+    /// When the task must run again for the record (a retry or the
+    /// refresh), if no put is in flight.
+    fn wake(&self, now: Duration) -> Option<Duration> {
+        if self.put.is_some() {
+            return None;
+        }
+        match &self.published {
+            None => (self.retry_at > now).then_some(self.retry_at),
+            Some((_, at)) => Some(*at + PEER_RECORD_REFRESH),
+        }
+    }
+}
+
 /// How often the task looks for network changes.
 pub const NETWORK_CHECK: Duration = Duration::from_secs(10);
 /// Dial-back requests and relays this node serves per second at most.
@@ -345,18 +427,16 @@ impl DhtHandle {
                 HashMap::new();
             let mut next_network_check = tokio::time::Instant::now() + NETWORK_CHECK;
             let mut last_wall = unix_now();
-            let mut published: Option<(Vec<u8>, Duration)> = None;
-            let mut seq = 0u64;
-            // The put of the peer record in flight, and the last sequence
-            // some node confirmed storing.
-            let mut peer_put: Option<QueryId> = None;
-            let mut stored_seq = 0u64;
-            let mut retry_at = Duration::ZERO;
+            let mut peer_record = PeerRecordPublisher::default();
             loop {
-                let wake = [dht.poll_timeout(), reach.poll_timeout()]
-                    .into_iter()
-                    .flatten()
-                    .min();
+                let wake = [
+                    dht.poll_timeout(),
+                    reach.poll_timeout(),
+                    peer_record.wake(unix_now()),
+                ]
+                .into_iter()
+                .flatten()
+                .min();
                 let sleep = wake
                     .map(|t| t.saturating_sub(unix_now()))
                     .unwrap_or(Duration::from_secs(60))
@@ -393,7 +473,7 @@ impl DhtHandle {
                             tracing::info!(?addrs, woke, "network changed: checking reachability again");
                             local = addrs;
                             reach.network_changed(local.clone());
-                            published = None;
+                            peer_record.published = None;
                             for c in dht.table().closest(&dht.id(), 8) {
                                 dht.add_bootstrap(unix_now(), c.addr);
                             }
@@ -459,6 +539,8 @@ impl DhtHandle {
                         }
                     }
                 }
+                // The events first: the end of a put lets the next one start.
+                dispatch_events(&mut dht, &mut waiting, &mut peer_record);
                 // Keep the peer record current once the node has contacts.
                 let now = unix_now();
                 if !dht.table().is_empty() {
@@ -487,45 +569,19 @@ impl DhtHandle {
                         reachable: reach.reachable() == Some(true),
                     }
                     .encode();
-                    let stale = published.as_ref().is_none_or(|(v, at)| {
-                        *v != value || now.saturating_sub(*at) >= PEER_RECORD_REFRESH
-                    });
-                    if stale && peer_put.is_none() && now >= retry_at {
-                        seq = seq.max(now.as_millis() as u64);
-                        let expires = (now + RECORD_TTL).as_secs();
-                        if let Ok(record) =
-                            SignedRecord::sign(&keypair, PEER_RECORD, seq, expires, &value)
-                        {
-                            peer_put = Some(dht.put(now, record));
-                            published = Some((value, now));
-                        }
+                    if let Some(record) = peer_record.due(&keypair, now, value) {
+                        tracing::debug!(
+                            seq = record.seq,
+                            homes = homes.len(),
+                            "publishing the peer record"
+                        );
+                        peer_record.started(dht.put(now, record));
                     }
                 }
+                // A put may end at once (nothing to send it to).
+                dispatch_events(&mut dht, &mut waiting, &mut peer_record);
                 while let Some((to, bytes)) = dht.poll_transmit() {
                     send(to, bytes).await;
-                }
-                while let Some(event) = dht.poll_event() {
-                    let q = match &event {
-                        DhtEvent::LookupDone { query, .. }
-                        | DhtEvent::GetDone { query, .. }
-                        | DhtEvent::PutDone { query, .. } => *query,
-                    };
-                    if peer_put == Some(q) {
-                        peer_put = None;
-                        match event {
-                            DhtEvent::PutDone { stored, .. } if stored > 0 => stored_seq = seq,
-                            // Stored nowhere: publish again, not before
-                            // PEER_RECORD_RETRY.
-                            _ => {
-                                published = None;
-                                retry_at = unix_now() + PEER_RECORD_RETRY;
-                            }
-                        }
-                        continue;
-                    }
-                    if let Some(tx) = waiting.remove(&q) {
-                        let _ = tx.send(event);
-                    }
                 }
                 let c = dht.counters();
                 let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
@@ -571,7 +627,7 @@ impl DhtHandle {
                     introductions_answered: c.introductions_answered,
                     introduced: c.introduced,
                     observed_addr: dht.observed_addr().map(|a| a.to_string()),
-                    peer_record_seq: stored_seq,
+                    peer_record_seq: peer_record.stored_seq,
                 };
             }
         });
@@ -738,6 +794,28 @@ pub(crate) fn seal(network: Option<&NetworkKey>, datagram: Vec<u8>) -> Vec<u8> {
     }
 }
 
+/// Hands the DHT's events to the peer record's publisher or to the
+/// commands waiting for them.
+fn dispatch_events(
+    dht: &mut Dht<SocketAddr>,
+    waiting: &mut HashMap<QueryId, oneshot::Sender<DhtEvent<SocketAddr>>>,
+    peer_record: &mut PeerRecordPublisher,
+) {
+    while let Some(event) = dht.poll_event() {
+        if peer_record.on_event(unix_now(), &event) {
+            continue;
+        }
+        let q = match &event {
+            DhtEvent::LookupDone { query, .. }
+            | DhtEvent::GetDone { query, .. }
+            | DhtEvent::PutDone { query, .. } => *query,
+        };
+        if let Some(tx) = waiting.remove(&q) {
+            let _ = tx.send(event);
+        }
+    }
+}
+
 fn dedup(mut addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     let mut seen = std::collections::HashSet::new();
     addrs.retain(|a| seen.insert(*a));
@@ -824,5 +902,63 @@ mod tests {
             std::net::Ipv4Addr::from(0x0b00_0000 + CONTACTED_IPS as u32 + 9).into();
         assert!(c.contains(newest));
         assert!(c.filter().may_contain(newest));
+    }
+
+    fn put_done(query: QueryId, stored: usize) -> DhtEvent<SocketAddr> {
+        DhtEvent::PutDone {
+            query,
+            key: NodeId([0; p2pos_proto::dht::ID_BYTES]),
+            stored,
+            elapsed_ms: 5,
+        }
+    }
+
+    #[test]
+    fn a_record_that_changes_during_a_put_is_put_again_when_that_one_ends() {
+        let keypair = Keypair::from_seed([3; 32]);
+        let mut p = PeerRecordPublisher::default();
+        let t = Duration::from_secs(1_000);
+        let first = p.due(&keypair, t, b"no homes".to_vec()).expect("first put");
+        p.started(QueryId(1));
+        // The homes arrive while the first put is in flight: it waits.
+        let later = t + Duration::from_millis(300);
+        assert!(p.due(&keypair, later, b"two homes".to_vec()).is_none());
+        assert_eq!(p.wake(later), None);
+        // Another query's end is not the publisher's.
+        assert!(!p.on_event(later, &put_done(QueryId(7), 2)));
+        assert!(p.on_event(later, &put_done(QueryId(1), 2)));
+        assert_eq!(p.stored_seq, first.seq);
+        let second = p
+            .due(&keypair, later, b"two homes".to_vec())
+            .expect("the changed value goes out as soon as the first put ends");
+        assert!(second.seq > first.seq);
+        assert_eq!(second.value, b"two homes");
+    }
+
+    #[test]
+    fn a_put_that_stored_nowhere_is_retried_at_the_time_the_task_wakes() {
+        let keypair = Keypair::from_seed([4; 32]);
+        let mut p = PeerRecordPublisher::default();
+        let t = Duration::from_secs(1_000);
+        p.due(&keypair, t, b"v".to_vec()).expect("first put");
+        p.started(QueryId(1));
+        assert!(p.on_event(t, &put_done(QueryId(1), 0)));
+        assert_eq!(p.stored_seq, 0);
+        let retry = t + PEER_RECORD_RETRY;
+        assert_eq!(p.wake(t), Some(retry));
+        assert!(p
+            .due(&keypair, retry - Duration::from_millis(1), b"v".to_vec())
+            .is_none());
+        let again = p.due(&keypair, retry, b"v".to_vec()).expect("retried");
+        p.started(QueryId(2));
+        assert!(p.on_event(retry, &put_done(QueryId(2), 3)));
+        assert_eq!(p.stored_seq, again.seq);
+        // Stored: the next wake is the refresh, and nothing is due before it.
+        assert_eq!(p.wake(retry), Some(retry + PEER_RECORD_REFRESH));
+        let before = retry + PEER_RECORD_REFRESH - Duration::from_secs(1);
+        assert!(p.due(&keypair, before, b"v".to_vec()).is_none());
+        assert!(p
+            .due(&keypair, retry + PEER_RECORD_REFRESH, b"v".to_vec())
+            .is_some());
     }
 }
