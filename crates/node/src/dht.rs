@@ -5,9 +5,9 @@
 //! The task also keeps the node's **peer record** in the DHT: a record named
 //! `peer`, signed by the node, whose value lists the addresses it can be
 //! reached at (its listen addresses and the address DHT peers see it at).
-//! It is published once the node has joined, again whenever the observed
-//! address changes, and re-signed every 30 minutes (it expires after an
-//! hour).
+//! It is published once the node has contacts, again whenever what it
+//! says changes (addresses, homes, the NAT verdict), and re-signed every
+//! 30 minutes (it expires after an hour); see `PeerRecordPublisher`.
 //!
 //! And it runs the node's **reachability** checks (`p2pos_proto::reach`):
 //! observed addresses from DHT responses classify the NAT's mapping,
