@@ -112,15 +112,23 @@ impl PeerRecordPublisher {
     }
 
     /// When the task must run again for the record (a retry or the
-    /// refresh), if no put is in flight.
+    /// refresh), if no put is in flight and that time is still ahead (a
+    /// record due while the node has no contacts waits for them, not for
+    /// a timer that would fire at once, over and over).
     fn wake(&self, now: Duration) -> Option<Duration> {
         if self.put.is_some() {
             return None;
         }
-        match &self.published {
-            None => (self.retry_at > now).then_some(self.retry_at),
-            Some((_, at)) => Some(*at + PEER_RECORD_REFRESH),
-        }
+        let at = match &self.published {
+            None => self.retry_at,
+            Some((_, at)) => *at + PEER_RECORD_REFRESH,
+        };
+        (at > now).then_some(at)
+    }
+
+    /// Forgets what was put: the next call of [`Self::due`] publishes.
+    fn republish(&mut self) {
+        self.published = None;
     }
 }
 
@@ -473,7 +481,7 @@ impl DhtHandle {
                             tracing::info!(?addrs, woke, "network changed: checking reachability again");
                             local = addrs;
                             reach.network_changed(local.clone());
-                            peer_record.published = None;
+                            peer_record.republish();
                             for c in dht.table().closest(&dht.id(), 8) {
                                 dht.add_bootstrap(unix_now(), c.addr);
                             }
@@ -957,6 +965,8 @@ mod tests {
         assert_eq!(p.wake(retry), Some(retry + PEER_RECORD_REFRESH));
         let before = retry + PEER_RECORD_REFRESH - Duration::from_secs(1);
         assert!(p.due(&keypair, before, b"v".to_vec()).is_none());
+        // Due but not put (no contacts): no timer that fires at once.
+        assert_eq!(p.wake(retry + PEER_RECORD_REFRESH), None);
         assert!(p
             .due(&keypair, retry + PEER_RECORD_REFRESH, b"v".to_vec())
             .is_some());
