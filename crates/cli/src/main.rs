@@ -628,6 +628,7 @@ fn sim(args: SimArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.clients) || !(0.0..1.0).contains(&args.loss) {
         anyhow::bail!("--clients is a share from 0 to 1 and --loss a probability below 1");
     }
+    let defaults = p2pos_proto::dht::DhtConfig::default();
     let dht = p2pos_proto::dht::DhtConfig {
         k: args.k.max(1),
         bucket_size: args.bucket_size.max(1),
@@ -635,18 +636,12 @@ fn sim(args: SimArgs) -> Result<()> {
         client_pings_per_maintenance: args.client_liveness_pings,
         unverified_buckets: args.unverified_buckets,
         liveness_boost: args.liveness_boost,
-        contact_stale: args
-            .contact_stale
-            .unwrap_or(p2pos_proto::dht::DhtConfig::default().contact_stale),
+        contact_stale: args.contact_stale.unwrap_or(defaults.contact_stale),
         server_contact_stale: args
             .server_contact_stale
-            .unwrap_or(p2pos_proto::dht::DhtConfig::default().server_contact_stale),
-        bucket_refresh: args
-            .bucket_refresh
-            .unwrap_or(p2pos_proto::dht::DhtConfig::default().bucket_refresh),
-        maintenance: args
-            .maintenance
-            .unwrap_or(p2pos_proto::dht::DhtConfig::default().maintenance),
+            .unwrap_or(defaults.server_contact_stale),
+        bucket_refresh: args.bucket_refresh.unwrap_or(defaults.bucket_refresh),
+        maintenance: args.maintenance.unwrap_or(defaults.maintenance),
         answer_nodes: args.answer_nodes.clamp(1, p2pos_proto::dht::MAX_NODES),
         client_bytes_per_s: args.client_bytes_per_s,
         alpha: args.alpha.max(1),
@@ -657,7 +652,7 @@ fn sim(args: SimArgs) -> Result<()> {
         } else {
             p2pos_proto::dht::Signatures::SimulatedInsecure
         },
-        ..Default::default()
+        ..defaults
     };
     let config = p2pos_sim::SimConfig {
         nodes: args.nodes.max(2),
